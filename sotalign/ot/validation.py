@@ -1,0 +1,86 @@
+"""Input checks shared by the public entry points: bad input fails early and says why."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+AFFINITIES = ("cosine", "dot")
+
+
+def check_matrix(name: str, t) -> None:
+    """A non-empty, 2-D floating-point tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows × features), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+
+
+def check_matrices(**tensors: Tensor) -> torch.device:
+    """Shape, dtype, device, then values (finiteness is read last: it needs one device)."""
+    for name, t in tensors.items():
+        check_matrix(name, t)
+    device = check_same_device(**tensors)
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+    return device
+
+
+def check_positive(name: str, value) -> float:
+    """A finite number > 0 (ε, tolerances, budgets)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or value <= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_count(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_affinity(affinity) -> str:
+    if affinity not in AFFINITIES:
+        raise ValueError(f"unknown affinity {affinity!r}; expected one of {AFFINITIES}")
+    return affinity
+
+
+def check_same_device(**tensors: Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all inputs must be on the same device, got {listing}")
+    return next(iter(devices.values()))
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half types are never used for costs)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_weights(name: str, w, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Optional marginal weights: 1-D, length ``size``, finite and strictly positive."""
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating-point dtype, got {w.dtype}")
+    if w.dim() != 1 or w.shape[0] != size:
+        raise ValueError(f"{name} must have shape ({size},), got {tuple(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"{name} is on {w.device} but the features are on {device}")
+    if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
+        raise ValueError(f"{name} must be finite and strictly positive")
+    return w.to(dtype)

@@ -1,0 +1,53 @@
+"""Shared helpers: the routes under test and seeded random problems."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sotalign
+
+#: (backend, path) pairs; "reference" is dense by construction.
+ALL_ROUTES = [("reference", "auto"), ("torch", "dense"), ("torch", "online"),
+              ("cpu", "dense"), ("cpu", "online")]
+ROUTES = [route for route in ALL_ROUTES if route[0] in sotalign.available_backends()]
+#: The routes that must agree with the reference (everything but the reference itself).
+FAST_ROUTES = [route for route in ROUTES if route[0] != "reference"]
+
+
+def route_id(route) -> str:
+    return "-".join(route)
+
+
+def features(n: int, m: int, d: int, dtype=torch.float64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two clouds with shared structure (so plans are far from uniform) and some noise."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(5, d, generator=generator, dtype=torch.float64)
+    x = centers[torch.randint(0, 5, (n,), generator=generator)] + 0.7 * torch.randn(n, d, generator=generator, dtype=torch.float64)
+    y = centers[torch.randint(0, 5, (m,), generator=generator)] + 0.7 * torch.randn(m, d, generator=generator, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype)
+
+
+def klot_problem(n: int, m: int, d: int, d_teacher: int, dtype=torch.float64, seed: int = 0):
+    x, y = features(n, m, d, dtype, seed)
+    x_teacher, y_teacher = features(n, m, d_teacher, dtype, seed + 1)
+    # teacher features correlated with the student's rows, as a real teacher would be
+    x_teacher = x_teacher + x[:, :d_teacher] if d_teacher <= d else x_teacher
+    y_teacher = y_teacher + y[:, :d_teacher] if d_teacher <= d else y_teacher
+    return x, y, x_teacher, y_teacher
+
+
+def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖value − expected‖ / ‖expected‖ in float64."""
+    expected = expected.double()
+    return float((value.double() - expected).norm() / expected.norm().clamp_min(1e-300))
+
+
+@pytest.fixture(params=FAST_ROUTES, ids=route_id)
+def fast_route(request):
+    return request.param
+
+
+@pytest.fixture(params=ROUTES, ids=route_id)
+def any_route(request):
+    return request.param

@@ -5,6 +5,7 @@ The extension is optional: without a working compiler the package still installs
 Set ``SOTALIGN_NO_NATIVE=1`` to build without ``-march=native`` (for portable wheels).
 """
 
+import glob
 import os
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
@@ -36,7 +37,8 @@ setup(
     ext_modules=[
         Pybind11Extension(
             "sotalign._C",
-            sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
+            sorted(glob.glob("csrc/*.cpp")),
+            depends=sorted(glob.glob("csrc/*.hpp")),
             include_dirs=["csrc"],
             cxx_std=17,
         )

@@ -9,21 +9,19 @@ Run a suite (the files are ``bench_*.py``; this conftest makes pytest collect th
 (use it with ``--benchmark-disable`` as a CI smoke test).
 
 Each benchmark is grouped per problem shape, timed with ``benchmark.pedantic`` (one untimed
-warm-up call, then 1–7 rounds of one call, fewer for slow providers so the full suites stay
+warm-up call, then 2–7 rounds of one call, fewer for slow providers so the full suites stay
 near 20 minutes on 2 cores), and records in ``extra_info`` the provider, the sotalign
 backend/path actually chosen, and the peak resident-memory increase of the warm-up call
-(sampled from /proc/self/status by a background thread).
+(exact: the kernel's VmHWM, reset before the call; see sotalign.memory).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import gc
 import importlib
 import math
 import os
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,8 +29,13 @@ from unittest import mock
 
 import pytest
 import torch
+from report import local_machine
+
+from sotalign.memory import peak_memory
 
 SMOKE = os.environ.get("SOTALIGN_BENCH_SMOKE") == "1"
+#: Keep glibc's default malloc (see :func:`_tune_malloc`) when set to 1.
+SYSTEM_MALLOC = os.environ.get("SOTALIGN_BENCH_SYSTEM_MALLOC") == "1"
 
 #: (n = m, d) of the Sinkhorn suite; the headline is (4096, 64).
 SINKHORN_SHAPES = [(n, d) for n in (1024, 2048, 4096) for d in (64, 256)]
@@ -45,6 +48,34 @@ if SMOKE:
     SINKHORN_SHAPES = [(n // 32, d // 8) for n, d in SINKHORN_SHAPES]
     KLOT_SHAPES = [(n // 16, d // 8, d // 16) for n, d, _ in KLOT_SHAPES]
     CROSSOVER_N = 128
+
+
+# --------------------------------------------------------------------------- allocator
+
+def _tune_malloc() -> str:
+    """Serve large allocations from a reused heap instead of fresh mmaps (fairer to the peers).
+
+    With glibc's defaults every n×m temporary of the dense torch peers (paper, POT, the
+    ``torch`` backend) is a fresh mmap that is page-faulted in and unmapped again: at n = 2048
+    that is ~1.7 M page faults and more system than user time per 100-iteration solve, and
+    whether it happens depends on glibc's adaptive threshold (runs flip between ~0.8 s and
+    ~2.7 s). Disabling mmap for malloc and heap trimming removes that cost for everyone (the
+    usual advice of jemalloc/tcmalloc for torch on CPU, done here with mallopt). Memory
+    deltas stay honest: :func:`sotalign.memory.peak_memory` calls ``malloc_trim(0)`` first.
+    """
+    if SYSTEM_MALLOC:
+        return "glibc defaults"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**62):
+            return "glibc, mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**62)"
+    except (OSError, AttributeError):
+        pass
+    return "default (mallopt unavailable)"
+
+
+MALLOC = _tune_malloc()
 
 
 # --------------------------------------------------------------------------- collection
@@ -150,58 +181,6 @@ def cosine():
     return lambda x, y: unit_rows(x) @ unit_rows(y).T
 
 
-# --------------------------------------------------------------------------- memory
-
-_LIBC = None
-
-
-def _release_free_heap() -> None:
-    """Return glibc's freed heap pages to the OS so the RSS baseline is honest."""
-    global _LIBC
-    gc.collect()
-    try:
-        _LIBC = _LIBC or ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakRSS:
-    """Context manager: ``delta`` = peak VmRSS during the block minus VmRSS before it (bytes)."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval = interval
-        self.delta = 0
-
-    def __enter__(self):
-        _release_free_heap()
-        self.start = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-        self.delta = self.peak - self.start
-        return False
-
-
 # --------------------------------------------------------------------------- routes
 
 @functools.cache
@@ -244,8 +223,8 @@ class RouteSpy:
 # --------------------------------------------------------------------------- timing
 
 #: Timed seconds aimed at per benchmark, and the bounds on its number of rounds.
-TARGET_SECONDS = 6.0
-MIN_ROUNDS, MAX_ROUNDS = 1, 7
+TARGET_SECONDS = 10.0
+MIN_ROUNDS, MAX_ROUNDS = 2, 7
 
 
 def rounds_for(probe_seconds: float) -> int:
@@ -258,7 +237,7 @@ def run_benchmark(benchmark, fn, *, suite: str, provider: str, group: str,
     """Time ``fn()`` with pytest-benchmark and fill ``extra_info``; returns fn's result.
 
     One untimed warm-up call comes first; it doubles as the probe that measures the peak RSS
-    increase (:class:`PeakRSS`), records the backend/path sotalign picked (:class:`RouteSpy`)
+    increase (:func:`sotalign.memory.peak_memory`), records the backend/path sotalign picked (:class:`RouteSpy`)
     and sizes the number of timed rounds (:func:`rounds_for`, unless ``rounds`` is given).
     Then ``benchmark.pedantic(fn, rounds=R, iterations=1)``. Under ``--benchmark-disable``
     fn runs once, without the probe.
@@ -268,11 +247,11 @@ def run_benchmark(benchmark, fn, *, suite: str, provider: str, group: str,
                                 load_avg_1min=os.getloadavg()[0], **info)
     if benchmark.disabled:
         return benchmark.pedantic(fn, rounds=1, iterations=1)
-    with PeakRSS() as memory, RouteSpy() as routes:
+    with peak_memory() as memory, RouteSpy() as routes:
         start = time.perf_counter()
         fn()
         probe_seconds = time.perf_counter() - start
-    benchmark.extra_info.update(peak_rss_delta_mib=round(memory.delta / 2**20, 2),
+    benchmark.extra_info.update(peak_rss_delta_mib=round(memory.mib, 2),
                                 warmup_seconds=round(probe_seconds, 4), **routes.info())
     rounds = rounds_for(probe_seconds) if rounds is None else rounds
     return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
@@ -291,16 +270,8 @@ def smoke() -> bool:
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Record the CPU model and core count that report.py puts in its file names."""
-    model = "unknown-cpu"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    machine_info["sotalign"] = {"cpu_model": model, "cores": os.cpu_count(),
-                                "torch_threads": torch.get_num_threads(),
-                                "torch": torch.__version__, "smoke": SMOKE}
+    machine_info["sotalign"] = {**local_machine(), "torch_threads": torch.get_num_threads(),
+                                "torch": torch.__version__, "smoke": SMOKE, "malloc": MALLOC}
 
 
 # --------------------------------------------------------------------------- crossover summary

@@ -206,7 +206,8 @@ def report(json_path: Path, out: Path) -> list[Path]:
         threads = rows[0].get("threads")
         title = (f"sotalign {suite} benchmark — {machine['cpu_model']}, {machine['cores']} cores "
                  f"(torch threads {threads}), torch {machine.get('torch', '?')}")
-        lines = [f"# {title}", "", f"Source: `{json_path.name}` ({machine.get('datetime', '')}). "
+        lines = [f"# {title}", "", f"Source: `{json_path.name}` ({machine.get('datetime', '')}); "
+                 f"allocator: {machine.get('malloc', '?')}. "
                  "Times are medians over the timed rounds (one warm-up round first, which also "
                  "measures the peak RSS increase). ×: the baseline's median / this median "
                  "(> 1 is faster).", ""]

@@ -16,9 +16,12 @@ namespace sotalign {
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 constexpr int kMaxNV = 4;  // 6×4 accumulators + 4 B vectors fit the 32 zmm registers
-#else
+#elif defined(__AVX__)
 constexpr int kVecBytes = 32;
 constexpr int kMaxNV = 2;  // 6×2 accumulators + 2 B vectors fit the 16 ymm registers
+#else
+constexpr int kVecBytes = 16;  // portable SSE2 build (SOTALIGN_NO_NATIVE=1)
+constexpr int kMaxNV = 2;
 #endif
 constexpr int kMR = 6;          // micro-kernel rows
 constexpr int kTileRows = 24;   // rows of a K tile (4 micro-kernel rows)

@@ -94,7 +94,7 @@ template <class T>
 void klot_grad_dense(const T* K, const T* f, const T* g, T eps, const T* Kt, const T* ft, const T* gt,
                      T eps_t, ptrdiff_t n, ptrdiff_t m, T* G, int num_threads) {
     const PlanDifference<T> diff(n, m, f, g, eps, ft, gt, eps_t);
-#pragma omp parallel for num_threads(useful_threads(n * m, num_threads)) schedule(static)
+#pragma omp parallel for num_threads(useful_threads(n * m, num_threads)) schedule(dynamic, 16)
     for (ptrdiff_t i = 0; i < n; ++i) diff.row(i, 0, m, K + i * m, Kt + i * m, G + i * m);
 }
 
@@ -124,7 +124,7 @@ void klot_grad_features(const T* x, const T* y, ptrdiff_t d, const T* f, const T
         std::vector<T> scratch(K.scratch_size(kRows)), scratch_t(Kt.scratch_size(kRows));
         std::vector<T> G(size_t(kRows) * tc), gy_rows(size_t(kRows) * dp);
         T* gtx_t = gtx_partial.data() + size_t(omp_get_thread_num()) * m * dp;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (ptrdiff_t b = 0; b < blocks; ++b) {
             const ptrdiff_t r0 = b * kRows;
             const int rows = int(std::min<ptrdiff_t>(kRows, n - r0));

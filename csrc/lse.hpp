@@ -104,7 +104,7 @@ void lse_cols(const AffinitySource<T>& K, const T* bias, T eps, T* out, int num_
         std::vector<T> scratch(K.scratch_size());
         T* Mt = M.data() + size_t(omp_get_thread_num()) * m;
         T* St = S.data() + size_t(omp_get_thread_num()) * m;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)  // dynamic: a thread that is preempted holds back little
         for (ptrdiff_t b = 0; b < blocks; ++b) {
             const ptrdiff_t r0 = b * kTileRows;
             const int rows = int(std::min<ptrdiff_t>(kTileRows, n - r0));

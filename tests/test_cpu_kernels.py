@@ -63,7 +63,7 @@ def sinkhorn_potentials(K: Affinity, eps: float, iterations: int = 30):
 
 
 def assert_close_scaled(actual, expected, rtol, scale=None):
-    """|actual − expected| ≤ rtol · scale elementwise, scale defaulting to max(1, max |expected|)."""
+    """|actual − expected| ≤ rtol · scale (scale: max(1, max |expected|) by default)."""
     assert actual.dtype == expected.dtype or expected.dtype == torch.float64
     assert actual.shape == expected.shape
     assert torch.isfinite(actual).all()
@@ -101,24 +101,29 @@ def klot_inputs(n, m, d, kind, teacher_kind, eps, dtype, normalised=True):
     xt, yt = features(n, m, d + 4, seed=n + 5 * m + 11 * d, normalised=normalised)
     K, K_t = affinity(x, y, kind, dtype), affinity(xt, yt, teacher_kind, dtype)
     eps_t = eps / 2
-    f, g = sinkhorn_potentials(as_float64(K), eps)
-    f_t, g_t = sinkhorn_potentials(as_float64(K_t), eps_t)
+    f, g = sinkhorn_potentials(as_float64(K).materialize(), eps)
+    f_t, g_t = sinkhorn_potentials(as_float64(K_t).materialize(), eps_t)
     pots = [p.to(dtype) for p in (f, g, f_t, g_t)]
     return K, K_t, pots, eps_t
 
 
+def log_plan64(K, f, g, eps):
+    """(f_i + g_j + K_ij)/ε in float64, and its rounding scale (|f_i| + |g_j| + |K_ij|)/ε."""
+    f, g, K = f.double(), g.double(), as_float64(K).materialize().dense
+    return ((f[:, None] + g[None, :] + K) / eps,
+            (f.abs()[:, None] + g.abs()[None, :] + K.abs()) / eps)
+
+
 def plans_and_tolerance(K, K_t, pots, eps, eps_t, dtype):
-    """P + P* (the scale G = (P − P*)/ε is measured against: G itself may cancel to ~0) and the
-    tolerance: 1e-10 in float64; in float32 the log-plan arguments (f + g + K)/ε carry a rounding
-    error relative to their magnitude, so the tolerance grows with max (|f| + |g| + |K|)/ε."""
-    f, g, f_t, g_t = (p.double() for p in pots)
-    K64, Kt64 = as_float64(K).materialize().dense, as_float64(K_t).materialize().dense
-    p_sum = ((f[:, None] + g[None, :] + K64) / eps).exp() + ((f_t[:, None] + g_t[None, :] + Kt64) / eps_t).exp()
+    """P + P* (the scale G = (P − P*)/ε is measured against, as G may cancel to ~0) and the
+    tolerance: 1e-10 in float64; in float32 the log-plan arguments carry a rounding error
+    relative to their magnitude, so the tolerance grows with max (|f| + |g| + |K|)/ε."""
+    f, g, f_t, g_t = pots
+    (log_p, size), (log_pt, size_t) = log_plan64(K, f, g, eps), log_plan64(K_t, f_t, g_t, eps_t)
+    p_sum = log_p.exp() + log_pt.exp()
     if dtype == torch.float64:
         return p_sum, 1e-10
-    magnitude = max(((f.abs()[:, None] + g.abs()[None, :] + K64.abs()) / eps).max().item(),
-                    ((f_t.abs()[:, None] + g_t.abs()[None, :] + Kt64.abs()) / eps_t).max().item())
-    return p_sum, 1e-6 * (1.0 + magnitude)
+    return p_sum, 1e-6 * (1.0 + max(size.max().item(), size_t.max().item()))
 
 
 KLOT_CASES = [
@@ -135,17 +140,14 @@ def test_klot_value(n, m, d, kind, teacher_kind, eps, dtype):
     value = CPU.klot_value(K, f, g, eps, K_t, f_t, g_t, eps_t)
     assert value.dtype == dtype and value.dim() == 0
 
-    args64 = [as_float64(K), f.double(), g.double(), eps, as_float64(K_t), f_t.double(), g_t.double(), eps_t]
-    expected = REF.klot_value(*args64)
-    # Scale: Σ P* (|f*| + |g*| + |K*|)/ε* + Σ P* (|f| + |g| + |K|)/ε, what rounding the log-plans
+    expected = REF.klot_value(as_float64(K), f.double(), g.double(), eps,
+                              as_float64(K_t), f_t.double(), g_t.double(), eps_t)
+    # Scale: Σ P* ((|f*| + |g*| + |K*|)/ε* + (|f| + |g| + |K|)/ε), what rounding the log-plans
     # (and, in float32, K itself) is relative to; the terms cancel, the scale does not.
-    def magnitude(A, a, b, e):
-        return (a.double().abs()[:, None] + b.double().abs()[None, :] + as_float64(A).materialize().dense.abs()) / e
-
-    p_t = ((f_t.double()[:, None] + g_t.double()[None, :] + as_float64(K_t).materialize().dense) / eps_t).exp()
-    scale = (p_t * (magnitude(K_t, f_t, g_t, eps_t) + magnitude(K, f, g, eps))).sum().item()
-    assert_close_scaled(value.reshape(1), expected.reshape(1), {torch.float64: 1e-13, torch.float32: 1e-6}[dtype],
-                        scale=scale)
+    (_, size), (log_pt, size_t) = log_plan64(K, f, g, eps), log_plan64(K_t, f_t, g_t, eps_t)
+    scale = (log_pt.exp() * (size + size_t)).sum().item()
+    tol = {torch.float64: 1e-13, torch.float32: 1e-6}[dtype]
+    assert_close_scaled(value.reshape(1), expected.reshape(1), tol, scale=scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -167,14 +169,15 @@ def test_klot_grad_dense(n, m, d, eps, dtype):
 @pytest.mark.parametrize("teacher_kind", KINDS)
 @pytest.mark.parametrize("n,m,d", SHAPES)
 def test_klot_grad_features(n, m, d, teacher_kind, eps, normalised, dtype):
-    K, K_t, (f, g, f_t, g_t), eps_t = klot_inputs(n, m, d, "features", teacher_kind, eps, dtype, normalised)
+    K, K_t, pots, eps_t = klot_inputs(n, m, d, "features", teacher_kind, eps, dtype, normalised)
+    f, g, f_t, g_t = pots
     gy, gtx = CPU.klot_grad_features(K, f, g, eps, K_t, f_t, g_t, eps_t)
     assert gy.dtype == dtype and gtx.dtype == dtype
-    K64, Kt64 = as_float64(K), as_float64(K_t)
-    args = (f.double(), g.double(), eps, Kt64, f_t.double(), g_t.double(), eps_t)
-    exp_gy, exp_gtx = REF.klot_grad_features(K64, *args[:2], eps, *args[3:])
-    # The products cancel (P − P*), so errors are measured against (P + P*)/ε |y| and its transpose.
-    p_sum, tol = plans_and_tolerance(K, K_t, (f, g, f_t, g_t), eps, eps_t, dtype)
+    K64 = as_float64(K)
+    exp_gy, exp_gtx = REF.klot_grad_features(K64, f.double(), g.double(), eps, as_float64(K_t),
+                                             f_t.double(), g_t.double(), eps_t)
+    # The products cancel (P − P*): errors are measured against (P + P*)/ε |y| and its transpose.
+    p_sum, tol = plans_and_tolerance(K, K_t, pots, eps, eps_t, dtype)
     assert_close_scaled(gy, exp_gy, tol, scale=(p_sum @ K64.y.abs()).max().item() / eps)
     assert_close_scaled(gtx, exp_gtx, tol, scale=(p_sum.T @ K64.x.abs()).max().item() / eps)
 
@@ -189,7 +192,8 @@ def test_klot_grad_features_needs_student_features():
 def test_results_do_not_depend_on_thread_count(kind):
     """Large enough (≥ 2^16 entries per thread) that the kernels really split the work."""
     n, m = 601, 517
-    K, K_t, (f, g, f_t, g_t), eps_t = klot_inputs(n, m, 40, kind, "features", 0.05, torch.float64)
+    K, K_t, (f, g, f_t, g_t), eps_t = klot_inputs(n, m, 40, kind, "features", 0.05,
+                                                   torch.float64)
     bias_rows = torch.randn(n, dtype=torch.float64) * 0.3
     previous = torch.get_num_threads()
     try:
@@ -205,14 +209,16 @@ def test_results_do_not_depend_on_thread_count(kind):
         torch.set_num_threads(previous)
     for out in results[1:]:
         for actual, expected in zip(out, results[0]):
-            assert_close_scaled(actual, expected, 1e-12, scale=expected.abs().max().item() + 1e-300)
+            scale = expected.abs().max().item() + 1e-300
+            assert_close_scaled(actual, expected, 1e-12, scale=scale)
 
 
 def test_lse_no_overflow_at_small_eps_and_large_affinity():
     """|K| up to 1e3 at ε = 1e-3: arguments ~1e6 must stay finite after the max shift."""
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
-        K = Affinity.from_dense((torch.rand(40, 70, generator=gen, dtype=torch.float64) * 2e3 - 1e3).to(dtype))
+        K = torch.rand(40, 70, generator=gen, dtype=torch.float64) * 2e3 - 1e3
+        K = Affinity.from_dense(K.to(dtype))
         bias = torch.zeros(70, dtype=dtype)
         out = CPU.lse_rows(K, bias, 1e-3)
         assert torch.isfinite(out).all()

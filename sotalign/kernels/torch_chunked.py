@@ -1,74 +1,103 @@
 """The ``torch`` backend: chunked (online) primitives in plain torch, for any device.
 
 K is visited in blocks of rows, each block recomputed from the features (``x[rows] @ yᵀ``)
-or sliced from a stored K. Column reductions are merged across blocks with ``logaddexp``,
-so memory is O(block·m + (n+m)·d) in the forward *and* backward passes.
+or copied from a stored K into a workspace allocated once per call, and every step on it is
+in place. Column reductions are merged across blocks with ``logaddexp``. Memory is
+O(block + (n+m)·d) in the forward *and* backward passes, and no allocation churns per block
+(fresh blocks cost page faults on CPU and fragmented glibc's heap).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .base import Affinity, Backend
 
-#: Size of one block of K (a few temporaries of this size exist per block). Above glibc's
-#: 32 MiB ceiling for its dynamic mmap threshold, so each block is unmapped when freed;
-#: smaller blocks were served from the heap and left it fragmented (1.4 GB resident
-#: after one half-step at n = 24000).
-BLOCK_BYTES = 64 * 2**20
+#: Size of one workspace block of K; each primitive holds at most two.
+BLOCK_BYTES = 32 * 2**20
 
 
 def row_blocks(K: Affinity):
-    """(start, stop) ranges of rows whose K block stays under ``BLOCK_BYTES``."""
+    """(start, stop) ranges of rows whose block of K stays under ``BLOCK_BYTES``."""
     n, m = K.shape
     step = max(1, BLOCK_BYTES // (m * K.dtype.itemsize))
     for start in range(0, n, step):
         yield start, min(start + step, n)
 
 
-def log_plan_rows(K: Affinity, f, g, eps, start, stop):
-    """log P[start:stop] = (f_i + g_j + K_ij) / ε for one block of rows."""
-    return (K.rows(start, stop) + f[start:stop, None] + g[None, :]) / eps
+def workspace(K: Affinity) -> Tensor:
+    n, m = K.shape
+    rows = min(n, max(1, BLOCK_BYTES // (m * K.dtype.itemsize)))
+    return torch.empty(rows, m, dtype=K.dtype, device=K.device)
+
+
+def scaled_block(K: Affinity, start: int, stop: int, eps: float, work: Tensor,
+                 row_bias: Tensor | None = None, col_bias: Tensor | None = None) -> Tensor:
+    """(K_ij + row_bias_i + col_bias_j) / ε for rows start:stop, written into ``work``."""
+    block = work[: stop - start]
+    if K.is_dense:
+        block.copy_(K.dense[start:stop])
+    else:
+        torch.mm(K.x[start:stop], K.y.T, out=block)
+    if row_bias is not None:
+        block.add_(row_bias[start:stop, None])
+    if col_bias is not None:
+        block.add_(col_bias[None, :])
+    return block.div_(eps)
+
+
+def lse_in_place(block: Tensor, dim: int) -> Tensor:
+    """log Σ exp(block) along ``dim``, max-shifted; overwrites ``block``."""
+    top = block.amax(dim=dim, keepdim=True)
+    return block.sub_(top).exp_().sum(dim=dim).log_().add_(top.squeeze(dim))
 
 
 class TorchChunkedBackend(Backend):
     name = "torch"
 
     def lse_rows(self, K, bias, eps):
-        return torch.cat([torch.logsumexp((K.rows(i, j) + bias[None, :]) / eps, dim=1)
+        work = workspace(K)
+        return torch.cat([lse_in_place(scaled_block(K, i, j, eps, work, col_bias=bias), dim=1)
                           for i, j in row_blocks(K)])
 
     def lse_cols(self, K, bias, eps):
+        work = workspace(K)
         total = None
         for i, j in row_blocks(K):
-            block = torch.logsumexp((K.rows(i, j) + bias[i:j, None]) / eps, dim=0)
+            block = lse_in_place(scaled_block(K, i, j, eps, work, row_bias=bias), dim=0)
             total = block if total is None else torch.logaddexp(total, block)
         return total
 
     def klot_value(self, K, f, g, eps, K_t, f_t, g_t, eps_t):
+        work, work_t = workspace(K), workspace(K)
         total = torch.zeros((), dtype=torch.float64, device=K.device)
         for i, j in row_blocks(K):
-            log_p_teacher = log_plan_rows(K_t, f_t, g_t, eps_t, i, j)
-            log_p_student = log_plan_rows(K, f, g, eps, i, j)
-            total += (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dtype=torch.float64)
+            log_p = scaled_block(K, i, j, eps, work, f, g)
+            log_p_teacher = scaled_block(K_t, i, j, eps_t, work_t, f_t, g_t)
+            log_ratio = log_p.sub_(log_p_teacher).neg_()          # log P* − log P
+            total += log_ratio.mul_(log_p_teacher.exp_()).sum(dtype=torch.float64)
         return total.to(K.dtype)
 
-    def _plan_difference_rows(self, K, f, g, eps, K_t, f_t, g_t, eps_t, i, j):
-        """G[i:j] = (P − P*)[i:j] / ε."""
-        return (log_plan_rows(K, f, g, eps, i, j).exp()
-                - log_plan_rows(K_t, f_t, g_t, eps_t, i, j).exp()) / eps
+    def _plan_difference(self, K, f, g, eps, K_t, f_t, g_t, eps_t, i, j, work, work_t):
+        """G[i:j] = (P − P*)[i:j] / ε, in ``work``."""
+        plan = scaled_block(K, i, j, eps, work, f, g).exp_()
+        plan_teacher = scaled_block(K_t, i, j, eps_t, work_t, f_t, g_t).exp_()
+        return plan.sub_(plan_teacher).div_(eps)
 
     def klot_grad_features(self, K, f, g, eps, K_t, f_t, g_t, eps_t):
+        work, work_t = workspace(K), workspace(K)
         grad_x = torch.empty_like(K.x)
         grad_y = torch.zeros_like(K.y)
         for i, j in row_blocks(K):
-            G = self._plan_difference_rows(K, f, g, eps, K_t, f_t, g_t, eps_t, i, j)
-            grad_x[i:j] = G @ K.y
-            grad_y += G.T @ K.x[i:j]
+            G = self._plan_difference(K, f, g, eps, K_t, f_t, g_t, eps_t, i, j, work, work_t)
+            torch.mm(G, K.y, out=grad_x[i:j])
+            grad_y.addmm_(G.T, K.x[i:j])
         return grad_x, grad_y
 
     def klot_grad_dense(self, K, f, g, eps, K_t, f_t, g_t, eps_t):
+        work, work_t = workspace(K), workspace(K)
         G = torch.empty(K.shape, dtype=K.dtype, device=K.device)
         for i, j in row_blocks(K):
-            G[i:j] = self._plan_difference_rows(K, f, g, eps, K_t, f_t, g_t, eps_t, i, j)
+            G[i:j] = self._plan_difference(K, f, g, eps, K_t, f_t, g_t, eps_t, i, j, work, work_t)
         return G

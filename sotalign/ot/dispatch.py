@@ -10,9 +10,11 @@ The rule behind ``backend="auto"``, ``path="auto"``:
   device's crossover, the d above which reading a stored K is cheaper than recomputing it
   from the features. Otherwise **online** (K recomputed tile by tile, O((n+m)·d) memory).
 
-  The crossovers are measured with ``benchmarks/bench_crossover.py``: on CPU recomputing
-  costs 2d flops per entry against 4 bytes of memory traffic for reading, so dense wins
-  from very small d; on an H100 the roofline in DESIGN.md puts it near d = 660.
+  The crossovers are measured with ``benchmarks/bench_crossover.py``. On CPU recomputing
+  costs 2d flops per entry against 4 bytes of memory traffic for reading, and both paths pay
+  the same exponentials. On the 2-core Zen 5 machine of benchmarks/results/ (n = m = 2048)
+  the paths tie within ±10 % up to d = 8 and the stored K wins from d = 16 on (×1.3 at 16,
+  ×3 at 128, ×7 at 256). On an H100 the roofline in DESIGN.md puts the crossover near d = 660.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .validation import check_positive
 #: Default memory budget for stored n×m matrices on the dense path (bytes).
 DEFAULT_MEMORY_BUDGET = 2**30
 #: Smallest feature dimension for which the dense path is faster (measured, see above).
-DENSE_MIN_DIM = {"cpu": 8, "cuda": 660}
+DENSE_MIN_DIM = {"cpu": 16, "cuda": 660}
 PATHS = ("auto", "dense", "online")
 
 _warned_missing_extension = False

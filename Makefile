@@ -25,10 +25,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sotalign.demo
 
-# The full CPU benchmark run whose results are committed under benchmarks/results/.
+# The full CPU benchmark run (~15 min on 2 cores) whose results are committed under
+# benchmarks/results/<machine>-<suite>.{json,md,png}. Run it on an otherwise idle machine.
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results/latest.tmp.json
-	$(PY) benchmarks/report.py benchmarks/results/latest.tmp.json
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[test,bench]"
+	machine=$$($(PY) benchmarks/report.py --machine) && \
+	for suite in crossover klot sinkhorn; do \
+	  $(PY) -m pytest -q benchmarks/bench_$$suite.py \
+	    --benchmark-json=benchmarks/results/$$machine-$$suite.json || exit 1; \
+	done && \
+	$(PY) benchmarks/report.py benchmarks/results/$$machine-*.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info sotalign/_C*.so

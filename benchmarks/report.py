@@ -235,9 +235,14 @@ def report(json_path: Path, out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark --benchmark-json files")
+    parser.add_argument("json", nargs="*", type=Path, help="pytest-benchmark --benchmark-json files")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--machine", action="store_true",
+                        help="print this machine's name for result files (e.g. cpu-amd-epyc-2core) and exit")
     args = parser.parse_args()
+    if args.machine:
+        print(machine_slug(local_machine()))
+        return
     for path in args.json:
         for written in report(path, args.out):
             print(f"wrote {written}")

@@ -13,8 +13,10 @@ The rule behind ``backend="auto"``, ``path="auto"``:
   The crossovers are measured with ``benchmarks/bench_crossover.py``. On CPU recomputing
   costs 2d flops per entry against 4 bytes of memory traffic for reading, and both paths pay
   the same exponentials. On the 2-core Zen 5 machine of benchmarks/results/ (n = m = 2048)
-  the paths tie within ±10 % up to d = 8 and the stored K wins from d = 16 on (×1.3 at 16,
-  ×3 at 128, ×7 at 256). On an H100 the roofline in DESIGN.md puts the crossover near d = 660.
+  the online path stays within ~20 % of the dense one up to d = 8, and the stored K wins
+  clearly from d = 16 on (×1.4 at 16, ×2.4 at 64, ×4.9 at 256), so below 16 the online path
+  is chosen for its memory. On an H100 the roofline in DESIGN.md puts the crossover near
+  d = 660.
 """
 
 from __future__ import annotations

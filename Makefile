@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.sotalign-installed
 
-.PHONY: test demo bench install clean
+.PHONY: test demo bench bench-gpu align-report install clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ bench: $(STAMP)
 	    --benchmark-json=benchmarks/results/$$machine-$$suite.json || exit 1; \
 	done && \
 	$(PY) benchmarks/report.py benchmarks/results/$$machine-*.json
+
+# The GPU harness (Triton, the paper's algorithm eager and compiled, POT, GeomLoss/KeOps,
+# FlashSinkhorn) on a CUDA machine; ~20 min on an H100. Suites one by one:
+# `bash benchmarks/run_gpu.sh sinkhorn|klot|scale`.
+bench-gpu: $(STAMP)
+	VENV=$(VENV) INSTALL=1 bash benchmarks/run_gpu.sh
+
+# SAIL, its semi-supervised baselines and SOTAlign on the synthetic platonic data, 3 seeds
+# (~10 min on 2 idle cores): benchmarks/results/<machine>-alignment.{md,json}.
+align-report: $(STAMP)
+	$(PY) benchmarks/alignment_report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info sotalign/_C*.so

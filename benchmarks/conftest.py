@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers of the sotalign CPU benchmark suites.
+"""Shared fixtures and helpers of the sotalign benchmark suites (CPU, and the GPU harness).
 
 Run a suite (the files are ``bench_*.py``; this conftest makes pytest collect them)::
 
@@ -13,6 +13,10 @@ warm-up call, then 2–7 rounds of one call, fewer for slow providers so the ful
 near 20 minutes on 2 cores), and records in ``extra_info`` the provider, the sotalign
 backend/path actually chosen, and the peak resident-memory increase of the warm-up call
 (exact: the kernel's VmHWM, reset before the call; see sotalign.memory).
+
+The GPU suites (``bench_gpu_*.py``, run by ``run_gpu.sh``) use the helpers of the last
+section instead: CUDA-synchronised timing, CUDA peak memory, and skip rules for memory and
+time budgets.
 """
 
 from __future__ import annotations
@@ -145,20 +149,26 @@ class Problem:
 
 
 @functools.lru_cache(maxsize=4)
-def make_problem(n: int, m: int, d: int, d_teacher: int, seed: int = 0) -> Problem:
+def make_problem(n: int, m: int, d: int, d_teacher: int, seed: int = 0,
+                 device: torch.device | str = "cpu") -> Problem:
     """Seeded fp32 features with some shared structure (row i of x resembles row i of y).
 
     Both sides mix a common latent code with independent noise, so the cosine affinities
     and the plans are not those of pure noise; the teacher is a random projection of it.
+    The numbers depend on the device's generator (the CPU ones are those of the CPU suites).
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     k = max(n, m)
-    latent = torch.randn(k, d, generator=gen)
-    x = latent[:n] + 0.7 * torch.randn(n, d, generator=gen)
-    y = latent[:m] + 0.7 * torch.randn(m, d, generator=gen)
-    proj = torch.randn(d, d_teacher, generator=gen) / math.sqrt(d)
-    x_t = x @ proj + 0.3 * torch.randn(n, d_teacher, generator=gen)
-    y_t = y @ proj + 0.3 * torch.randn(m, d_teacher, generator=gen)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    latent = randn(k, d)
+    x = latent[:n] + 0.7 * randn(n, d)
+    y = latent[:m] + 0.7 * randn(m, d)
+    proj = randn(d, d_teacher) / math.sqrt(d)
+    x_t = x @ proj + 0.3 * randn(n, d_teacher)
+    y_t = y @ proj + 0.3 * randn(m, d_teacher)
     return Problem(x.contiguous(), y.contiguous(), x_t.contiguous(), y_t.contiguous())
 
 
@@ -269,9 +279,10 @@ def smoke() -> bool:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    """Record the CPU model and core count that report.py puts in its file names."""
+    """Record the CPU model and core count that report.py puts in its file names (and the GPU)."""
     machine_info["sotalign"] = {**local_machine(), "torch_threads": torch.get_num_threads(),
-                                "torch": torch.__version__, "smoke": SMOKE, "malloc": MALLOC}
+                                "torch": torch.__version__, "smoke": SMOKE, "malloc": MALLOC,
+                                **gpu_versions()}
 
 
 # --------------------------------------------------------------------------- crossover summary
@@ -320,3 +331,171 @@ def pytest_terminal_summary(terminalreporter):
             write(f"d={d:4d}  dense {dense * 1e3:9.1f} ms  online {online * 1e3:9.1f} ms  "
                   f"online/dense {online / dense:5.2f}  -> {'dense' if dense <= online else 'online'}")
     write(f"crossover d (dense wins from here on): {crossover_dim(CROSSOVER_RESULTS)}")
+
+
+# --------------------------------------------------------------------------- GPU harness
+# Shared by bench_gpu_sinkhorn.py and bench_gpu_klot.py (run by run_gpu.sh). Without CUDA they
+# run only in smoke mode, on tiny shapes on the CPU, to check the harness itself.
+
+#: The device of the GPU suites.
+GPU_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+#: Timed seconds aimed at per GPU case, and the bounds on its number of rounds.
+GPU_TARGET_SECONDS = 0.2 if SMOKE else 1.0
+GPU_MIN_ROUNDS, GPU_MAX_ROUNDS = (2 if SMOKE else 3), 20
+#: A second untimed call probes the duration when the first (compiling, autotuning) took less.
+GPU_PROBE_BELOW_SECONDS = 0.0 if SMOKE else 2.0
+#: Cases predicted to take longer per call than this are skipped (time budget).
+GPU_MAX_CALL_SECONDS = float(os.environ.get("SOTALIGN_GPU_MAX_CALL_SECONDS", "4"))
+#: Wall seconds one pytest session may spend before it skips its remaining cases (a device
+#: command is killed at 10 minutes, and pytest writes its JSON only at the end).
+GPU_SESSION_BUDGET = float(os.environ.get("SOTALIGN_GPU_BUDGET_SECONDS", "420"))
+#: Cases whose estimated peak memory is above this fraction of the GPU's memory are skipped.
+GPU_MEMORY_FRACTION = 0.6
+_SESSION_START = time.perf_counter()
+
+
+def gpu_versions() -> dict:
+    """Versions of torch and triton and, on CUDA, the GPU's name and memory."""
+    info = {"device": str(GPU_DEVICE), "torch": torch.__version__}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if GPU_DEVICE.type == "cuda":
+        props = torch.cuda.get_device_properties(GPU_DEVICE)
+        info.update(gpu_name=torch.cuda.get_device_name(GPU_DEVICE), cuda=torch.version.cuda,
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    compute_capability=f"{props.major}.{props.minor}")
+    return info
+
+
+def synchronize() -> None:
+    if GPU_DEVICE.type == "cuda":
+        torch.cuda.synchronize(GPU_DEVICE)
+
+
+def gpu_case_gate(*, memory_bytes: float, predicted_seconds: float,
+                  max_call_seconds: float | None = None) -> None:
+    """Skip (with the reason) a case that cannot run here, would not fit, or is over budget.
+
+    ``memory_bytes`` is the case's estimated peak allocation on top of its inputs and
+    ``predicted_seconds`` the roofline bound of one call times the provider's assumed
+    slowdown (both from the suite's provider table), held to ``max_call_seconds``
+    (default :data:`GPU_MAX_CALL_SECONDS`). Smoke runs only check the CUDA rule.
+    """
+    max_call_seconds = GPU_MAX_CALL_SECONDS if max_call_seconds is None else max_call_seconds
+    if GPU_DEVICE.type != "cuda":
+        if not SMOKE:
+            pytest.skip("the GPU suites need CUDA (SOTALIGN_BENCH_SMOKE=1 runs them on CPU)")
+        return
+    if SMOKE:
+        return
+    limit = GPU_MEMORY_FRACTION * torch.cuda.get_device_properties(GPU_DEVICE).total_memory
+    if memory_bytes > limit:
+        pytest.skip(f"estimated peak {memory_bytes / 2**30:.1f} GiB > {GPU_MEMORY_FRACTION:.0%} "
+                    f"of GPU memory ({limit / 2**30:.1f} GiB)")
+    if predicted_seconds > max_call_seconds:
+        pytest.skip(f"predicted {predicted_seconds:.1f} s per call > {max_call_seconds:g} s "
+                    "(time budget; roofline bound × assumed slowdown)")
+    if time.perf_counter() - _SESSION_START > GPU_SESSION_BUDGET:
+        pytest.skip(f"session time budget ({GPU_SESSION_BUDGET:.0f} s) spent")
+
+
+def run_gpu_benchmark(benchmark, fn, *, check, suite: str, provider: str, group: str,
+                      rounds: int | None = None, **info) -> None:
+    """Time ``fn()`` (followed by a device synchronisation) with pytest-benchmark.
+
+    The first call is untimed (it compiles, autotunes and JITs); its result goes to
+    ``check`` and is then dropped, and the sotalign route it took is recorded. When it took
+    under :data:`GPU_PROBE_BELOW_SECONDS` a second untimed call measures the duration that
+    sizes the rounds (:data:`GPU_TARGET_SECONDS`, capped by the session budget). Then
+    ``benchmark.pedantic(rounds=R, iterations=1)``; the timed calls return nothing, so the
+    peak memory over them (``peak_mem_delta_mib``: CUDA ``max_memory_allocated`` minus what
+    was allocated before, i.e. beyond the inputs; peak RSS increase on CPU) is the call's own.
+    Under ``--benchmark-disable`` fn runs once and is checked.
+    """
+    benchmark.group = group
+    benchmark.extra_info.update(suite=suite, provider=provider, **gpu_versions(), **info)
+    if benchmark.disabled:
+        check(benchmark.pedantic(fn, rounds=1, iterations=1))
+        return
+
+    def call() -> None:
+        fn()
+        synchronize()
+
+    with RouteSpy() as routes:
+        start = time.perf_counter()
+        result = fn()
+        synchronize()
+        first = time.perf_counter() - start
+    check(result)
+    del result
+    probe = first
+    if first < GPU_PROBE_BELOW_SECONDS:
+        start = time.perf_counter()
+        call()
+        probe = time.perf_counter() - start
+    if rounds is None:
+        rounds = int(GPU_TARGET_SECONDS / max(probe, 1e-9))
+        rounds = max(GPU_MIN_ROUNDS, min(GPU_MAX_ROUNDS, rounds))
+    remaining = GPU_SESSION_BUDGET - (time.perf_counter() - _SESSION_START)
+    rounds = max(1, min(rounds, int(remaining / max(probe, 1e-9))))
+    with peak_memory(GPU_DEVICE) as memory:
+        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(
+        peak_mem_delta_mib=round(memory.mib, 2),
+        memory_kind="cuda max_memory_allocated" if GPU_DEVICE.type == "cuda" else "cpu peak RSS",
+        first_call_seconds=round(first, 4), **routes.info())
+
+
+#: Skipped benchmark cases and their reasons, written into the JSON (the GPU report lists them).
+SKIPPED: list[dict] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call") and isinstance(report.longrepr, tuple):
+        reason = report.longrepr[2].removeprefix("Skipped: ")
+        SKIPPED.append({"name": report.nodeid.split("::")[-1], "file": report.fspath, "reason": reason})
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["skipped"] = SKIPPED
+
+
+@pytest.fixture(scope="session")
+def gpu_bench():
+    """The :func:`run_gpu_benchmark` helper, as a fixture."""
+    return run_gpu_benchmark
+
+
+@pytest.fixture(scope="session")
+def gpu_gate():
+    """The :func:`gpu_case_gate` helper, as a fixture."""
+    return gpu_case_gate
+
+
+@pytest.fixture(scope="session")
+def gpu_device() -> torch.device:
+    return GPU_DEVICE
+
+
+_DEVICE_PROBLEM: dict[tuple, Problem] = {}
+
+
+@pytest.fixture(scope="session")
+def device_problem():
+    """``device_problem(n, d, d_teacher=1)``: :func:`make_problem` features on GPU_DEVICE.
+
+    Only the latest shape is kept, so cached inputs never crowd the GPU for the next case.
+    """
+    def get(n: int, d: int, d_teacher: int = 1) -> Problem:
+        key = (n, d, d_teacher)
+        if key not in _DEVICE_PROBLEM:
+            _DEVICE_PROBLEM.clear()
+            if GPU_DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+            _DEVICE_PROBLEM[key] = make_problem.__wrapped__(n, n, d, d_teacher, device=GPU_DEVICE)
+        return _DEVICE_PROBLEM[key]
+    return get

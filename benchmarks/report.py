@@ -24,6 +24,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = {"paper-dense": "paper", "pot-sinkhorn_log": "POT"}
+#: The CPU suites this report handles.
+SUITES = ("sinkhorn", "klot", "crossover")
 HEADLINE = {"sinkhorn": (4096, 64), "klot": (2048, 256)}
 
 
@@ -56,8 +58,8 @@ def load(path: Path) -> tuple[dict, dict[str, list[dict]]]:
     suites: dict[str, list[dict]] = defaultdict(list)
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        if "suite" not in info or not bench.get("stats"):
-            continue
+        if info.get("suite") not in SUITES or not bench.get("stats"):
+            continue  # the GPU and iteration suites have their own report, gpu_report.py
         stats = bench["stats"]
         suites[info["suite"]].append({**info, "median": stats["median"], "min": stats["min"],
                                       "rounds": stats["rounds"], "name": bench["name"]})

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-import sotalign
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton picks interpreted or
+# compiled helpers when it is first imported, so this must precede any import of it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sotalign  # noqa: E402
 
 #: (backend, path) pairs; "reference" is dense by construction.
 ALL_ROUTES = [("reference", "auto"), ("torch", "dense"), ("torch", "online"),
@@ -13,6 +20,16 @@ ALL_ROUTES = [("reference", "auto"), ("torch", "dense"), ("torch", "online"),
 ROUTES = [route for route in ALL_ROUTES if route[0] in sotalign.available_backends()]
 #: The routes that must agree with the reference (everything but the reference itself).
 FAST_ROUTES = [route for route in ROUTES if route[0] != "reference"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: one torch thread is faster than two, and far faster on a
+    machine shared with other jobs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def route_id(route) -> str:

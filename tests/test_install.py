@@ -62,5 +62,6 @@ def test_install_without_a_compiler(tmp_path):
     assert run.returncode == 0, run.stderr
     location, backends, summary = run.stdout.strip().splitlines()
     assert location.startswith(str(target))
-    assert backends == "['reference', 'torch']"
+    # the optional triton/keops backends may be listed (they do not need sotalign's compiler)
+    assert "'cpu'" not in backends and backends.startswith("['reference', 'torch'")
     assert summary == "torch torch 1"

@@ -19,18 +19,20 @@ import sotalign
 SCRIPT = textwrap.dedent("""
     import json, sys, torch, sotalign
     from sotalign.memory import peak_memory
-    from sotalign.ot.klot import KLOTFeaturesFunction
+    import importlib
+    klot_module = importlib.import_module("sotalign.ot.klot")
     backend, n_iters = sys.argv[1], int(sys.argv[2])
     n, d = 24000, 64
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, d, generator=g, requires_grad=True), torch.randn(n, d, generator=g, requires_grad=True)
     x_t, y_t = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
     routes = []
-    original = KLOTFeaturesFunction.forward
-    def spy(ctx, *args):
-        routes.append(args[-1].route.path)
-        return original(ctx, *args)
-    KLOTFeaturesFunction.forward = staticmethod(spy)
+    original = klot_module.choose_route
+    def spy(*args, **kwargs):
+        route = original(*args, **kwargs)
+        routes.append(route.path)
+        return route
+    klot_module.choose_route = spy
     with peak_memory() as peak:
         loss = sotalign.klot(x, y, x_t, y_t, n_iters=n_iters, backend=backend)
         loss.backward()

@@ -23,6 +23,15 @@ A backend provides four streaming primitives over such a K:
 and ``klot_grad_dense(...) = G`` for a stored student K (the n×m input makes an n×m
 gradient unavoidable there).
 
+Three plan products apply P without storing it (attention's ``P·V``):
+
+* ``plan_matmul(K, f, g, ε, V) = P V``            (V: m×k → n×k)
+* ``plan_t_matmul(K, f, g, ε, U) = Pᵀ U``         (U: n×k → m×k)
+* ``plan_inner(K, f, g, ε, K2) = Σ_ij P_ij K2_ij`` (K2 another n×m affinity), summed in float64.
+
+:class:`Backend` implements them generically over blocks of rows ``K.rows(start, stop)``
+(O(block) memory); backends with fused kernels override them.
+
 Inputs are float32 or float64 and contiguous; outputs have the input dtype.
 """
 
@@ -32,6 +41,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+#: Size of one block of K (or of P) in the generic plan products.
+PLAN_BLOCK_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -106,3 +118,66 @@ class Backend:
     def klot_grad_dense(self, K: Affinity, f: Tensor, g: Tensor, eps: float,
                         K_t: Affinity, f_t: Tensor, g_t: Tensor, eps_t: float) -> Tensor:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ plan products
+
+    def plan_matmul(self, K: Affinity, f: Tensor, g: Tensor, eps: float, V: Tensor) -> Tensor:
+        """P V with P_ij = exp((f_i + g_j + K_ij)/ε), one block of rows of P at a time."""
+        check_plan_factor("V", V, K.shape[1], K)
+        out = torch.empty(K.shape[0], V.shape[1], dtype=K.dtype, device=K.device)
+        for start, stop in plan_row_blocks(K):
+            out[start:stop] = plan_block(K, f, g, eps, start, stop) @ V
+        return out
+
+    def plan_t_matmul(self, K: Affinity, f: Tensor, g: Tensor, eps: float, U: Tensor) -> Tensor:
+        """Pᵀ U, accumulated over blocks of rows of P."""
+        check_plan_factor("U", U, K.shape[0], K)
+        out = torch.zeros(K.shape[1], U.shape[1], dtype=K.dtype, device=K.device)
+        for start, stop in plan_row_blocks(K):
+            out.addmm_(plan_block(K, f, g, eps, start, stop).T, U[start:stop])
+        return out
+
+    def plan_inner(self, K: Affinity, f: Tensor, g: Tensor, eps: float, K2: Affinity) -> Tensor:
+        """Σ_ij P_ij K2_ij, each block summed in float64; returned in K's dtype."""
+        check_plan_affinity(K, K2)
+        total = torch.zeros((), dtype=torch.float64, device=K.device)
+        for start, stop in plan_row_blocks(K):
+            block = plan_block(K, f, g, eps, start, stop).mul_(K2.rows(start, stop))
+            total += block.sum(dtype=torch.float64)
+        return total.to(K.dtype)
+
+
+def plan_row_blocks(K: Affinity):
+    """(start, stop) ranges of rows whose block of P stays under ``PLAN_BLOCK_BYTES``."""
+    n, m = K.shape
+    step = max(1, PLAN_BLOCK_BYTES // (m * K.dtype.itemsize))
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def plan_block(K: Affinity, f: Tensor, g: Tensor, eps: float, start: int, stop: int) -> Tensor:
+    """P[start:stop] = exp((f_i + g_j + K_ij)/ε) for those rows (a new block: a stored K's
+    rows are views, so the first step must not be in place)."""
+    block = (K.rows(start, stop) + f[start:stop, None]).add_(g[None, :])
+    return block.div_(eps).exp_()
+
+
+def check_plan_factor(name: str, V: Tensor, rows: int, K: Affinity) -> None:
+    """The right-hand factor of a plan product: a (rows × k) tensor like K."""
+    if not isinstance(V, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(V).__name__}")
+    if V.dim() != 2 or V.shape[0] != rows:
+        raise ValueError(f"{name} must have shape ({rows}, k) for an affinity of shape "
+                         f"{K.shape}, got {tuple(V.shape)}")
+    if V.dtype != K.dtype or V.device != K.device:
+        raise ValueError(f"{name} must match the affinity's dtype and device ({K.dtype} on "
+                         f"{K.device}), got {V.dtype} on {V.device}")
+
+
+def check_plan_affinity(K: Affinity, K2: Affinity) -> None:
+    """The second affinity of ``plan_inner``: same shape, dtype and device as K."""
+    if not isinstance(K2, Affinity):
+        raise TypeError(f"K2 must be an Affinity, got {type(K2).__name__}")
+    if K2.shape != K.shape or K2.dtype != K.dtype or K2.device != K.device:
+        raise ValueError(f"K2 must match K (shape {K.shape}, {K.dtype} on {K.device}), got shape "
+                         f"{K2.shape}, {K2.dtype} on {K2.device}")

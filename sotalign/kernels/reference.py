@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Affinity, Backend
+from .base import Affinity, Backend, check_plan_affinity, check_plan_factor
 
 
 def log_plan(K: Affinity, f: Tensor, g: Tensor, eps: float) -> Tensor:
@@ -39,3 +39,16 @@ class ReferenceBackend(Backend):
     def klot_grad_features(self, K, f, g, eps, K_t, f_t, g_t, eps_t):
         G = self.klot_grad_dense(K, f, g, eps, K_t, f_t, g_t, eps_t)
         return G @ K.y, G.T @ K.x
+
+    def plan_matmul(self, K, f, g, eps, V):
+        check_plan_factor("V", V, K.shape[1], K)
+        return log_plan(K, f, g, eps).exp() @ V
+
+    def plan_t_matmul(self, K, f, g, eps, U):
+        check_plan_factor("U", U, K.shape[0], K)
+        return log_plan(K, f, g, eps).exp().T @ U
+
+    def plan_inner(self, K, f, g, eps, K2):
+        check_plan_affinity(K, K2)
+        plan = log_plan(K, f, g, eps).double().exp()
+        return (plan * K2.materialize().dense.double()).sum().to(K.dtype)

@@ -25,23 +25,39 @@ def check_matrix(name: str, t) -> None:
 
 def check_matrices(**tensors: Tensor) -> torch.device:
     """Shape, dtype, device, then values (finiteness is read last: it needs one device)."""
+    device = check_structure(**tensors)
+    check_finite(**tensors)
+    return device
+
+
+def check_structure(**tensors: Tensor) -> torch.device:
+    """Shape, dtype and device only: no value is read, so nothing waits for the device
+    (the check :mod:`sotalign.ot.klot` runs before its custom op, also under torch.compile)."""
     for name, t in tensors.items():
         check_matrix(name, t)
-    device = check_same_device(**tensors)
+    return check_same_device(**tensors)
+
+
+def check_finite(**tensors: Tensor) -> None:
+    """No NaN or Inf (reads the values: one host synchronisation per tensor)."""
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf")
-    return device
+
+
+def check_real(name: str, value, *, positive: bool = False) -> float:
+    """A finite real number (not a bool), > 0 if ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    return value
 
 
 def check_positive(name: str, value) -> float:
     """A finite number > 0 (ε, tolerances, budgets)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or value <= 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
+    return check_real(name, value, positive=True)
 
 
 def check_count(name: str, value, minimum: int = 1) -> int:
@@ -50,6 +66,27 @@ def check_count(name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_eps_scaling(value) -> float | None:
+    """None (no ε-scaling) or an annealing factor strictly between 0 and 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"eps_scaling must be None or a real number, got {type(value).__name__}")
+    value = float(value)
+    if not 0 < value < 1:
+        raise ValueError(f"eps_scaling must be a factor in (0, 1), got {value}")
+    return value
+
+
+def check_cuda_graph(flag, device: torch.device) -> bool:
+    """``cuda_graph`` is a bool, and True only for CUDA tensors."""
+    if not isinstance(flag, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(flag).__name__}")
+    if flag and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors, got tensors on {device}")
+    return flag
 
 
 def check_affinity(affinity) -> str:

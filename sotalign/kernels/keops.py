@@ -1,0 +1,192 @@
+r"""The ``keops`` backend: pykeops LazyTensor reductions, online for very large n and m.
+
+For a feature affinity K = x yᵀ every primitive is one KeOps reduction over a symbolic
+n×m formula, compiled once per formula, variable dimension and dtype, and never stored:
+
+* ``lse_rows(K, b, ε)_i = LSE_j [(x_i·y_j + b_j)/ε]``: a ``logsumexp`` reduction over j;
+  ``lse_cols`` is the same formula with the roles of (x, i) and (y, j) swapped, so it reuses
+  the compiled kernel.
+* ``klot_value = Σ_ij P*_ij (log P*_ij − log P_ij)`` with ``log P = (x·y + f + g)/ε``,
+  ``log P* = (x*·y* + f* + g*)/ε*``: a Sum over j of ``exp(T)(T − S)``, run in float64
+  (inputs are upcast: the terms cancel heavily at small ε, and it is one pass against the
+  hundreds of a Sinkhorn solve), then summed over i in float64.
+* ``klot_grad_features = (G y, Gᵀ x)`` with ``G = (P − P*)/ε``: two Sum reductions of
+  ``(exp(S) − exp(T))/ε · y_j`` over j and of the swapped formula over i.
+* ``plan_matmul(K, f, g, ε, V) = P V`` and ``plan_t_matmul(K, f, g, ε, U) = Pᵀ U``: Sum
+  reductions of ``exp(S) V_j`` (one swapped formula serves both);
+  ``plan_inner(K, f, g, ε, K2) = Σ_ij P_ij K2_ij`` for a feature K2 = x2 y2ᵀ.
+
+A *stored* n×m K is not a per-row or per-column variable, which is all a KeOps formula can
+read, so for dense affinities this backend delegates to the chunked ``torch`` primitives
+(same maths, O(block) workspace) instead of failing. ε enters as a runtime parameter: a
+new ε does not recompile.
+
+Compiled formulas are cached under ``~/.cache/sotalign/keops`` (``KEOPS_CACHE_FOLDER``),
+unless that variable is set or pykeops was imported with its own configuration first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from torch import Tensor
+
+from .base import Backend, check_plan_affinity, check_plan_factor
+from .torch_chunked import TorchChunkedBackend
+
+#: Where KeOps keeps the compiled formulas of sotalign.
+CACHE_FOLDER = Path.home() / ".cache" / "sotalign" / "keops"
+#: Seconds the availability probe may spend compiling its formula on a fresh machine.
+PROBE_TIMEOUT_S = 300
+
+_PROBE = """
+import torch
+from pykeops.torch import LazyTensor
+x = torch.arange(6.0).reshape(3, 2) / 6
+y = torch.arange(8.0).reshape(4, 2) / 8
+out = (LazyTensor(x[:, None, :]) | LazyTensor(y[None, :, :])).logsumexp(dim=1).squeeze(1)
+expected = torch.logsumexp(x @ y.T, dim=1)
+assert torch.allclose(out, expected, atol=1e-5), (out, expected)
+print("keops-ok")
+"""
+
+
+def _environment() -> dict[str, str]:
+    """The environment KeOps runs with: sotalign's cache folder unless one is configured."""
+    os.environ.setdefault("KEOPS_CACHE_FOLDER", str(CACHE_FOLDER))
+    return dict(os.environ)
+
+
+@functools.cache
+def keops_error() -> str | None:
+    """Why KeOps cannot run here, or None: imports pykeops and compiles a trivial formula.
+
+    The probe runs in a subprocess with a timeout, so a missing compiler or a hanging build
+    is reported instead of blocking the caller; its compiled formula stays in the cache, so
+    the probe is fast after the first time. The answer is cached for the process.
+    """
+    try:
+        run = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                             timeout=PROBE_TIMEOUT_S, env=_environment())
+    except subprocess.TimeoutExpired:
+        return f"compiling a trivial KeOps formula took more than {PROBE_TIMEOUT_S} s"
+    if run.returncode == 0 and "keops-ok" in run.stdout:
+        return None
+    lines = (run.stderr or run.stdout).strip().splitlines()
+    reason = lines[-1] if lines else f"exit status {run.returncode}"
+    if "No module named 'pykeops'" in reason:
+        return "pykeops is not installed (pip install pykeops==2.3)"
+    return f"pykeops failed to import or compile a trivial formula ({reason})"
+
+
+@functools.cache
+def _lazy_tensor():
+    _environment()
+    from pykeops.torch import LazyTensor
+
+    return LazyTensor
+
+
+def _i(t: Tensor):
+    """A per-row (i) KeOps variable from an (n,) or (n, d) tensor."""
+    return _lazy_tensor()((t[:, None] if t.dim() == 1 else t)[:, None, :].contiguous())
+
+
+def _j(t: Tensor):
+    """A per-column (j) KeOps variable from an (m,) or (m, d) tensor."""
+    return _lazy_tensor()((t[:, None] if t.dim() == 1 else t)[None, :, :].contiguous())
+
+
+def _log_plan(x: Tensor, y: Tensor, f: Tensor, g: Tensor, eps: float):
+    """Symbolic S_ij = (x_i·y_j + f_i + g_j)/ε, i indexing the rows of x."""
+    return ((_i(x) | _j(y)) + _i(f) + _j(g)) * (1.0 / eps)
+
+
+def _plan_apply(x: Tensor, y: Tensor, f: Tensor, g: Tensor, eps: float, V: Tensor) -> Tensor:
+    """Σ_j exp(S_ij) V_j, an (n, k) tensor."""
+    return (_log_plan(x, y, f, g, eps).exp() * _j(V)).sum(dim=1)
+
+
+def _check_device(*tensors: Tensor) -> None:
+    for t in tensors:
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the 'keops' backend runs on CPU or CUDA tensors, got one on {t.device}")
+
+
+class KeOpsBackend(Backend):
+    name = "keops"
+    online = True
+
+    def __init__(self):
+        self._dense = TorchChunkedBackend()
+
+    def _lse(self, x: Tensor, y: Tensor, bias: Tensor, eps: float) -> Tensor:
+        """LSE_j [(x_i·y_j + bias_j)/ε] for every row i of x."""
+        _check_device(x, y, bias)
+        formula = ((_i(x) | _j(y)) + _j(bias)) * (1.0 / eps)
+        return formula.logsumexp(dim=1).squeeze(1)
+
+    def lse_rows(self, K, bias, eps):
+        if K.is_dense:
+            return self._dense.lse_rows(K, bias, eps)
+        return self._lse(K.x, K.y, bias, eps)
+
+    def lse_cols(self, K, bias, eps):
+        if K.is_dense:
+            return self._dense.lse_cols(K, bias, eps)
+        return self._lse(K.y, K.x, bias, eps)
+
+    def klot_value(self, K, f, g, eps, K_t, f_t, g_t, eps_t):
+        if K.is_dense or K_t.is_dense:
+            return self._dense.klot_value(K, f, g, eps, K_t, f_t, g_t, eps_t)
+        _check_device(K.x, K_t.x)
+        wide = [t.double() for t in (K.x, K.y, f, g, K_t.x, K_t.y, f_t, g_t)]
+        student = _log_plan(*wide[:4], eps)
+        teacher = _log_plan(*wide[4:], eps_t)
+        rows = (teacher.exp() * (teacher - student)).sum(dim=1)
+        return rows.sum().to(K.dtype)
+
+    def klot_grad_features(self, K, f, g, eps, K_t, f_t, g_t, eps_t):
+        if K.x is None:
+            raise ValueError("klot_grad_features needs the student affinity as features (x, y)")
+        if K_t.is_dense:
+            return self._dense.klot_grad_features(K, f, g, eps, K_t, f_t, g_t, eps_t)
+        _check_device(K.x, K_t.x)
+
+        def pull(x, y, f, g, x_t, y_t, f_t, g_t):
+            """Σ_j G_ij y_j with G_ij = (exp(S_ij) − exp(T_ij))/ε, i indexing x."""
+            G = (_log_plan(x, y, f, g, eps).exp() - _log_plan(x_t, y_t, f_t, g_t, eps_t).exp())
+            return (G * (1.0 / eps) * _j(y)).sum(dim=1)
+
+        grad_x = pull(K.x, K.y, f, g, K_t.x, K_t.y, f_t, g_t)
+        grad_y = pull(K.y, K.x, g, f, K_t.y, K_t.x, g_t, f_t)
+        return grad_x, grad_y
+
+    def klot_grad_dense(self, K, f, g, eps, K_t, f_t, g_t, eps_t):
+        return self._dense.klot_grad_dense(K, f, g, eps, K_t, f_t, g_t, eps_t)
+
+    def plan_matmul(self, K, f, g, eps, V):
+        if K.is_dense:
+            return self._dense.plan_matmul(K, f, g, eps, V)
+        check_plan_factor("V", V, K.shape[1], K)
+        _check_device(K.x)
+        return _plan_apply(K.x, K.y, f, g, eps, V)
+
+    def plan_t_matmul(self, K, f, g, eps, U):
+        if K.is_dense:
+            return self._dense.plan_t_matmul(K, f, g, eps, U)
+        check_plan_factor("U", U, K.shape[0], K)
+        _check_device(K.x)
+        return _plan_apply(K.y, K.x, g, f, eps, U)
+
+    def plan_inner(self, K, f, g, eps, K2):
+        check_plan_affinity(K, K2)
+        if K.is_dense or K2.is_dense:
+            return self._dense.plan_inner(K, f, g, eps, K2)
+        _check_device(K.x)
+        terms = _log_plan(K.x, K.y, f, g, eps).exp() * (_i(K2.x) | _j(K2.y))
+        return terms.sum(dim=1).double().sum().to(K.dtype)

@@ -1,0 +1,227 @@
+r"""Training recipes: SOTAlign, its baselines and the Table 1 teacher × divergence grid.
+
+Every recipe trains linear heads f (images) and g (texts) with the SigLIP loss on a batch of
+pairs (A, B) (learned scale init 20, bias −10, as SAIL and the paper) and adds its own use of
+the unpaired image batch X and text batch Y, drawn independently of each other:
+
+    sail          SigLIP(f(A), g(B))                                   pairs only
+    sail-semi     SigLIP with f(X), g(Y) as extra negatives             (paper §6.3)
+    structure     SigLIP + λ Σ_modality STRUCTURE(raw, embedded)        on pairs + unpaired rows
+    nnclr         SigLIP + w·SigLIP(f(X), g(B_nn(X))) + w·SigLIP(f(A_nn(Y)), g(Y))
+                  B_nn(x): caption of x's nearest paired image; A_nn(y): image of y's nearest
+                  paired caption (found once, in the frozen unimodal spaces)
+    s-clip        SigLIP + w·[S-CLIP(f(X) → g(B)) + S-CLIP(g(Y) → f(A))] OT pseudo-labels
+    T+D           SigLIP + α·D(K[f(X), g(Y)] ‖ K[X W_xᵀ, Y W_yᵀ]), teacher T fitted on the pairs
+                  (stage 1), D ∈ {cka, infonce, klot}; T+none is the teacher alone (no heads)
+    sotalign      = cca+klot (paper Algorithm 1)
+
+All terms of a recipe come from one function, :func:`loss_terms`, as a dict of named raw
+values; the trainer minimises Σ weight·term with the weights of `Recipe.weights(alpha)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .losses import DIVERGENCES, SigLIPLoss, divergence, s_clip_loss, structure_regularizer
+
+TEACHERS = ("procrustes", "cca", "contrastive")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's inputs (raw frozen-encoder features, on the training device).
+
+    `teacher_*` are the stage-1 teacher's features of the unpaired rows; `neighbour_*` the
+    NNCLR positives (paired captions of the unpaired images, paired images of the unpaired texts).
+    """
+
+    paired_images: Tensor
+    paired_texts: Tensor
+    unpaired_images: Tensor | None = None
+    unpaired_texts: Tensor | None = None
+    teacher_images: Tensor | None = None
+    teacher_texts: Tensor | None = None
+    neighbour_texts: Tensor | None = None
+    neighbour_images: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named training recipe. `needs` lists the batch parts beyond the pairs it uses."""
+
+    name: str
+
+    # Class-level defaults (not options): the stage-1 teacher to fit on the pairs, if any;
+    # whether heads are trained (False: the model is the teacher itself); the batch parts
+    # used besides the pairs, a subset of {"unpaired", "teacher", "neighbours"}.
+    teacher = None
+    trains_heads = True
+    needs = frozenset()
+
+    def loss_modules(self) -> nn.ModuleDict:
+        """Loss modules with learned parameters (trained with the heads)."""
+        return nn.ModuleDict({"siglip": SigLIPLoss(init_scale=20.0, init_bias=-10.0)})
+
+    def weights(self, alpha: float) -> dict[str, float]:
+        """Weight of each loss term in the total (α weights the Table 1 divergences)."""
+        return {"siglip": 1.0}
+
+
+@dataclass(frozen=True)
+class Sail(Recipe):
+    """SAIL: SigLIP on the pairs; `semi=True` adds the unpaired rows as extra negatives."""
+
+    semi: bool = False
+
+    @property
+    def needs(self):
+        return frozenset({"unpaired"}) if self.semi else frozenset()
+
+
+@dataclass(frozen=True)
+class Structure(Recipe):
+    """SigLIP + λ·STRUCTURE per modality (Gröger et al. 2025; levels 1, τ = 0.07).
+
+    `semi=True` computes the regulariser on the paired and unpaired rows of the batch.
+    """
+
+    weight: float = 1.0
+    temperature: float = 0.07
+    levels: int = 1
+    semi: bool = True
+
+    @property
+    def needs(self):
+        return frozenset({"unpaired"}) if self.semi else frozenset()
+
+    def weights(self, alpha):
+        return {"siglip": 1.0, "structure": self.weight}
+
+
+@dataclass(frozen=True)
+class NNCLR(Recipe):
+    """SigLIP + w·SigLIP on nearest-neighbour pseudo-pairs (DeCLIP-style NNCLR, one of top-k)."""
+
+    weight: float = 1.0
+    k: int = 1
+    needs = frozenset({"unpaired", "neighbours"})
+
+    def weights(self, alpha):
+        return {"siglip": 1.0, "nn_images": self.weight, "nn_texts": self.weight}
+
+
+@dataclass(frozen=True)
+class SClip(Recipe):
+    """SigLIP + w·S-CLIP: unpaired images (texts) get OT soft labels over the paired captions
+    (images), from the plan between them and the paired images (captions) in the joint space."""
+
+    weight: float = 1.0
+    eps: float = 0.05
+    temperature: float = 0.07
+    needs = frozenset({"unpaired"})
+
+    def weights(self, alpha):
+        return {"siglip": 1.0, "s_clip": self.weight}
+
+
+@dataclass(frozen=True)
+class TeacherDivergence(Recipe):
+    """Table 1: stage-1 teacher T, then SigLIP + α·D(student ‖ teacher) on unpaired batches."""
+
+    teacher: str = "cca"
+    divergence: str = "klot"
+
+    def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {self.teacher!r}; expected one of {', '.join(TEACHERS)}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; expected one of {', '.join(DIVERGENCES)}")
+
+    @property
+    def trains_heads(self):
+        return self.divergence != "none"
+
+    @property
+    def needs(self):
+        return frozenset() if self.divergence == "none" else frozenset({"unpaired", "teacher"})
+
+    def weights(self, alpha):
+        return {"siglip": 1.0, self.divergence: alpha}
+
+
+def _registry() -> dict[str, Recipe]:
+    methods: dict[str, Recipe] = {
+        "sotalign": TeacherDivergence("sotalign", teacher="cca", divergence="klot"),
+        "sail": Sail("sail"),
+        "sail-semi": Sail("sail-semi", semi=True),
+        "structure": Structure("structure"),
+        "nnclr": NNCLR("nnclr"),
+        "s-clip": SClip("s-clip"),
+    }
+    for teacher in TEACHERS:
+        for name in DIVERGENCES:
+            methods[f"{teacher}+{name}"] = TeacherDivergence(f"{teacher}+{name}", teacher=teacher, divergence=name)
+    return methods
+
+
+METHODS: dict[str, Recipe] = _registry()
+
+
+def get_method(name: str, **options) -> Recipe:
+    """The recipe called `name`, with its defaults replaced by `options` (its dataclass fields)."""
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    recipe = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(recipe)} - {"name"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"method {name!r} has no option(s) {', '.join(unknown)}"
+                        f" (options: {', '.join(sorted(fields)) or 'none'})")
+    return dataclasses.replace(recipe, **options)
+
+
+def loss_terms(recipe: Recipe, batch: Batch, heads, losses: nn.ModuleDict, *, eps: float = 0.05,
+               eps_teacher: float = 0.01, n_iters: int = 100, backend: str = "auto") -> dict[str, Tensor]:
+    """The raw loss terms of one step of `recipe` (keys as in `recipe.weights`).
+
+    `heads` is an :class:`AlignmentHeads`; `losses` the recipe's :meth:`Recipe.loss_modules`.
+    `eps`, `eps_teacher`, `n_iters` and `backend` configure the teacher divergence.
+    """
+    siglip = losses["siglip"]
+    img, txt = heads.embed_images(batch.paired_images), heads.embed_texts(batch.paired_texts)
+    unpaired = "unpaired" in recipe.needs
+    u_img = heads.embed_images(batch.unpaired_images) if unpaired else None
+    u_txt = heads.embed_texts(batch.unpaired_texts) if unpaired else None
+
+    if isinstance(recipe, Sail):
+        return {"siglip": siglip(img, txt, extra_texts=u_txt, extra_images=u_img)}
+    terms = {"siglip": siglip(img, txt)}
+    if isinstance(recipe, TeacherDivergence):
+        if recipe.divergence == "none":
+            raise ValueError(f"method {recipe.name!r} is the stage-1 teacher alone: it trains no heads")
+        options = {"cka": {},
+                   "infonce": dict(eps_teacher=eps_teacher, temperature=eps),
+                   "klot": dict(eps=eps, eps_teacher=eps_teacher, n_iters=n_iters, backend=backend)}
+        terms[recipe.divergence] = divergence(recipe.divergence, u_img, u_txt, batch.teacher_images,
+                                              batch.teacher_texts, **options[recipe.divergence])
+    elif isinstance(recipe, Structure):
+        raw_images, raw_texts, emb_images, emb_texts = batch.paired_images, batch.paired_texts, img, txt
+        if recipe.semi:
+            raw_images = torch.cat([raw_images, batch.unpaired_images])
+            raw_texts = torch.cat([raw_texts, batch.unpaired_texts])
+            emb_images, emb_texts = torch.cat([img, u_img]), torch.cat([txt, u_txt])
+        options = dict(levels=recipe.levels, temperature=recipe.temperature)
+        terms["structure"] = (structure_regularizer(raw_images, emb_images, **options)
+                              + structure_regularizer(raw_texts, emb_texts, **options))
+    elif isinstance(recipe, NNCLR):
+        terms["nn_images"] = siglip(u_img, heads.embed_texts(batch.neighbour_texts))
+        terms["nn_texts"] = siglip(heads.embed_images(batch.neighbour_images), u_txt)
+    elif isinstance(recipe, SClip):
+        options = dict(eps=recipe.eps, scale=1.0 / recipe.temperature, n_iters=n_iters, backend=backend)
+        terms["s_clip"] = (s_clip_loss(u_img, img, txt, **options) + s_clip_loss(u_txt, txt, img, **options))
+    return terms

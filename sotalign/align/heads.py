@@ -7,20 +7,13 @@ Embeddings are the L2-normalised outputs, so K = cos(f(X), g(Y)) = f̂(X) ĝ(Y)�
 
 from __future__ import annotations
 
-import numbers
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ot.validation import check_count
+
 HEAD_KINDS = ("linear", "mlp")
-
-
-def _dim(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def make_head(in_dim: int, out_dim: int = 1024, kind: str = "linear",
@@ -28,14 +21,14 @@ def make_head(in_dim: int, out_dim: int = 1024, kind: str = "linear",
     """One head: ``"linear"`` = nn.Linear(in_dim, out_dim) (the paper's default), or
     ``"mlp"`` = Linear(in_dim, h) → GELU → Linear(h, out_dim), h = ``hidden_dim`` or
     max(in_dim, out_dim)."""
-    in_dim, out_dim = _dim("in_dim", in_dim), _dim("out_dim", out_dim)
+    in_dim, out_dim = check_count("in_dim", in_dim), check_count("out_dim", out_dim)
     if kind not in HEAD_KINDS:
         raise ValueError(f"unknown head kind {kind!r}; expected one of {HEAD_KINDS}")
     if kind == "linear":
         if hidden_dim is not None:
             raise ValueError("hidden_dim only applies to kind='mlp'")
         return nn.Linear(in_dim, out_dim)
-    hidden = max(in_dim, out_dim) if hidden_dim is None else _dim("hidden_dim", hidden_dim)
+    hidden = max(in_dim, out_dim) if hidden_dim is None else check_count("hidden_dim", hidden_dim)
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 

@@ -27,7 +27,6 @@ import abc
 import hashlib
 import json
 import math
-import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -40,6 +39,8 @@ import torch.nn.functional as F
 from lion_pytorch import Lion
 from safetensors import SafetensorError
 from torch import Tensor
+
+from ..ot.validation import check_count, check_positive, check_real
 
 from .losses import InfoNCELoss, SigLIPLoss
 
@@ -86,11 +87,7 @@ def _as_pair(images, texts, dtype: torch.dtype | None = torch.float64) -> tuple[
 def _optional_dim(name: str, value) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer or None, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+    return check_count(name, value)
 
 
 class CovarianceAccumulator:
@@ -411,9 +408,7 @@ class CCATeacher(_StreamedTeacher):
     def __init__(self, out_dim: int | None = None, reg: float = 0.1,
                  normalize_inputs: bool = False):
         super().__init__(out_dim)
-        if isinstance(reg, bool) or not isinstance(reg, numbers.Real):
-            raise TypeError(f"reg must be a real number, got {type(reg).__name__}")
-        if not math.isfinite(reg) or reg < 0:
+        if check_real("reg", reg) < 0:
             raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
         self.reg = float(reg)
         self.normalize_inputs = bool(normalize_inputs)
@@ -511,14 +506,10 @@ class ContrastiveTeacher(Teacher):
             raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {self.OPTIMIZERS}")
         self.steps = _optional_dim("steps", steps)
         self.batch_size = _optional_dim("batch_size", batch_size)
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 \
-                or not math.isfinite(lr):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) \
-                or not weight_decay >= 0 or not math.isfinite(weight_decay):
+        lr = check_positive("lr", lr)
+        if check_real("weight_decay", weight_decay) < 0:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        seed = check_count("seed", seed, 0)
         self.loss, self.optimizer = loss, optimizer
         self.lr, self.weight_decay, self.seed = float(lr), float(weight_decay), int(seed)
         self.loss_history: list[float] = []

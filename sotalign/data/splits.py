@@ -8,10 +8,11 @@ image's own caption is generally not among the unpaired texts.
 from __future__ import annotations
 
 import hashlib
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..ot.validation import check_count
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,6 @@ class Split:
     unpaired_images: np.ndarray
     unpaired_texts: np.ndarray
     val: np.ndarray
-
-
-def _count(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def make_split(n_total: int, n_pairs: int, n_val: int, *, n_unpaired: int | None = None,
@@ -51,10 +44,10 @@ def make_split(n_total: int, n_pairs: int, n_val: int, *, n_unpaired: int | None
        and texts from the other, so no unpaired image has its caption among the unpaired texts
        (None then means the whole half).
     """
-    n_total = _count("n_total", n_total, 1)
-    n_pairs = _count("n_pairs", n_pairs)
-    n_val = _count("n_val", n_val)
-    seed = _count("seed", seed)
+    n_total = check_count("n_total", n_total)
+    n_pairs = check_count("n_pairs", n_pairs, 0)
+    n_val = check_count("n_val", n_val, 0)
+    seed = check_count("seed", seed, 0)
     if n_val + n_pairs > n_total:
         raise ValueError(f"n_val + n_pairs = {n_val} + {n_pairs} exceeds n_total = {n_total}")
     rng = np.random.default_rng([seed, 0])
@@ -70,7 +63,7 @@ def make_split(n_total: int, n_pairs: int, n_val: int, *, n_unpaired: int | None
     available = len(image_pool)
     if n_unpaired is None:
         n_unpaired = available
-    n_unpaired = _count("n_unpaired", n_unpaired)
+    n_unpaired = check_count("n_unpaired", n_unpaired, 0)
     if n_unpaired > available:
         raise ValueError(f"n_unpaired = {n_unpaired} but only {available} rows are available per modality "
                          f"(n_total {n_total} − n_val {n_val}"
@@ -114,8 +107,8 @@ class BatchSampler:
             raise ValueError(f"indices must be a 1-D integer array, got shape {self.indices.shape} "
                              f"and dtype {self.indices.dtype}")
         self.indices = self.indices.astype(np.int64, copy=False)
-        self.batch_size = _count("batch_size", batch_size, 1)
-        self.seed = _count("seed", seed)
+        self.batch_size = check_count("batch_size", batch_size)
+        self.seed = check_count("seed", seed, 0)
         if not isinstance(stream, str):
             raise TypeError(f"stream must be a str, got {type(stream).__name__}")
         self.stream = stream
@@ -127,7 +120,7 @@ class BatchSampler:
         self._cached: tuple[int, np.ndarray] | None = None
 
     def epoch(self, step: int) -> int:
-        return _count("step", step) // self.batches_per_epoch
+        return check_count("step", step, 0) // self.batches_per_epoch
 
     def permutation(self, epoch: int) -> np.ndarray:
         """π_e: the order of epoch e (kept for the latest epoch only: a cache, not state)."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data.stores import EmbeddingStore
+from ..ot.validation import check_count
 from .retrieval import as_matrix, normalise
 
 
@@ -26,12 +27,6 @@ def _unit_rows(name: str, x):
     return unit.cpu().numpy() if unit.device.type == "cpu" else unit
 
 
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def ssw_distance(x, y, *, n_projections: int = 256, seed: int = 0) -> float:
     """SSW₂ between the L2-normalised rows of x (n × d) and y (m × d), with seeded projections.
 
@@ -39,7 +34,7 @@ def ssw_distance(x, y, *, n_projections: int = 256, seed: int = 0) -> float:
     on 2 CPU cores 5,000 rows a side with 256 projections take tens of seconds, so subsample
     large pools (`selection_distance` does) or pass CUDA tensors.
     """
-    n_projections = _check_count("n_projections", n_projections)
+    n_projections = check_count("n_projections", n_projections)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     xs, ys = _unit_rows("x", x), _unit_rows("y", y)
@@ -81,7 +76,7 @@ def selection_distance(paired_images, paired_texts, unpaired_images, unpaired_te
     set (array, tensor or EmbeddingStore) is subsampled to at most `max_rows` rows with a
     generator seeded by (seed, set), so the result is deterministic.
     """
-    max_rows = _check_count("max_rows", max_rows)
+    max_rows = check_count("max_rows", max_rows)
     sets = [_subsample(name, x, max_rows, seed, i) for i, (name, x) in enumerate(
         (("paired_images", paired_images), ("paired_texts", paired_texts),
          ("unpaired_images", unpaired_images), ("unpaired_texts", unpaired_texts)))]

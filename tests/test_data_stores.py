@@ -92,6 +92,14 @@ def test_bad_files_name_the_file(tmp_path, suffix):
         open_store(ints)
 
 
+def test_a_text_file_named_npy_is_not_taken_for_a_pickle(tmp_path):
+    text = tmp_path / "notes.npy"
+    text.write_text("garbage")
+    with pytest.raises(ValueError, match=r"notes\.npy: not a \.npy file") as error:
+        open_store(text)
+    assert "pickle" not in str(error.value)
+
+
 def _write_raw(path, array):
     """Write any array (save_store rightly refuses non-embeddings) in the format of its suffix."""
     if path.suffix == ".npy":

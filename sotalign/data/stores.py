@@ -101,11 +101,18 @@ class EmbeddingStore(ABC):
             raise ValueError(f"{self.path}: row {row} contains NaN or Inf")
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 class NpyStore(EmbeddingStore):
     """A memory-mapped `.npy` file (nothing is read until rows are asked for)."""
 
     def __init__(self, path: PathLike):
         self.path = os.fspath(path)
+        with open(self.path, "rb") as file:
+            # np.load reads anything else as a pickle and then suggests allow_pickle
+            if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
+                raise ValueError(f"{self.path}: not a .npy file (it does not start with the .npy magic bytes)")
         try:
             array = np.load(self.path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:

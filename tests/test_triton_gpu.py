@@ -119,6 +119,39 @@ def test_precision_flags_are_finite_and_bounded(precision):
     assert bool(torch.isfinite(loss))
 
 
+def test_half_steps_do_not_synchronise():
+    """ε-scaling passes a new ε every iteration: making its kernel constants must not
+    synchronise the host (torch.tensor(..., device="cuda") would)."""
+    x, y = clustered(512, 384, 64, seed=6)
+    K = Affinity.from_features(x.float(), y.float())
+    backend = TritonBackend()
+    f, g = torch.zeros(512, device=CUDA), torch.zeros(384, device=CUDA)
+    backend.lse_rows(K, g, 1.0)  # autotuning (it benchmarks, so it synchronises) happens here
+    backend.lse_cols(K, f, 1.0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for eps in (0.5, 0.25, 0.125):
+            f = -eps * backend.lse_rows(K, g, eps)
+            g = -eps * backend.lse_cols(K, f, eps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(torch.isfinite(g).all())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_device_that_is_not_current():
+    """Triton launches on the current device; the backend must switch to the tensors'."""
+    other = torch.device("cuda", 1)
+    x, y = clustered(300, 200, 64, seed=7)
+    g = torch.zeros(200, device=CUDA, dtype=torch.float64)
+    expected = REFERENCE.lse_rows(Affinity.from_features(x, y), g, 0.05)
+    with torch.cuda.device(0):
+        out = TritonBackend().lse_rows(Affinity.from_features(x.float().to(other), y.float().to(other)),
+                                       g.float().to(other), 0.05)
+    assert out.device == other
+    assert relative_error(out.to(CUDA), expected) < 2e-3
+
+
 def test_cuda_graph_replay_matches_eager():
     """The kernels allocate their outputs and constants per call; a captured Sinkhorn loop
     (warmed up, so autotuning and the constant cache happen outside the capture) must give

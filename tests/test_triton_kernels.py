@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +293,52 @@ def test_module_flags():
     assert math.isclose(float(TritonBackend().lse_rows(
         Affinity.from_dense(torch.zeros(3, 5, dtype=torch.float64, device=DEVICE)),
         torch.zeros(5, dtype=torch.float64, device=DEVICE), 0.5)[0]), math.log(5), rel_tol=1e-14)
+
+
+# ---------------------------------------------------------------------- compiled for a GPU
+
+COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sotalign.kernels.triton import lse, plan, tiles
+
+def compile_kernel(kernel, config, dtype, flags):
+    fn = kernel.fn
+    constexprs = dict(config.kwargs, **flags)
+    signature = {name: "constexpr" if name in constexprs else f"*{dtype}" if name.endswith("_ptr")
+                 else "i32" for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    assert compiled.asm["cubin"]
+
+for dtype, precision, cast in [("fp32", "tf32", False), ("fp32", "tf32", True),
+                               ("fp32", "ieee", False), ("fp64", "ieee", False)]:
+    dot = dict(DOT_PRECISION=precision, CAST_FP16=cast)
+    for dense in ((False, True) if (dtype, precision) == ("fp32", "ieee") else (False,)):
+        tile, product = tiles.tile_configs()[0], tiles.product_configs()[0]
+        compile_kernel(lse.lse_kernel, tile, dtype, dict(DENSE=dense, **dot))
+        compile_kernel(plan.plan_sum_kernel, tile, dtype, dict(DENSE=dense, DENSE_B=not dense, **dot))
+        compile_kernel(plan.plan_difference_kernel, tile, dtype, dict(DENSE=dense, DENSE_T=dense, **dot))
+        compile_kernel(plan.plan_product_kernel, product, dtype, dict(
+            DENSE=dense, DENSE_T=not dense, HAS_TEACHER=True, PRODUCT_PRECISION="ieee", **dot))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    """The interpreter skips the real compiler's checks (tl.dot dtypes and precisions, fp64
+    math, layouts, shared memory): compile each kernel (first autotune config) for sm_90
+    down to a cubin, which needs no GPU, in a process where TRITON_INTERPRET is unset."""
+    nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
+    try:
+        nvidia.get_ptxas(90)
+    except RuntimeError:
+        pytest.skip("this triton has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

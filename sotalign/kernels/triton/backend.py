@@ -42,6 +42,7 @@ at ε = 0.05 / 0.01 were: plan 1.1e-6 / 7.6e-6 (fp32), 1.9e-4 / 6.4e-4 (fp16),
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -96,11 +97,33 @@ def bucket(size: int) -> int:
     return triton.next_power_of_2(max(int(size), 1))
 
 
-@functools.lru_cache(maxsize=256)
+def filled(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a tensor, written by fills on the device: ``torch.tensor(values,
+    device="cuda")`` copies from pageable host memory and synchronises the host."""
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, value in enumerate(values):
+        out[i].fill_(value)
+    return out
+
+
+cached_constants = functools.lru_cache(maxsize=256)(filled)
+
+
 def constants(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Scalars for a kernel, in the input dtype (a Python float argument would be fp32);
-    cached, since a Sinkhorn loop passes the same ε hundreds of times."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    cached, since a Sinkhorn loop passes the same ε hundreds of times, and made without a
+    host sync, since ε-scaling passes a new ε every iteration."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A fill captured into a CUDA graph runs only at replay: cached, its tensor would
+        # hold garbage for later eager calls. The graph gets its own.
+        return filled(values, dtype, device)
+    return cached_constants(values, dtype, device)
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device, not on its arguments' (``JITFunction.run``
+    takes ``driver.active.get_current_device()``): make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=16)
@@ -193,9 +216,10 @@ class TritonBackend(Backend):
         splits = self._split_count(op.rows, op.cols, K.device)
         out = torch.empty(splits, op.rows, dtype=K.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(op.rows, meta["BLOCK_M"]), splits)  # noqa: E731
-        lse_kernel[grid](*op.args, bias * scale, constants((scale, LN2), K.dtype, K.device), out,
-                         op.rows, op.cols, bucket(op.rows), bucket(op.cols), bucket(op.d),
-                         DENSE=op.dense, **self._dot_flags(K.dtype))
+        with on_device(K.device):
+            lse_kernel[grid](*op.args, bias * scale, constants((scale, LN2), K.dtype, K.device), out,
+                             op.rows, op.cols, bucket(op.rows), bucket(op.cols), bucket(op.d),
+                             DENSE=op.dense, **self._dot_flags(K.dtype))
         return out[0] if splits == 1 else torch.logsumexp(out, dim=0)
 
     def lse_rows(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
@@ -224,12 +248,13 @@ class TritonBackend(Backend):
         out = torch.empty(splits, op.rows, n_out, dtype=dtype, device=device)
         grid = lambda meta: (triton.cdiv(op.rows, meta["BLOCK_M"]), splits,  # noqa: E731
                              triton.cdiv(n_out, meta["BLOCK_K"]))
-        plan_product_kernel[grid](
-            *op.args, a, b, *op_t.args, a_t, b_t, V, V.stride(0), out,
-            constants(consts, dtype, device), op.rows, op.cols, n_out,
-            bucket(op.rows), bucket(op.cols), bucket(max(op.d, op_t.d)), bucket(n_out),
-            DENSE=op.dense, DENSE_T=op_t.dense, HAS_TEACHER=teacher is not None,
-            PRODUCT_PRECISION="ieee", **self._dot_flags(dtype))
+        with on_device(device):
+            plan_product_kernel[grid](
+                *op.args, a, b, *op_t.args, a_t, b_t, V, V.stride(0), out,
+                constants(consts, dtype, device), op.rows, op.cols, n_out,
+                bucket(op.rows), bucket(op.cols), bucket(max(op.d, op_t.d)), bucket(n_out),
+                DENSE=op.dense, DENSE_T=op_t.dense, HAS_TEACHER=teacher is not None,
+                PRODUCT_PRECISION="ieee", **self._dot_flags(dtype))
         return out[0] if splits == 1 else out.sum(dim=0)
 
     def plan_matmul(self, K: Affinity, f: Tensor, g: Tensor, eps: float, V: Tensor) -> Tensor:
@@ -256,11 +281,12 @@ class TritonBackend(Backend):
         # One partial per row and split: its shape does not depend on the tuned BLOCK_M.
         partials = torch.empty(splits, op.rows, dtype=A.dtype, device=A.device)
         grid = lambda meta: (triton.cdiv(op.rows, meta["BLOCK_M"]), splits)  # noqa: E731
-        plan_sum_kernel[grid](*op.args, a, b, *op_b.args, r, c,
-                              constants((scale, u, w), A.dtype, A.device), partials,
-                              op.rows, op.cols, bucket(op.rows), bucket(op.cols),
-                              bucket(max(op.d, op_b.d)), DENSE=op.dense, DENSE_B=op_b.dense,
-                              **self._dot_flags(A.dtype))
+        with on_device(A.device):
+            plan_sum_kernel[grid](*op.args, a, b, *op_b.args, r, c,
+                                  constants((scale, u, w), A.dtype, A.device), partials,
+                                  op.rows, op.cols, bucket(op.rows), bucket(op.cols),
+                                  bucket(max(op.d, op_b.d)), DENSE=op.dense, DENSE_B=op_b.dense,
+                                  **self._dot_flags(A.dtype))
         return partials.sum(dtype=torch.float64)
 
     def plan_inner(self, K: Affinity, f: Tensor, g: Tensor, eps: float, K2: Affinity) -> Tensor:
@@ -315,9 +341,10 @@ class TritonBackend(Backend):
         op, op_t = operand(K), operand(K_t)
         G = torch.empty(n, m, dtype=K.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]))  # noqa: E731
-        plan_difference_kernel[grid](
-            *op.args, f * scale, g * scale, *op_t.args, f_t * scale_t, g_t * scale_t,
-            constants((scale, scale_t, 1.0 / eps), K.dtype, K.device), G, n, m,
-            bucket(n), bucket(m), bucket(max(op.d, op_t.d)),
-            DENSE=op.dense, DENSE_T=op_t.dense, **self._dot_flags(K.dtype))
+        with on_device(K.device):
+            plan_difference_kernel[grid](
+                *op.args, f * scale, g * scale, *op_t.args, f_t * scale_t, g_t * scale_t,
+                constants((scale, scale_t, 1.0 / eps), K.dtype, K.device), G, n, m,
+                bucket(n), bucket(m), bucket(max(op.d, op_t.d)),
+                DENSE=op.dense, DENSE_T=op_t.dense, **self._dot_flags(K.dtype))
         return G

@@ -110,7 +110,9 @@ def plan_sum_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride
     w = tl.load(consts_ptr + 2)
     r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=a_ptr.dtype.element_ty)
+    # Per-row sums: a (BLOCK_M × BLOCK_N) accumulator beside the P, A and B tiles about
+    # doubles the registers that spill on sm_90 (ptxas -v on the compiled kernels).
+    acc = tl.zeros((BLOCK_M,), dtype=a_ptr.dtype.element_ty)
     for col in range(col_start, col_stop, BLOCK_N):
         cols = col + tl.arange(0, BLOCK_N)
         col_mask = cols < col_stop
@@ -122,9 +124,9 @@ def plan_sum_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride
                           DENSE_B, DOT_PRECISION, CAST_FP16, BLOCK_M, BLOCK_N, BLOCK_D)
         c = tl.load(c_ptr + cols, mask=col_mask, other=0.0)
         term = P * ((u * A + w * B) + (r[:, None] + c[None, :]))
-        acc += tl.where(row_mask[:, None] & col_mask[None, :], term, 0.0)
+        acc += tl.sum(tl.where(row_mask[:, None] & col_mask[None, :], term, 0.0), axis=1)
 
-    tl.store(out_ptr + tl.program_id(1) * n_rows + rows, tl.sum(acc, axis=1), mask=row_mask)
+    tl.store(out_ptr + tl.program_id(1) * n_rows + rows, acc, mask=row_mask)
 
 
 @triton.autotune(configs=tile_configs(), key=TILE_KEY + ["DENSE_T"])

@@ -29,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import roofline
-from report import local_machine, machine_slug
+from report import curves, local_machine, machine_slug, plot_lines, pyplot, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SUITES = ("gpu-sinkhorn", "gpu-klot", "gpu-scale")
@@ -322,10 +322,7 @@ def iterations_markdown(machine: dict, rows: list[dict], source: str) -> str:
 # --------------------------------------------------------------------------- plot
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     order = {"gpu-sinkhorn": 0, "gpu-klot": 1}
     panels = sorted({(r["suite"], r["d"], r.get("d_teacher", 0)) for r in rows if r["suite"] in order},
@@ -340,22 +337,14 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         def value(r):
             return r["per_iter_ms"] / 1e3 if sinkhorn else r["median_s"]
 
-        for provider in sorted({r["provider"] for r in panel}):
-            points = sorted((r["n"], value(r)) for r in panel if r["provider"] == provider)
-            ax.plot(*zip(*points), marker="o", label=provider,
-                    linestyle="--" if not provider.startswith("sotalign") else "-")
         best = sorted({(r["n"], r["best_bound_s"] / (r["n_iters"] if sinkhorn else 1)) for r in panel})
         ax.plot(*zip(*best), color="black", linestyle=":", label="best roofline bound")
-        ax.set(xscale="log", yscale="log", xlabel="n = m",
-               ylabel="seconds per iteration" if sinkhorn else "seconds per step",
-               title=f"{'Sinkhorn' if sinkhorn else 'KLOT step'} d={d}" + (f", d*={d_t}" if d_t else ""))
-        ax.set_xscale("log", base=2)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        plot_lines(ax, curves(panel, "provider", "n", value),
+                   lambda provider: not provider.startswith("sotalign"), xlabel="n = m",
+                   ylabel="seconds per iteration" if sinkhorn else "seconds per step",
+                   title=f"{'Sinkhorn' if sinkhorn else 'KLOT step'} d={d}" + (f", d*={d_t}" if d_t else ""),
+                   legend_size=6)
+    save_figure(plt, fig, title, path, title_size=9, dpi=110)
 
 
 # --------------------------------------------------------------------------- main

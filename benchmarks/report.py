@@ -162,39 +162,61 @@ def crossover_table(rows: list[dict]) -> tuple[list[str], int | None]:
 
 # --------------------------------------------------------------------------- plots
 
-def plot(suite: str, rows: list[dict], title: str, path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display here)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_lines(ax, curves: dict[str, list[tuple[float, float]]], dashed, *, xlabel: str,
+               ylabel: str, title: str = "", legend_size: int = 7) -> None:
+    """One marked line per label on log–log axes (x in powers of two); ``dashed(label)``
+    marks the peers."""
+    for label, points in sorted(curves.items()):
+        ax.plot(*zip(*sorted(points)), marker="o", label=label, linestyle="--" if dashed(label) else "-")
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set_xscale("log", base=2)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def save_figure(plt, fig, title: str, path: Path, *, title_size: int = 10, dpi: int = 120) -> None:
+    fig.suptitle(title, fontsize=title_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def curves(rows: list[dict], key: str, x: str, y) -> dict[str, list[tuple[float, float]]]:
+    """{row[key]: [(row[x], y(row)), ...]}: the points of each line."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        out.setdefault(r[key], []).append((r[x], y(r)))
+    return out
+
+
+def plot(suite: str, rows: list[dict], title: str, path: Path) -> None:
+    plt = pyplot()
+
     if suite == "crossover":
         fig, ax = plt.subplots(figsize=(6, 4))
-        for route in sorted({r["path"] for r in rows}):
-            points = sorted((r["d"], r["median"]) for r in rows if r["path"] == route)
-            ax.plot(*zip(*points), marker="o", label=f"cpu {route}")
-        ax.set(xscale="log", yscale="log", xlabel="feature dimension d", ylabel="median time (s)")
-        ax.set_xscale("log", base=2)
-        ax.legend()
-        ax.grid(True, which="both", alpha=0.3)
+        paths = curves(rows, "path", "d", lambda r: r["median"])
+        plot_lines(ax, {f"cpu {path}": points for path, points in paths.items()}, lambda label: False,
+                   xlabel="feature dimension d", ylabel="median time (s)", legend_size=10)
     else:
         panels = sorted({(r["d"], r.get("d_teacher", 0)) for r in rows})
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
         for ax, (d, d_teacher) in zip(axes[0], panels):
             panel = [r for r in rows if r["d"] == d and r.get("d_teacher", 0) == d_teacher]
-            for provider in sorted({r["provider"] for r in panel}):
-                points = sorted((r["n"], r["median"]) for r in panel if r["provider"] == provider)
-                ax.plot(*zip(*points), marker="o", label=provider,
-                        linestyle="--" if provider in BASELINES else "-")
-            ax.set(xscale="log", yscale="log", xlabel="n = m", ylabel="median time (s)",
-                   title=f"d={d}" + (f", teacher {d_teacher}" if d_teacher else ""))
-            ax.set_xscale("log", base=2)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            plot_lines(ax, curves(panel, "provider", "n", lambda r: r["median"]),
+                       lambda provider: provider in BASELINES, xlabel="n = m",
+                       ylabel="median time (s)",
+                       title=f"d={d}" + (f", teacher {d_teacher}" if d_teacher else ""))
+    save_figure(plt, fig, title, path)
 
 
 # --------------------------------------------------------------------------- main

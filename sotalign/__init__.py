@@ -6,6 +6,15 @@
     model = sotalign.load("runs/sotalign")            # a trained alignment (sotalign fit)
 """
 
+import os as _os
+import sys as _sys
+
+# The C++ backend shares torch's OpenMP runtime, which reads its wait policy once, when torch
+# loads. Its idle threads spin by default and then fight other processes for the cores
+# (measured in benchmarks/bench_contention.py), so ask for passive waiting unless the user chose.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .ot import (DEFAULT_MEMORY_BUDGET, KLOTLoss, SinkhornResult, available_backends, klot,
                  klot_dense, sinkhorn, sinkhorn_dense)
 from .align import AlignmentData, DataSpec, TrainConfig, compare, fit  # before .model, which it imports

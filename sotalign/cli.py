@@ -21,9 +21,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
+# rich_markup_mode=None: help text is plain text, so "[1000]" defaults and brackets survive.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Align frozen vision and text encoders from few pairs and unpaired pools (SOTAlign).")
 console = Console()
 errors = Console(stderr=True)
@@ -40,7 +44,7 @@ def _one_line_errors():
         yield
     except (ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError) as error:
         message = str(error).strip("'\"") or type(error).__name__
-        errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -168,25 +172,38 @@ def fit(
         if spec is None:
             raise ValueError("no data: give --images/--texts/--pairs or --paired-images/--paired-texts (or --config)")
         alignment = AlignmentData.from_spec(spec)
-        console.print(f"[bold]{config.method}[/] on {', '.join(f'{k} {v}' for k, v in alignment.sizes().items())}")
+        console.print(f"[bold]{escape(config.method)}[/] on "
+                      + escape(", ".join(f"{k} {v}" for k, v in alignment.sizes().items())))
         fit_run(config, alignment, run_dir, resume=resume, progress=not quiet)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         _print_metrics(f"{config.method} (best step {metrics['best_step']})",
                        {split: metrics[split] for split in ("val", "test") if metrics[split]})
-        console.print(f"wrote {run_dir}")
+        console.print(f"wrote {run_dir}", markup=False)
+
+
+def _show_table(title: str | None, header: list[str] | None, rows: list[list[str]]) -> None:
+    """Print a table as given: no markup is read from any cell, and no header or cell is cut
+    (the table may be wider than the terminal, e.g. 80 columns when output is piped)."""
+    table = Table(title=escape(title) if title else None, show_header=header is not None)
+    if header is None:  # a key-value listing: keys whole, long values wrap
+        table.add_column("", no_wrap=True)
+        table.add_column("")
+    else:
+        for i, name in enumerate(header):
+            table.add_column(escape(name), justify="right" if i else "left", no_wrap=True,
+                             min_width=max(len(cell) for cell in [name, *(row[i] for row in rows)]))
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    width = Measurement.get(console, console.options, table).maximum if header else console.width
+    console.print(table, width=max(console.width, width), crop=False)
 
 
 def _print_metrics(title: str, tables: dict[str, dict]) -> None:
     if not tables:
         return
     columns = list(next(iter(tables.values())))
-    table = Table(title=title)
-    table.add_column("split")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for split, metrics in tables.items():
-        table.add_row(split, *(f"{metrics[c]:.2f}" for c in columns))
-    console.print(table)
+    _show_table(title, ["split", *columns],
+                [[split, *(f"{metrics[c]:.2f}" for c in columns)] for split, metrics in tables.items()])
 
 
 @app.command("eval")
@@ -295,24 +312,27 @@ def compare(
         config, spec = _configs(base, source, train, data)
         if spec is None:
             raise ValueError("no data: give --images/--texts/--pairs (or --config with a [data] table)")
-        method_list = _csv(methods)
+        method_list, seed_list = _csv(methods), _csv(seeds, int)
+        for flag, values in (("--methods", method_list), ("--seeds", seed_list)):
+            if not values:
+                raise ValueError(f"{flag} is empty; give a comma-separated list")
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"{flag} lists {', '.join(repeated)} more than once")
         from .align import get_method
         for name in method_list:
             get_method(name)
-        result = compare_runs(config, spec, method_list, _csv(seeds, int), out_dir, progress=not quiet)
+        result = compare_runs(config, spec, method_list, seed_list, out_dir, progress=not quiet)
         print_comparison(result)
-        console.print(f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.md'}")
+        console.print(f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.md'}", markup=False)
 
 
 def print_comparison(result: dict) -> None:
     split = result["runs"][0]["split"] if result["runs"] else "val"
-    table = Table(title=f"held-out ({split}) mean R@1 over seeds {result['seeds']}")
-    table.add_column("method")
-    table.add_column("mean R@1 (%)", justify="right")
-    table.add_column("± std", justify="right")
-    for method, summary in result["summary"].items():
-        table.add_row(method, f"{summary['mean_R@1']:.2f}", f"{summary['std']:.2f}")
-    console.print(table)
+    _show_table(f"held-out ({split}) mean R@1 over seeds {result['seeds']}",
+                ["method", "mean R@1 (%)", "± std"],
+                [[method, f"{summary['mean_R@1']:.2f}", f"{summary['std']:.2f}"]
+                 for method, summary in result["summary"].items()])
 
 
 @app.command()
@@ -336,11 +356,8 @@ def distance(
             if stores[a].dim != stores[b].dim:
                 raise ValueError(f"{stores[b].path} has dimension {stores[b].dim}, {stores[a].path} has {stores[a].dim}")
         result = selection_distance(*stores, n_projections=n_projections, seed=seed, max_rows=max_rows)
-        table = Table(title="SSW₂ distance to the paired data (smaller = closer)")
-        for column in result:
-            table.add_column(column, justify="right")
-        table.add_row(*(f"{v:.4f}" for v in result.values()))
-        console.print(table)
+        _show_table("SSW₂ distance to the paired data (smaller = closer)", list(result),
+                    [[f"{v:.4f}" for v in result.values()]])
 
 
 @app.command()
@@ -353,18 +370,14 @@ def info():
     import sotalign
     from .align import METHODS
 
-    table = Table(show_header=False)
-    table.add_row("sotalign", sotalign.__version__)
-    table.add_row("python", platform.python_version())
-    table.add_row("torch", torch.__version__)
-    table.add_row("backends", ", ".join(sotalign.available_backends()))
     devices = [f"cpu ({torch.get_num_threads()} threads)"]
     devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
-    table.add_row("devices", ", ".join(devices))
-    table.add_row("methods", ", ".join(METHODS))
-    for package in ("h5py", "triton", "pykeops", "sentence_transformers", "ot", "lion_pytorch"):
-        table.add_row(package, "installed" if importlib.util.find_spec(package) else "not installed")
-    console.print(table)
+    rows = [["sotalign", sotalign.__version__], ["python", platform.python_version()],
+            ["torch", torch.__version__], ["backends", ", ".join(sotalign.available_backends())],
+            ["devices", ", ".join(devices)], ["methods", ", ".join(METHODS)]]
+    rows += [[package, "installed" if importlib.util.find_spec(package) else "not installed"]
+             for package in ("h5py", "triton", "pykeops", "sentence_transformers", "ot", "lion_pytorch")]
+    _show_table(None, None, rows)
 
 
 def main() -> None:

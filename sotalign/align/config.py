@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..ot import BACKEND_NAMES
+from .heads import HEAD_KINDS
 from .methods import get_method
+from .teachers import make_teacher
 
 
 class ConfigError(ValueError):
@@ -57,12 +61,16 @@ def _check_fields(instance) -> None:
 
 def _positive(owner: str, **values) -> None:
     for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{owner}.{name} must be a finite number (got {value})")
         if value is not None and value <= 0:
             raise ConfigError(f"{owner}.{name} must be > 0 (got {value})")
 
 
 def _non_negative(owner: str, **values) -> None:
     for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{owner}.{name} must be a finite number (got {value})")
         if value is not None and value < 0:
             raise ConfigError(f"{owner}.{name} must be >= 0 (got {value})")
 
@@ -113,10 +121,22 @@ class TrainConfig:
             raise ConfigError(f"{owner}.warmup_steps must be < steps ({self.warmup_steps} >= {self.steps})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{owner}.device must be 'auto', 'cpu' or 'cuda[:N]' (got {self.device!r})")
+        if self.backend != "auto" and self.backend not in BACKEND_NAMES:
+            raise ConfigError(f"{owner}.backend must be 'auto' or one of {', '.join(BACKEND_NAMES)} "
+                              f"(got {self.backend!r})")
+        if self.head_kind not in HEAD_KINDS:
+            raise ConfigError(f"{owner}.head_kind must be one of {', '.join(HEAD_KINDS)} (got {self.head_kind!r})")
         try:
-            get_method(self.method, **self.method_options)
+            recipe = get_method(self.method, **self.method_options)
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(str(error).strip("'\"")) from None
+        if recipe.teacher is not None:
+            try:  # an unfitted teacher: its options are checked, nothing is computed
+                make_teacher(recipe.teacher, **self.teacher_options)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"{owner}.teacher_options: {error}") from None
+        elif self.teacher_options:
+            raise ConfigError(f"{owner}.teacher_options: method {self.method!r} has no teacher")
 
     def recipe(self):
         """The training recipe named by `method`, with `method_options` applied."""
@@ -213,6 +233,8 @@ def load_config(path: str | Path) -> tuple[TrainConfig, DataSpec | None]:
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a table of options at the top level, got a {type(values).__name__}")
     return build_configs(values, str(path))
 
 

@@ -1,8 +1,9 @@
 """The front of sotalign: Sinkhorn and KLOT, input checks, and backend choice."""
 
+from ..kernels import BACKEND_NAMES
 from .dispatch import DEFAULT_MEMORY_BUDGET, available_backends
 from .klot import KLOTLoss, klot, klot_dense
 from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_dense
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "KLOTLoss", "SinkhornResult", "available_backends", "klot",
+__all__ = ["BACKEND_NAMES", "DEFAULT_MEMORY_BUDGET", "KLOTLoss", "SinkhornResult", "available_backends", "klot",
            "klot_dense", "sinkhorn", "sinkhorn_dense"]

@@ -68,8 +68,9 @@ class AlignedModel:
     method): the teacher's maps, normalised, x ↦ (x − μ_x)W_xᵀ / ‖·‖.
     """
 
-    def __init__(self, *, heads: AlignmentHeads | None = None, teacher: Teacher | None = None,
-                 method: str = ""):
+    def __init__(
+        self, *, heads: AlignmentHeads | None = None, teacher: Teacher | None = None, method: str = ""
+    ):
         if heads is None and teacher is None:
             raise ValueError("an AlignedModel needs heads, a teacher, or both")
         self.heads = heads
@@ -81,24 +82,36 @@ class AlignedModel:
         return next(self.heads.parameters()).device if self.heads is not None else torch.device("cpu")
 
     def _embed(self, features, embed, batch_size: int) -> Tensor:
-        x = torch.as_tensor(features if isinstance(features, Tensor) else np.asarray(features), dtype=torch.float32)
+        x = torch.as_tensor(
+            features if isinstance(features, Tensor) else np.asarray(features), dtype=torch.float32
+        )
         if x.dim() != 2 or x.shape[0] == 0:
-            raise ValueError(f"features must be a non-empty 2-D matrix (rows × dim), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"features must be a non-empty 2-D matrix (rows × dim), got shape {tuple(x.shape)}"
+            )
         with torch.no_grad():
-            return torch.cat([embed(x[start:start + batch_size].to(self.device)).cpu()
-                              for start in range(0, x.shape[0], batch_size)])
+            return torch.cat(
+                [
+                    embed(x[start : start + batch_size].to(self.device)).cpu()
+                    for start in range(0, x.shape[0], batch_size)
+                ]
+            )
 
     def embed_images(self, features, batch_size: int = 8192) -> Tensor:
         """Unit vectors in the aligned space (CPU float32) of frozen image features (n × d_x)."""
         if self.heads is not None:
             return self._embed(features, self.heads.embed_images, batch_size)
-        return self._embed(features, lambda x: F.normalize(self.teacher.transform_images(x), dim=1), batch_size)
+        return self._embed(
+            features, lambda x: F.normalize(self.teacher.transform_images(x), dim=1), batch_size
+        )
 
     def embed_texts(self, features, batch_size: int = 8192) -> Tensor:
         """Unit vectors in the aligned space (CPU float32) of frozen text features (n × d_y)."""
         if self.heads is not None:
             return self._embed(features, self.heads.embed_texts, batch_size)
-        return self._embed(features, lambda y: F.normalize(self.teacher.transform_texts(y), dim=1), batch_size)
+        return self._embed(
+            features, lambda y: F.normalize(self.teacher.transform_texts(y), dim=1), batch_size
+        )
 
     def similarity(self, image_features, text_features) -> Tensor:
         """Cosine similarity in the aligned space, images × texts."""
@@ -144,7 +157,9 @@ def load(run_dir, *, device: str | torch.device = "cpu") -> AlignedModel:
     if (run_dir / HEADS_CONFIG).exists() or (run_dir / HEADS_FILE).exists():
         heads = _load_heads(run_dir)
     if heads is None and teacher is None:
-        raise RunDirError(f"{run_dir}: neither {HEADS_FILE} nor {TEACHER_DIR}/ found (training not finished?)")
+        raise RunDirError(
+            f"{run_dir}: neither {HEADS_FILE} nor {TEACHER_DIR}/ found (training not finished?)"
+        )
     return AlignedModel(heads=heads.to(device) if heads is not None else None, teacher=teacher, method=method)
 
 

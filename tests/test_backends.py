@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import features, klot_problem, relative_error
 
 import sotalign
-
-from conftest import features, klot_problem, relative_error
 
 SHAPES = [(1, 9), (9, 1), (37, 101), (130, 66)]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-3}
@@ -24,8 +23,9 @@ def test_sinkhorn_matches_reference(fast_route, n, m, eps, affinity, dtype):
         x, y = x / 3, y / 3
     expected = sotalign.sinkhorn(x, y, eps=eps, affinity=affinity, backend="reference")
     backend, path = fast_route
-    result = sotalign.sinkhorn(x.to(dtype), y.to(dtype), eps=eps, affinity=affinity,
-                               backend=backend, path=path)
+    result = sotalign.sinkhorn(
+        x.to(dtype), y.to(dtype), eps=eps, affinity=affinity, backend=backend, path=path
+    )
     assert (result.backend, result.path) == (backend, path)
     assert result.f.dtype == dtype and result.g.dtype == dtype
     tolerance = TOLERANCE[dtype]

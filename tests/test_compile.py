@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import klot_problem, relative_error
 from torch import nn
 
 import sotalign
-
-from conftest import klot_problem, relative_error
 
 OPTIONS = dict(eps=0.05, eps_teacher=0.01, n_iters=40)
 
@@ -76,7 +75,9 @@ def test_compiled_dense_klot_and_solver_options(problem):
     """klot_dense traces too, and options (tolerance, ε-scaling) cross the op boundary."""
     torch._dynamo.reset()
     x, y, x_teacher, y_teacher = problem
-    K_teacher = torch.nn.functional.normalize(x_teacher, dim=1) @ torch.nn.functional.normalize(y_teacher, dim=1).T
+    K_teacher = (
+        torch.nn.functional.normalize(x_teacher, dim=1) @ torch.nn.functional.normalize(y_teacher, dim=1).T
+    )
 
     def loss_fn(K):
         return sotalign.klot_dense(K, K_teacher, tol=1e-6, eps_scaling=0.5, **OPTIONS)
@@ -90,8 +91,9 @@ def test_compiled_dense_klot_and_solver_options(problem):
     eager = grad_of(loss_fn)
     compiled = grad_of(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
     assert_same(compiled, eager, 1e-12)
-    reference = grad_of(lambda K: sotalign.klot_dense(K, K_teacher, backend="reference", tol=1e-6,
-                                                      eps_scaling=0.5, **OPTIONS))
+    reference = grad_of(
+        lambda K: sotalign.klot_dense(K, K_teacher, backend="reference", tol=1e-6, eps_scaling=0.5, **OPTIONS)
+    )
     assert_same(compiled, reference, 1e-9)
 
 
@@ -122,10 +124,26 @@ def feature_args(problem):
 def test_opcheck_feature_ops(problem):
     torch.library.opcheck(torch.ops.sotalign.klot_features.default, feature_args(problem))
     x, y, x_teacher, y_teacher, *options = feature_args(problem)
-    value, f, g, f_t, g_t = torch.ops.sotalign.klot_features(x.detach(), y.detach(), x_teacher,
-                                                             y_teacher, *options)
-    backward_args = [torch.tensor(2.0, dtype=x.dtype), x.detach(), y.detach(), x_teacher,
-                     y_teacher, f, g, f_t, g_t, 0.05, 0.01, "auto", "auto", float(2**30), "fp32"]
+    value, f, g, f_t, g_t = torch.ops.sotalign.klot_features(
+        x.detach(), y.detach(), x_teacher, y_teacher, *options
+    )
+    backward_args = [
+        torch.tensor(2.0, dtype=x.dtype),
+        x.detach(),
+        y.detach(),
+        x_teacher,
+        y_teacher,
+        f,
+        g,
+        f_t,
+        g_t,
+        0.05,
+        0.01,
+        "auto",
+        "auto",
+        float(2**30),
+        "fp32",
+    ]
     torch.library.opcheck(torch.ops.sotalign.klot_features_backward.default, backward_args)
 
 
@@ -136,6 +154,17 @@ def test_opcheck_dense_ops(problem):
     options = [0.05, 0.01, 20, "auto", "fp32", 1e-6, 5, True, 0.5, False]
     torch.library.opcheck(torch.ops.sotalign.klot_dense.default, [K, K_teacher, *options])
     value, f, g, f_t, g_t = torch.ops.sotalign.klot_dense(K.detach(), K_teacher, *options)
-    backward_args = [torch.tensor(-1.5, dtype=K.dtype), K.detach(), K_teacher, f, g, f_t, g_t,
-                     0.05, 0.01, "auto", "fp32"]
+    backward_args = [
+        torch.tensor(-1.5, dtype=K.dtype),
+        K.detach(),
+        K_teacher,
+        f,
+        g,
+        f_t,
+        g_t,
+        0.05,
+        0.01,
+        "auto",
+        "fp32",
+    ]
     torch.library.opcheck(torch.ops.sotalign.klot_dense_backward.default, backward_args)

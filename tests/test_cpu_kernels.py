@@ -19,7 +19,7 @@ if not cpu.AVAILABLE:
     pytest.skip(f"sotalign._C not built: {cpu.IMPORT_ERROR}", allow_module_level=True)
 
 from sotalign.kernels.base import Affinity  # noqa: E402
-from sotalign.kernels.cpu import CpuBackend, _C  # noqa: E402
+from sotalign.kernels.cpu import _C, CpuBackend  # noqa: E402
 from sotalign.kernels.reference import ReferenceBackend  # noqa: E402
 
 CPU = CpuBackend()
@@ -110,8 +110,7 @@ def klot_inputs(n, m, d, kind, teacher_kind, eps, dtype, normalised=True):
 def log_plan64(K, f, g, eps):
     """(f_i + g_j + K_ij)/ε in float64, and its rounding scale (|f_i| + |g_j| + |K_ij|)/ε."""
     f, g, K = f.double(), g.double(), as_float64(K).materialize().dense
-    return ((f[:, None] + g[None, :] + K) / eps,
-            (f.abs()[:, None] + g.abs()[None, :] + K.abs()) / eps)
+    return ((f[:, None] + g[None, :] + K) / eps, (f.abs()[:, None] + g.abs()[None, :] + K.abs()) / eps)
 
 
 def plans_and_tolerance(K, K_t, pots, eps, eps_t, dtype):
@@ -127,7 +126,10 @@ def plans_and_tolerance(K, K_t, pots, eps, eps_t, dtype):
 
 
 KLOT_CASES = [
-    ("dense", "dense"), ("features", "features"), ("features", "dense"), ("dense", "features"),
+    ("dense", "dense"),
+    ("features", "features"),
+    ("features", "dense"),
+    ("dense", "features"),
 ]
 
 
@@ -140,8 +142,9 @@ def test_klot_value(n, m, d, kind, teacher_kind, eps, dtype):
     value = CPU.klot_value(K, f, g, eps, K_t, f_t, g_t, eps_t)
     assert value.dtype == dtype and value.dim() == 0
 
-    expected = REF.klot_value(as_float64(K), f.double(), g.double(), eps,
-                              as_float64(K_t), f_t.double(), g_t.double(), eps_t)
+    expected = REF.klot_value(
+        as_float64(K), f.double(), g.double(), eps, as_float64(K_t), f_t.double(), g_t.double(), eps_t
+    )
     # Scale: Σ P* ((|f*| + |g*| + |K*|)/ε* + (|f| + |g| + |K|)/ε), what rounding the log-plans
     # (and, in float32, K itself) is relative to; the terms cancel, the scale does not.
     (_, size), (log_pt, size_t) = log_plan64(K, f, g, eps), log_plan64(K_t, f_t, g_t, eps_t)
@@ -157,8 +160,9 @@ def test_klot_grad_dense(n, m, d, eps, dtype):
     K, K_t, (f, g, f_t, g_t), eps_t = klot_inputs(n, m, d, "dense", "dense", eps, dtype)
     G = CPU.klot_grad_dense(K, f, g, eps, K_t, f_t, g_t, eps_t)
     assert G.dtype == dtype
-    expected = REF.klot_grad_dense(as_float64(K), f.double(), g.double(), eps,
-                                   as_float64(K_t), f_t.double(), g_t.double(), eps_t)
+    expected = REF.klot_grad_dense(
+        as_float64(K), f.double(), g.double(), eps, as_float64(K_t), f_t.double(), g_t.double(), eps_t
+    )
     p_sum, tol = plans_and_tolerance(K, K_t, (f, g, f_t, g_t), eps, eps_t, dtype)
     assert_close_scaled(G, expected, tol, scale=p_sum.max().item() / eps)
 
@@ -174,8 +178,9 @@ def test_klot_grad_features(n, m, d, teacher_kind, eps, normalised, dtype):
     gy, gtx = CPU.klot_grad_features(K, f, g, eps, K_t, f_t, g_t, eps_t)
     assert gy.dtype == dtype and gtx.dtype == dtype
     K64 = as_float64(K)
-    exp_gy, exp_gtx = REF.klot_grad_features(K64, f.double(), g.double(), eps, as_float64(K_t),
-                                             f_t.double(), g_t.double(), eps_t)
+    exp_gy, exp_gtx = REF.klot_grad_features(
+        K64, f.double(), g.double(), eps, as_float64(K_t), f_t.double(), g_t.double(), eps_t
+    )
     # The products cancel (P − P*): errors are measured against (P + P*)/ε |y| and its transpose.
     p_sum, tol = plans_and_tolerance(K, K_t, pots, eps, eps_t, dtype)
     assert_close_scaled(gy, exp_gy, tol, scale=(p_sum @ K64.y.abs()).max().item() / eps)
@@ -192,16 +197,18 @@ def test_klot_grad_features_needs_student_features():
 def test_results_do_not_depend_on_thread_count(kind):
     """Large enough (≥ 2^16 entries per thread) that the kernels really split the work."""
     n, m = 601, 517
-    K, K_t, (f, g, f_t, g_t), eps_t = klot_inputs(n, m, 40, kind, "features", 0.05,
-                                                   torch.float64)
+    K, K_t, (f, g, f_t, g_t), eps_t = klot_inputs(n, m, 40, kind, "features", 0.05, torch.float64)
     bias_rows = torch.randn(n, dtype=torch.float64) * 0.3
     previous = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            out = [CPU.lse_rows(K, g, 0.05), CPU.lse_cols(K, bias_rows, 0.05),
-                   CPU.klot_value(K, f, g, 0.05, K_t, f_t, g_t, eps_t).reshape(1)]
+            out = [
+                CPU.lse_rows(K, g, 0.05),
+                CPU.lse_cols(K, bias_rows, 0.05),
+                CPU.klot_value(K, f, g, 0.05, K_t, f_t, g_t, eps_t).reshape(1),
+            ]
             if kind == "features":
                 out += CPU.klot_grad_features(K, f, g, 0.05, K_t, f_t, g_t, eps_t)
             results.append(out)
@@ -230,12 +237,14 @@ def test_lse_no_overflow_at_small_eps_and_large_affinity():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fast_exp2_matches_numpy(dtype):
     info = np.finfo(dtype)
-    x = np.concatenate([
-        np.linspace(-2000.0, 200.0, 400_001),
-        np.linspace(-1.0, 1.0, 100_001),
-        np.random.default_rng(0).uniform(-130.0, 130.0, 100_000),
-        [-np.inf, -1e30, -1e6, 0.0, -0.5, 0.5],
-    ]).astype(dtype)
+    x = np.concatenate(
+        [
+            np.linspace(-2000.0, 200.0, 400_001),
+            np.linspace(-1.0, 1.0, 100_001),
+            np.random.default_rng(0).uniform(-130.0, 130.0, 100_000),
+            [-np.inf, -1e30, -1e6, 0.0, -0.5, 0.5],
+        ]
+    ).astype(dtype)
     out = _C.fast_exp2(x, 2)
     assert out.dtype == dtype
     assert np.isfinite(out).all() and (out >= 0).all()

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sotalign.data import (EmbeddingStore, ShardedStore, check_aligned, open_store,
-                           save_store)
+from sotalign.data import EmbeddingStore, ShardedStore, check_aligned, open_store, save_store
 
 h5py = pytest.importorskip("h5py")
 from safetensors.torch import save_file  # noqa: E402
@@ -44,8 +43,9 @@ def test_rows_match_numpy_indexing(tmp_path, suffix, dtype):
 def test_bfloat16_safetensors(tmp_path):
     t = torch.randn(50, 4).to(torch.bfloat16)
     save_store(tmp_path / "b.safetensors", t)
-    np.testing.assert_array_equal(open_store(tmp_path / "b.safetensors").rows([3, 1]).numpy(),
-                                  t.float()[[3, 1]].numpy())
+    np.testing.assert_array_equal(
+        open_store(tmp_path / "b.safetensors").rows([3, 1]).numpy(), t.float()[[3, 1]].numpy()
+    )
 
 
 def test_keys(tmp_path):
@@ -160,8 +160,11 @@ def test_sharded_directory_list_and_glob(tmp_path):
     for name, a, b in zip(names, cuts, cuts[1:]):
         save_store(shard_dir / name, data[a:b])
     (shard_dir / "README.md").write_text("not a shard")
-    stores = [open_store(shard_dir), open_store([shard_dir / n for n in names]),
-              open_store(str(shard_dir / "part*"))]
+    stores = [
+        open_store(shard_dir),
+        open_store([shard_dir / n for n in names]),
+        open_store(str(shard_dir / "part*")),
+    ]
     idx = np.array([99, 12, 13, 40, 41, 0, 12, 55, 39])
     for store in stores:
         assert isinstance(store, ShardedStore) and (len(store), store.dim) == (100, 5)
@@ -232,6 +235,7 @@ def test_missing_h5py_names_the_extra(tmp_path, monkeypatch):
 
 # --- memory: rows() reads only the requested rows -------------------------------------------------
 
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -245,12 +249,13 @@ def test_rows_are_memory_mapped(tmp_path, suffix):
     if suffix == ".npy":
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
         for start in range(0, n, 1024):
-            out[start:start + 1024] = np.arange(start, start + 1024, dtype=np.float32)[:, None]
+            out[start : start + 1024] = np.arange(start, start + 1024, dtype=np.float32)[:, None]
         out.flush()
         del out
     else:
-        save_file({"embeddings": torch.arange(n, dtype=torch.float32)[:, None].expand(n, d).contiguous()},
-                  str(path))
+        save_file(
+            {"embeddings": torch.arange(n, dtype=torch.float32)[:, None].expand(n, d).contiguous()}, str(path)
+        )
     store = open_store(path)
     assert isinstance(store._array, np.memmap)
     before = _rss_bytes()

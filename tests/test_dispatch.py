@@ -24,26 +24,40 @@ def fake_cuda(monkeypatch):
 
     def configure(free: int = 80 * GIB, available=("triton", "keops")):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * GIB))
-        monkeypatch.setattr(dispatch, "backend_error",
-                            lambda name: None if name in available else "simulated: missing")
-        monkeypatch.setattr(dispatch, "load_backend",
-                            lambda name, precision="fp32": types.SimpleNamespace(name=name, precision=precision))
+        monkeypatch.setattr(
+            dispatch, "backend_error", lambda name: None if name in available else "simulated: missing"
+        )
+        monkeypatch.setattr(
+            dispatch,
+            "load_backend",
+            lambda name, precision="fp32": types.SimpleNamespace(name=name, precision=precision),
+        )
 
     return configure
 
 
-def route(n, m, d, device=CUDA, n_matrices=2, budget=dispatch.DEFAULT_MEMORY_BUDGET, backend="auto",
-          path="auto", dtype=torch.float32, precision="fp32"):
+def route(
+    n,
+    m,
+    d,
+    device=CUDA,
+    n_matrices=2,
+    budget=dispatch.DEFAULT_MEMORY_BUDGET,
+    backend="auto",
+    path="auto",
+    dtype=torch.float32,
+    precision="fp32",
+):
     chosen = dispatch.choose_route(backend, path, device, n, m, d, dtype, n_matrices, budget, precision)
     return chosen.backend.name, chosen.path
 
 
 def test_cuda_prefers_triton_on_both_paths(fake_cuda):
     fake_cuda()
-    assert route(4096, 4096, 1024) == ("triton", "dense")      # 2 × 64 MiB fit, d ≥ 660
-    assert route(4096, 4096, 512) == ("triton", "online")      # d below the roofline crossover
-    assert route(30000, 30000, 1024) == ("triton", "online")   # 2 × 3.4 GiB exceed 1 GiB
-    assert route(100, 100, None) == ("triton", "dense")        # a given K is read densely
+    assert route(4096, 4096, 1024) == ("triton", "dense")  # 2 × 64 MiB fit, d ≥ 660
+    assert route(4096, 4096, 512) == ("triton", "online")  # d below the roofline crossover
+    assert route(30000, 30000, 1024) == ("triton", "online")  # 2 × 3.4 GiB exceed 1 GiB
+    assert route(100, 100, None) == ("triton", "dense")  # a given K is read densely
 
 
 def test_cuda_without_triton_takes_keops_for_large_online_problems(fake_cuda):
@@ -58,7 +72,7 @@ def test_cuda_without_triton_takes_keops_for_large_online_problems(fake_cuda):
 
 
 def test_cuda_dense_path_is_bounded_by_free_memory(fake_cuda):
-    need = 2 * 4096 * 4096 * 4          # two fp32 matrices: 128 MiB
+    need = 2 * 4096 * 4096 * 4  # two fp32 matrices: 128 MiB
     fake_cuda(free=int(need / dispatch.FREE_MEMORY_FRACTION))
     assert route(4096, 4096, 1024, budget=64 * GIB)[1] == "dense"
     fake_cuda(free=int(need / dispatch.FREE_MEMORY_FRACTION) - 8)
@@ -79,7 +93,9 @@ def test_cuda_crossover_is_the_roofline_estimate(fake_cuda):
 
 
 def test_cpu_rule_is_unchanged(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("read CUDA memory on CPU"))
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device=None: pytest.fail("read CUDA memory on CPU")
+    )
     cpu = torch.device("cpu")
     expected = "cpu" if "cpu" in sotalign.available_backends() else "torch"
     assert route(2048, 2048, 16, device=cpu) == (expected, "dense")
@@ -118,7 +134,9 @@ def test_precision_flag_on_the_front():
 
 
 def test_triton_needs_cuda_tensors_unless_interpreted(monkeypatch):
-    monkeypatch.setattr(dispatch, "load_backend", lambda name, precision="fp32": types.SimpleNamespace(name=name))
+    monkeypatch.setattr(
+        dispatch, "load_backend", lambda name, precision="fp32": types.SimpleNamespace(name=name)
+    )
     monkeypatch.setattr(dispatch, "triton_interpreter", lambda: False)
     with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors, got tensors on cpu"):
         dispatch.choose_route("triton", "auto", torch.device("cpu"), 8, 8, 4, torch.float32, 1, GIB)
@@ -138,8 +156,9 @@ def test_available_backends_lists_what_runs_here():
 
     names = sotalign.available_backends()
     assert names == [name for name in kernels.BACKEND_NAMES if name in names]
-    assert ("triton" in names) == bool(triton_package.AVAILABLE and
-                                       (torch.cuda.is_available() or triton_package.INTERPRETER))
+    assert ("triton" in names) == bool(
+        triton_package.AVAILABLE and (torch.cuda.is_available() or triton_package.INTERPRETER)
+    )
     assert ("keops" in names) == (keops_module.keops_error() is None)
     assert ("cpu" in names) == (kernels.cpu_extension_error() is None)
 

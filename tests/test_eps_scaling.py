@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import features, relative_error
 
 import sotalign
 from sotalign.kernels import Affinity
 from sotalign.ot.sinkhorn import affinity_spread, eps_schedule
-
-from conftest import features, relative_error
 
 
 def test_schedule_by_hand():
@@ -76,8 +75,9 @@ def test_annealing_by_hand():
     for level in (spread, spread / 2, spread / 4, eps, eps):
         f = level * (log_a - torch.logsumexp((K + g) / level, dim=1))
         g = level * (log_b - torch.logsumexp((K + f[:, None]) / level, dim=0))
-    result = sotalign.sinkhorn_dense(K, eps=eps, n_iters=5, eps_scaling=factor, symmetric=False,
-                                     backend="reference")
+    result = sotalign.sinkhorn_dense(
+        K, eps=eps, n_iters=5, eps_scaling=factor, symmetric=False, backend="reference"
+    )
     torch.testing.assert_close(result.f, f, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(result.g, g, rtol=1e-13, atol=1e-15)
 
@@ -86,18 +86,36 @@ def test_warm_start_composes_with_eps_scaling():
     x, y = features(40, 30, 5)
     converged = sotalign.sinkhorn(x, y, eps=0.02, n_iters=20000, tol=1e-10, backend="torch")
     # from a result at the target ε there is nothing to anneal: it is done at once
-    restarted = sotalign.sinkhorn(x, y, eps=0.02, n_iters=20000, tol=1e-9, check_every=1,
-                                  backend="torch", warm_start=converged, eps_scaling=0.5)
+    restarted = sotalign.sinkhorn(
+        x,
+        y,
+        eps=0.02,
+        n_iters=20000,
+        tol=1e-9,
+        check_every=1,
+        backend="torch",
+        warm_start=converged,
+        eps_scaling=0.5,
+    )
     assert restarted.n_iters <= 2
     assert relative_error(restarted.plan(), converged.plan()) < 1e-8
     # from a result at a larger ε, annealing starts at that ε and reaches the same plan
     coarse = sotalign.sinkhorn(x, y, eps=0.2, n_iters=20000, tol=1e-10, backend="torch")
-    annealed = sotalign.sinkhorn(x, y, eps=0.02, n_iters=20000, tol=1e-10, backend="torch",
-                                 warm_start=coarse, eps_scaling=0.5)
+    annealed = sotalign.sinkhorn(
+        x, y, eps=0.02, n_iters=20000, tol=1e-10, backend="torch", warm_start=coarse, eps_scaling=0.5
+    )
     assert relative_error(annealed.plan(), converged.plan()) < 1e-7
     # an (f, g) pair carries no ε: annealing starts from the spread of K
-    pair = sotalign.sinkhorn(x, y, eps=0.02, n_iters=20000, tol=1e-10, backend="torch",
-                             warm_start=(coarse.f, coarse.g), eps_scaling=0.5)
+    pair = sotalign.sinkhorn(
+        x,
+        y,
+        eps=0.02,
+        n_iters=20000,
+        tol=1e-10,
+        backend="torch",
+        warm_start=(coarse.f, coarse.g),
+        eps_scaling=0.5,
+    )
     assert relative_error(pair.plan(), converged.plan()) < 1e-7
 
 
@@ -106,13 +124,24 @@ def test_klot_with_eps_scaling_matches_the_reference():
 
     x, y, x_teacher, y_teacher = klot_problem(30, 26, 5, 3)
     options = dict(eps=0.05, eps_teacher=0.01, n_iters=2000, tol=1e-9, eps_scaling=0.7)
-    values = [sotalign.klot(x, y, x_teacher, y_teacher, backend=backend, **options)
-              for backend in ("reference", "torch")]
+    values = [
+        sotalign.klot(x, y, x_teacher, y_teacher, backend=backend, **options)
+        for backend in ("reference", "torch")
+    ]
     assert relative_error(values[1], values[0]) < 1e-8
 
 
-@pytest.mark.parametrize("bad,error", [(1.0, ValueError), (0.0, ValueError), (-0.5, ValueError),
-                                       (1.5, ValueError), ("0.5", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (1.0, ValueError),
+        (0.0, ValueError),
+        (-0.5, ValueError),
+        (1.5, ValueError),
+        ("0.5", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_bad_factor(bad, error):
     x, y = features(5, 6, 3)
     with pytest.raises(error, match="eps_scaling must be"):

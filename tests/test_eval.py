@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from sotalign.data import make_platonic, open_store, save_store
-from sotalign.eval import (linear_cka, mutual_knn, retrieval_metrics, selection_distance, ssw_distance,
-                           zero_shot_accuracy, zero_shot_weights)
+from sotalign.eval import (
+    linear_cka,
+    mutual_knn,
+    retrieval_metrics,
+    selection_distance,
+    ssw_distance,
+    zero_shot_accuracy,
+    zero_shot_weights,
+)
 
 
 def _unit(x):
@@ -34,6 +41,7 @@ def _retrieval_numpy(images, texts, ks):
 
 
 # --- retrieval ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("chunk_size", [1, 7, 4096])
@@ -92,6 +100,7 @@ def test_retrieval_errors():
 
 # --- zero-shot ---------------------------------------------------------------------------------
 
+
 def test_zero_shot_weights_formula():
     rng = np.random.default_rng(2)
     table = {}
@@ -104,8 +113,14 @@ def test_zero_shot_weights_formula():
     head = torch.nn.Linear(6, 4, bias=False).double()
     names, templates = ["cat", "dog", "eel"], ["a photo of a {}.", "art of the {name}"]
     w = zero_shot_weights(names, templates, encoder, head)
-    assert seen == ["a photo of a cat.", "art of the cat", "a photo of a dog.", "art of the dog",
-                    "a photo of a eel.", "art of the eel"]
+    assert seen == [
+        "a photo of a cat.",
+        "art of the cat",
+        "a photo of a dog.",
+        "art of the dog",
+        "a photo of a eel.",
+        "art of the eel",
+    ]
     mat = head.weight.detach().numpy()
     for c, name in enumerate(names):
         per = _unit(np.stack([table[t.format(name, name=name)] for t in templates]) @ mat.T)
@@ -125,8 +140,11 @@ def test_zero_shot_accuracy_brute_force_and_ties():
     labels = rng.integers(9, size=200)
     ranks = _ranks_numpy(_unit(images) @ _unit(weights).T, labels)
     got = zero_shot_accuracy(images, labels, weights, ks=(1, 3, 9), chunk_size=17)
-    assert got == {"top1": pytest.approx(100 * np.mean(ranks < 1)),
-                   "top3": pytest.approx(100 * np.mean(ranks < 3)), "top9": 100.0}
+    assert got == {
+        "top1": pytest.approx(100 * np.mean(ranks < 1)),
+        "top3": pytest.approx(100 * np.mean(ranks < 3)),
+        "top9": 100.0,
+    }
     # two identical class weights tie: an image of either class ranks second, never first
     tied = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     got = zero_shot_accuracy(np.array([[1.0, 0.1], [1.0, 0.1], [0.1, 1.0]]), [0, 1, 2], tied, ks=(1, 2))
@@ -149,6 +167,7 @@ def test_zero_shot_on_the_platonic_toy():
 
 
 # --- representational similarity -----------------------------------------------------------------
+
 
 def _mutual_knn_numpy(a, b, k):
     def knn(x):
@@ -206,6 +225,7 @@ def test_linear_cka_brute_force_and_invariances():
 
 # --- spherical sliced Wasserstein -----------------------------------------------------------------
 
+
 def test_ssw_zero_symmetric_and_normalised_inside():
     rng = np.random.default_rng(6)
     x, y = rng.standard_normal((120, 8)), rng.standard_normal((90, 8)) + 0.5
@@ -234,7 +254,7 @@ def test_ssw_of_two_point_masses_matches_a_monte_carlo_oracle():
     frames = np.linalg.qr(rng.standard_normal((20000, 5, 2)))[0]
     ap, aq = (np.arctan2(*(frames.transpose(0, 2, 1) @ v).T[::-1]) for v in (p, q))
     turns = np.abs((ap - aq + np.pi) % (2 * np.pi) - np.pi) / (2 * np.pi)
-    want = np.sqrt(np.mean(turns ** 2))
+    want = np.sqrt(np.mean(turns**2))
     got = ssw_distance(np.tile(p, (3, 1)), np.tile(q, (4, 1)), n_projections=4000)
     assert got == pytest.approx(want, rel=0.03)
 

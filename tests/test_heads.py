@@ -12,17 +12,17 @@ from sotalign.align.heads import AlignmentHeads, make_head
 def test_linear_head_is_one_affine_layer():
     head = make_head(7, 5)
     assert isinstance(head, nn.Linear) and head.weight.shape == (5, 7) and head.bias is not None
-    assert make_head(3).out_features == 1024          # the paper's d
+    assert make_head(3).out_features == 1024  # the paper's d
 
 
 def test_mlp_head_computes_linear_gelu_linear():
     head = make_head(6, 4, kind="mlp")
     first, act, second = head
-    assert first.weight.shape == (6, 6) and second.weight.shape == (4, 6)    # hidden = max(6, 4)
+    assert first.weight.shape == (6, 6) and second.weight.shape == (4, 6)  # hidden = max(6, 4)
     assert make_head(3, 8, kind="mlp", hidden_dim=5)[0].out_features == 5
     x = torch.randn(9, 6)
     h = x @ first.weight.T + first.bias
-    gelu = 0.5 * h * (1 + torch.erf(h / 2 ** 0.5))      # exact GELU, written out
+    gelu = 0.5 * h * (1 + torch.erf(h / 2**0.5))  # exact GELU, written out
     torch.testing.assert_close(head(x), gelu @ second.weight.T + second.bias)
 
 

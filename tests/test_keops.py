@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import features, klot_problem, relative_error
 
 import sotalign
 from sotalign.kernels import Affinity, load_backend
 from sotalign.kernels.keops import keops_error
-
-from conftest import features, klot_problem, relative_error
 
 # Probed once, in a subprocess with a timeout (see sotalign.kernels.keops.keops_error).
 _ERROR = keops_error()
@@ -36,8 +35,9 @@ def state(n, m, dtype):
     """Features, teacher features and their fp64 reference potentials (50 iterations)."""
     x, y, x_teacher, y_teacher = [unit(t) for t in klot_problem(n, m, D, D_TEACHER, seed=n + m)]
     student = sotalign.sinkhorn(x, y, eps=0.05, n_iters=50, affinity="dot", backend="reference")
-    teacher = sotalign.sinkhorn(x_teacher, y_teacher, eps=0.01, n_iters=50, affinity="dot",
-                                backend="reference")
+    teacher = sotalign.sinkhorn(
+        x_teacher, y_teacher, eps=0.01, n_iters=50, affinity="dot", backend="reference"
+    )
     tensors = [x, y, student.f, student.g, x_teacher, y_teacher, teacher.f, teacher.g]
     return [t.to(dtype) for t in tensors], tensors
 

@@ -11,10 +11,22 @@ import torch
 import torch.nn.functional as F
 
 import sotalign
-from sotalign.align.losses import (DIVERGENCES, InfoNCELoss, SigLIPLoss, cka_divergence, divergence,
-                                   generalized_infonce_divergence, infonce_loss, klot_divergence,
-                                   nnclr_positives, s_clip_loss, s_clip_targets, sample_neighbors,
-                                   siglip_loss, structure_regularizer)
+from sotalign.align.losses import (
+    DIVERGENCES,
+    InfoNCELoss,
+    SigLIPLoss,
+    cka_divergence,
+    divergence,
+    generalized_infonce_divergence,
+    infonce_loss,
+    klot_divergence,
+    nnclr_positives,
+    s_clip_loss,
+    s_clip_targets,
+    sample_neighbors,
+    siglip_loss,
+    structure_regularizer,
+)
 
 
 def unit(n, d, seed, dtype=torch.float64):
@@ -30,10 +42,11 @@ def cos_np(X, Y):
 
 # --------------------------------------------------------------------------- SigLIP
 
+
 def siglip_loop(img, txt, t, b, extra_texts=(), extra_images=()):
     img, txt = img.tolist(), txt.tolist()
     dot = lambda u, v: sum(a * c for a, c in zip(u, v))
-    softplus = lambda z: math.log1p(math.exp(-abs(z))) + max(-z, 0.0)   # −log σ(z)
+    softplus = lambda z: math.log1p(math.exp(-abs(z))) + max(-z, 0.0)  # −log σ(z)
     total = 0.0
     for i, u in enumerate(img):
         for j, v in enumerate(txt):
@@ -50,7 +63,9 @@ def siglip_loop(img, txt, t, b, extra_texts=(), extra_images=()):
 def test_siglip_matches_loops_with_and_without_extra_negatives():
     img, txt = unit(5, 4, 0), unit(5, 4, 1)
     ext, exi = unit(3, 4, 2), unit(2, 4, 3)
-    assert siglip_loss(img, txt, 20.0, -10.0).item() == pytest.approx(siglip_loop(img, txt, 20.0, -10.0), rel=1e-12)
+    assert siglip_loss(img, txt, 20.0, -10.0).item() == pytest.approx(
+        siglip_loop(img, txt, 20.0, -10.0), rel=1e-12
+    )
     value = siglip_loss(img, txt, 7.0, -2.0, extra_texts=ext, extra_images=exi).item()
     assert value == pytest.approx(siglip_loop(img, txt, 7.0, -2.0, ext, exi), rel=1e-12)
     only_texts = siglip_loss(img, txt, 7.0, -2.0, extra_texts=ext).item()
@@ -63,7 +78,7 @@ def test_siglip_module_learns_scale_and_bias_from_paper_init():
     img = unit(4, 3, 4).requires_grad_()
     txt = unit(4, 3, 5)
     loss = crit(img, txt, extra_texts=unit(2, 3, 6))
-    t, b = crit.scale.item(), crit.bias.item()      # float32-initialised parameters
+    t, b = crit.scale.item(), crit.bias.item()  # float32-initialised parameters
     assert loss.item() == pytest.approx(siglip_loop(img.detach(), txt, t, b, unit(2, 3, 6)), rel=1e-12)
     loss.backward()
     for p in (crit.log_scale, crit.bias, img):
@@ -71,6 +86,7 @@ def test_siglip_module_learns_scale_and_bias_from_paper_init():
 
 
 # --------------------------------------------------------------------------- InfoNCE
+
 
 def infonce_loop(img, txt, tau):
     S = (img @ txt.T).tolist()
@@ -85,14 +101,15 @@ def test_infonce_matches_loops_and_module_uses_clip_temperature():
     assert infonce_loss(img, txt, 0.07).item() == pytest.approx(infonce_loop(img, txt, 0.07), rel=1e-12)
     crit = InfoNCELoss().double()
     assert crit.temperature.item() == pytest.approx(0.07)
-    tau = crit.temperature.item()                     # float32-initialised parameter
+    tau = crit.temperature.item()  # float32-initialised parameter
     assert crit(img, txt).item() == pytest.approx(infonce_loop(img, txt, tau), rel=1e-12)
     with torch.no_grad():
         crit.log_scale.fill_(math.log(1000.0))
-    assert crit.temperature.item() == pytest.approx(0.01)       # 1/τ clamped at 100
+    assert crit.temperature.item() == pytest.approx(0.01)  # 1/τ clamped at 100
 
 
 # --------------------------------------------------------------------------- CKA
+
 
 def cka_dense_reference(x, y, xt, yt):
     """Eq. 9 literally, with explicit centring matrices H_n (left) and H_m (right)."""
@@ -115,13 +132,15 @@ def test_cka_is_zero_for_the_same_affinity_and_invariant_to_affine_teacher():
     x, y = unit(8, 6, 13), unit(9, 6, 14)
     assert cka_divergence(x, y, x, y).item() == pytest.approx(0.0, abs=1e-12)
     Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
-    assert cka_divergence(x, y, x @ Q, y @ Q).item() == pytest.approx(0.0, abs=1e-12)   # same K*
+    assert cka_divergence(x, y, x @ Q, y @ Q).item() == pytest.approx(0.0, abs=1e-12)  # same K*
     xt, yt = unit(8, 4, 15), unit(9, 4, 16)
     base = cka_divergence(x, y, xt, yt).item()
     # Appending a constant coordinate maps K* to cos²θ·K* + sin²θ: a positive scale plus a
     # constant, which CKA's centring and normalisation remove.
     theta = 0.7
-    aug = lambda z: torch.cat([math.cos(theta) * z, math.sin(theta) * torch.ones(len(z), 1, dtype=z.dtype)], 1)
+    aug = lambda z: torch.cat(
+        [math.cos(theta) * z, math.sin(theta) * torch.ones(len(z), 1, dtype=z.dtype)], 1
+    )
     assert cka_divergence(x, y, aug(xt), aug(yt)).item() == pytest.approx(base, rel=1e-10)
     assert 0.0 < base <= 2.0
 
@@ -134,6 +153,7 @@ def test_cka_gradcheck():
 
 
 # --------------------------------------------------------------------------- generalised InfoNCE
+
 
 def gen_infonce_reference(x, y, xt, yt, eps_t, tau):
     K, Ks = cos_np(x, y), cos_np(xt, yt)
@@ -152,7 +172,9 @@ def test_generalized_infonce_matches_row_kl_reference():
     args = [a.numpy() for a in (x, y, xt, yt)]
     value = generalized_infonce_divergence(x, y, xt, yt, eps_teacher=0.1, temperature=0.2).item()
     assert value == pytest.approx(gen_infonce_reference(*args, 0.1, 0.2), rel=1e-10)
-    sym = generalized_infonce_divergence(x, y, xt, yt, eps_teacher=0.1, temperature=0.2, symmetric=True).item()
+    sym = generalized_infonce_divergence(
+        x, y, xt, yt, eps_teacher=0.1, temperature=0.2, symmetric=True
+    ).item()
     cols = gen_infonce_reference(args[1], args[0], args[3], args[2], 0.1, 0.2)
     assert sym == pytest.approx(0.5 * (gen_infonce_reference(*args, 0.1, 0.2) + cols), rel=1e-10)
     assert value >= 0
@@ -161,7 +183,7 @@ def test_generalized_infonce_matches_row_kl_reference():
 def test_generalized_infonce_reduces_to_infonce_for_identity_teacher():
     n, tau = 6, 0.05
     x, y = unit(n, 8, 21), unit(n, 8, 22)
-    eye = torch.eye(n, dtype=torch.float64)                 # cos(e_i, e_j) = δ_ij: K* = I
+    eye = torch.eye(n, dtype=torch.float64)  # cos(e_i, e_j) = δ_ij: K* = I
     value = generalized_infonce_divergence(x, y, eye, eye, eps_teacher=1e-3, temperature=tau).item()
     S = (x @ y.T).tolist()
     one_way = -sum(S[i][i] / tau - math.log(sum(math.exp(s / tau) for s in S[i])) for i in range(n)) / n
@@ -172,12 +194,14 @@ def test_generalized_infonce_gradcheck():
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     y = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     xt, yt = torch.randn(4, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    fn = lambda a, b: generalized_infonce_divergence(a, b, xt, yt, eps_teacher=0.1, temperature=0.3,
-                                                     symmetric=True)
+    fn = lambda a, b: generalized_infonce_divergence(
+        a, b, xt, yt, eps_teacher=0.1, temperature=0.3, symmetric=True
+    )
     assert torch.autograd.gradcheck(fn, (x, y))
 
 
 # --------------------------------------------------------------------------- KLOT and dispatch
+
 
 def test_klot_divergence_is_sotalign_klot():
     x = unit(9, 5, 23).requires_grad_()
@@ -198,10 +222,14 @@ def test_divergence_dispatch():
     assert DIVERGENCES == ("none", "cka", "infonce", "klot")
     assert divergence("none", x, y, xt, yt).item() == 0.0
     assert divergence("cka", x, y, xt, yt).item() == cka_divergence(x, y, xt, yt).item()
-    assert (divergence("infonce", x, y, xt, yt, temperature=0.1).item()
-            == generalized_infonce_divergence(x, y, xt, yt, temperature=0.1).item())
-    assert (divergence("klot", x, y, xt, yt, n_iters=20, backend="reference").item()
-            == klot_divergence(x, y, xt, yt, n_iters=20, backend="reference").item())
+    assert (
+        divergence("infonce", x, y, xt, yt, temperature=0.1).item()
+        == generalized_infonce_divergence(x, y, xt, yt, temperature=0.1).item()
+    )
+    assert (
+        divergence("klot", x, y, xt, yt, n_iters=20, backend="reference").item()
+        == klot_divergence(x, y, xt, yt, n_iters=20, backend="reference").item()
+    )
     with pytest.raises(ValueError, match="unknown divergence 'mmd'"):
         divergence("mmd", x, y, xt, yt)
 
@@ -225,6 +253,7 @@ def test_divergences_reject_bad_input():
 
 
 # --------------------------------------------------------------------------- STRUCTURE
+
 
 def structure_reference(raw, emb, levels, tau):
     def transition(Z):
@@ -260,12 +289,15 @@ def test_structure_matches_reference_and_vanishes_for_the_same_structure():
 def test_structure_gradcheck_and_raw_is_constant():
     raw = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     emb = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda e: structure_regularizer(raw, e, levels=2, temperature=0.5), (emb,))
+    assert torch.autograd.gradcheck(
+        lambda e: structure_regularizer(raw, e, levels=2, temperature=0.5), (emb,)
+    )
     structure_regularizer(raw, emb).backward()
     assert raw.grad is None and torch.isfinite(emb.grad).all()
 
 
 # --------------------------------------------------------------------------- S-CLIP
+
 
 def sinkhorn_numpy(K, eps, iters=2000):
     """Plain log-domain Sinkhorn with uniform marginals of mass one, run to convergence."""
@@ -285,7 +317,9 @@ def test_s_clip_targets_are_the_row_normalised_ot_plan():
     plan = sinkhorn_numpy(cos_np(u.numpy(), p.numpy()), 0.1)
     np.testing.assert_allclose(targets.numpy(), plan / plan.sum(1, keepdims=True), atol=1e-8)
     hard = s_clip_targets(u, p, eps=0.1, hard=True)
-    assert torch.equal(hard.argmax(1), targets.argmax(1)) and torch.equal(hard.sum(1), torch.ones(6, dtype=torch.float64))
+    assert torch.equal(hard.argmax(1), targets.argmax(1)) and torch.equal(
+        hard.sum(1), torch.ones(6, dtype=torch.float64)
+    )
 
 
 def test_s_clip_loss_is_cross_entropy_to_fixed_targets():
@@ -297,11 +331,19 @@ def test_s_clip_loss_is_cross_entropy_to_fixed_targets():
     T = T / T.sum(1, keepdim=True)
     u2 = u.detach().clone().requires_grad_()
     logits = (10.0 * (u2 @ t.T)).tolist()
-    expected = sum(-sum(T[i, j].item() * (logits[i][j] - math.log(sum(math.exp(v) for v in logits[i])))
-                        for j in range(4)) for i in range(6)) / 6
+    expected = (
+        sum(
+            -sum(
+                T[i, j].item() * (logits[i][j] - math.log(sum(math.exp(v) for v in logits[i])))
+                for j in range(4)
+            )
+            for i in range(6)
+        )
+        / 6
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-7)
     (-(T * torch.log_softmax(10.0 * (u2 @ t.T), 1)).sum(1).mean()).backward()
-    torch.testing.assert_close(u.grad, u2.grad, rtol=1e-6, atol=1e-8)     # targets carry no gradient
+    torch.testing.assert_close(u.grad, u2.grad, rtol=1e-6, atol=1e-8)  # targets carry no gradient
     # Pseudo-labels from a separate (unimodal) space.
     raw_u, raw_p = unit(6, 7, 41), unit(4, 7, 42)
     loss_raw = s_clip_loss(u.detach(), p, t, eps=0.1, unpaired_img_raw=raw_u, paired_img_raw=raw_p)
@@ -311,6 +353,7 @@ def test_s_clip_loss_is_cross_entropy_to_fixed_targets():
 
 
 # --------------------------------------------------------------------------- NNCLR
+
 
 def test_nnclr_positives_match_brute_force_with_chunking():
     q, pool = unit(23, 6, 43) * 5.0, unit(37, 6, 44)

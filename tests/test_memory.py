@@ -46,8 +46,9 @@ SCRIPT = textwrap.dedent("""
 def test_klot_step_at_24000_stays_online(backend, n_iters):
     if backend == "auto" and "cpu" not in sotalign.available_backends():
         pytest.skip("the C++ extension is not built")
-    run = subprocess.run([sys.executable, "-c", SCRIPT, backend, str(n_iters)],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, backend, str(n_iters)], capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["path"] == "online"

@@ -24,9 +24,16 @@ def make_batch(requires_grad: bool = False) -> Batch:
     def r(n, d):
         return torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
 
-    return Batch(paired_images=r(7, IMAGE_DIM), paired_texts=r(7, TEXT_DIM), unpaired_images=r(9, IMAGE_DIM),
-                 unpaired_texts=r(11, TEXT_DIM), teacher_images=r(9, TEACHER_DIM), teacher_texts=r(11, TEACHER_DIM),
-                 neighbour_texts=r(9, TEXT_DIM), neighbour_images=r(11, IMAGE_DIM))
+    return Batch(
+        paired_images=r(7, IMAGE_DIM),
+        paired_texts=r(7, TEXT_DIM),
+        unpaired_images=r(9, IMAGE_DIM),
+        unpaired_texts=r(11, TEXT_DIM),
+        teacher_images=r(9, TEACHER_DIM),
+        teacher_texts=r(11, TEACHER_DIM),
+        neighbour_texts=r(9, TEXT_DIM),
+        neighbour_images=r(11, IMAGE_DIM),
+    )
 
 
 def heads_for_test() -> AlignmentHeads:
@@ -47,7 +54,9 @@ def siglip_oracle(img, txt, scale, bias):
 
 def test_registry_has_every_recipe_and_the_table1_grid():
     expected = {"sotalign", "sail", "sail-semi", "structure", "nnclr", "s-clip"}
-    expected |= {f"{t}+{d}" for t in ("procrustes", "cca", "contrastive") for d in ("none", "cka", "infonce", "klot")}
+    expected |= {
+        f"{t}+{d}" for t in ("procrustes", "cca", "contrastive") for d in ("none", "cka", "infonce", "klot")
+    }
     assert set(METHODS) == expected
     assert get_method("sotalign").teacher == "cca" and get_method("sotalign").divergence == "klot"
     assert not get_method("contrastive+none").trains_heads and get_method("cca+klot").trains_heads
@@ -69,7 +78,9 @@ def test_every_recipe_gives_finite_terms_and_gradients_only_where_expected(name)
     recipe = get_method(name)
     batch = make_batch(requires_grad=True)
     heads, losses = heads_for_test(), recipe.loss_modules().double()
-    terms = loss_terms(recipe, batch, heads, losses, eps=0.1, eps_teacher=0.05, n_iters=50, backend="reference")
+    terms = loss_terms(
+        recipe, batch, heads, losses, eps=0.1, eps_teacher=0.05, n_iters=50, backend="reference"
+    )
     assert set(terms) == set(recipe.weights(1e-4))
     total = sum(recipe.weights(1e-4)[k] * v for k, v in terms.items())
     assert all(torch.isfinite(v) for v in terms.values())
@@ -99,7 +110,10 @@ def test_sail_terms_match_the_siglip_formula():
     semi = get_method("sail-semi")
     value = loss_terms(semi, batch, heads, semi.loss_modules().double())["siglip"].detach()
     u_img, u_txt = heads.embed_images(batch.unpaired_images), heads.embed_texts(batch.unpaired_texts)
-    extra = -(F.logsigmoid(-(scale * img @ u_txt.T + bias)).sum() + F.logsigmoid(-(scale * u_img @ txt.T + bias)).sum())
+    extra = -(
+        F.logsigmoid(-(scale * img @ u_txt.T + bias)).sum()
+        + F.logsigmoid(-(scale * u_img @ txt.T + bias)).sum()
+    )
     expected = siglip_oracle(img, txt, scale, bias) + float(extra.detach()) / len(img)
     assert float(value) == pytest.approx(expected, rel=1e-10)
 
@@ -122,15 +136,24 @@ def log_sinkhorn_plan(K: np.ndarray, eps: float, iters: int = 5000) -> np.ndarra
 def test_sotalign_klot_term_is_kl_of_the_teacher_plan_to_the_student_plan():
     batch, heads = make_batch(), heads_for_test()
     recipe = get_method("sotalign")
-    terms = loss_terms(recipe, batch, heads, recipe.loss_modules().double(), eps=0.1, eps_teacher=0.05,
-                       n_iters=3000, backend="reference")
+    terms = loss_terms(
+        recipe,
+        batch,
+        heads,
+        recipe.loss_modules().double(),
+        eps=0.1,
+        eps_teacher=0.05,
+        n_iters=3000,
+        backend="reference",
+    )
 
     def cosine(a, b):
         a, b = F.normalize(a.detach(), dim=1), F.normalize(b.detach(), dim=1)
         return (a @ b.T).numpy()
 
-    student = log_sinkhorn_plan(cosine(heads.embed_images(batch.unpaired_images),
-                                       heads.embed_texts(batch.unpaired_texts)), 0.1)
+    student = log_sinkhorn_plan(
+        cosine(heads.embed_images(batch.unpaired_images), heads.embed_texts(batch.unpaired_texts)), 0.1
+    )
     teacher = log_sinkhorn_plan(cosine(batch.teacher_images, batch.teacher_texts), 0.05)
     expected = float((teacher * (np.log(teacher) - np.log(student))).sum())
     assert float(terms["klot"].detach()) == pytest.approx(expected, rel=1e-6)

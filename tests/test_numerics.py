@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ROUTES, features, klot_problem, route_id
 
 import sotalign
-
-from conftest import ROUTES, features, klot_problem, route_id
 
 
 def finite_klot(x, y, x_teacher, y_teacher, route, **options):
@@ -60,8 +59,9 @@ def test_single_row_gives_zero_loss(route):
 def test_very_rectangular_batches(route, n, m):
     problem = klot_problem(n, m, 8, 4, dtype=torch.float32, seed=n)
     loss, _, _ = finite_klot(*problem, route, eps=0.005, eps_teacher=0.001, n_iters=30)
-    expected = sotalign.klot(*[t.double() for t in problem], eps=0.005, eps_teacher=0.001,
-                             n_iters=30, backend="reference")
+    expected = sotalign.klot(
+        *[t.double() for t in problem], eps=0.005, eps_teacher=0.001, n_iters=30, backend="reference"
+    )
     assert abs(float(loss) - float(expected)) < 2e-3 * abs(float(expected)) + 1e-4
 
 

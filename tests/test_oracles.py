@@ -8,10 +8,9 @@ import math
 import ot
 import pytest
 import torch
+from conftest import features, klot_problem, relative_error
 
 import sotalign
-
-from conftest import features, klot_problem, relative_error
 
 CONVERGED = dict(n_iters=5000, tol=1e-12, check_every=1, symmetric=False)
 
@@ -50,9 +49,14 @@ def test_reference_matches_pot_iteration_by_iteration():
     K = cosine(x, y)
     for n_iters in (1, 2, 7):
         ours = sotalign.sinkhorn_dense(K, eps=0.1, n_iters=n_iters, symmetric=False, backend="reference")
-        pot = ot.bregman.sinkhorn_log(torch.full((9,), 1 / 9, dtype=torch.float64),
-                              torch.full((12,), 1 / 12, dtype=torch.float64), -K.T, 0.1,
-                              numItermax=n_iters, stopThr=0.0)
+        pot = ot.bregman.sinkhorn_log(
+            torch.full((9,), 1 / 9, dtype=torch.float64),
+            torch.full((12,), 1 / 12, dtype=torch.float64),
+            -K.T,
+            0.1,
+            numItermax=n_iters,
+            stopThr=0.0,
+        )
         assert relative_error(ours.plan(), pot.T) < 1e-12
 
 
@@ -101,6 +105,8 @@ def test_dense_klot_gradient_matches_finite_differences():
     direction = torch.randn(K.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     h = 1e-6
     with torch.no_grad():
-        numeric = (sotalign.klot_dense(K + h * direction, K_teacher, **options)
-                   - sotalign.klot_dense(K - h * direction, K_teacher, **options)) / (2 * h)
+        numeric = (
+            sotalign.klot_dense(K + h * direction, K_teacher, **options)
+            - sotalign.klot_dense(K - h * direction, K_teacher, **options)
+        ) / (2 * h)
     assert abs(float(numeric) - float((grad * direction).sum())) < 1e-6

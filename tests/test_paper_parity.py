@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ROUTES, klot_problem, relative_error, route_id
 
 import sotalign
 from sotalign.ot.paper import paper_klot, paper_klot_features
-
-from conftest import ROUTES, klot_problem, relative_error, route_id
 
 EPS_PAIRS = [(0.05, 0.01), (0.01, 0.005), (0.005, 0.005)]
 SHAPES = [(40, 67, 24, 12), (96, 33, 16, 16)]
@@ -25,7 +24,9 @@ def paper_oracle(x, y, x_teacher, y_teacher, eps, eps_teacher):
 @pytest.mark.parametrize("route", ROUTES, ids=route_id)
 @pytest.mark.parametrize("eps,eps_teacher", EPS_PAIRS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-7), (torch.float32, 2e-3)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize(
+    "dtype,tolerance", [(torch.float64, 1e-7), (torch.float32, 2e-3)], ids=["fp64", "fp32"]
+)
 def test_klot_matches_paper(route, eps, eps_teacher, shape, dtype, tolerance):
     problem = klot_problem(*shape, dtype=torch.float64, seed=sum(shape))
     expected_loss, expected_gx, expected_gy = paper_oracle(*problem, eps, eps_teacher)
@@ -33,8 +34,9 @@ def test_klot_matches_paper(route, eps, eps_teacher, shape, dtype, tolerance):
     x.requires_grad_()
     y.requires_grad_()
     backend, path = route
-    loss = sotalign.klot(x, y, x_teacher, y_teacher, eps=eps, eps_teacher=eps_teacher,
-                         n_iters=100, backend=backend, path=path)
+    loss = sotalign.klot(
+        x, y, x_teacher, y_teacher, eps=eps, eps_teacher=eps_teacher, n_iters=100, backend=backend, path=path
+    )
     grad_x, grad_y = torch.autograd.grad(loss, (x, y))
     assert loss.dtype == dtype and loss.dim() == 0
     assert relative_error(loss.detach(), expected_loss) < tolerance
@@ -43,7 +45,9 @@ def test_klot_matches_paper(route, eps, eps_teacher, shape, dtype, tolerance):
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=route_id)
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-7), (torch.float32, 2e-3)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize(
+    "dtype,tolerance", [(torch.float64, 1e-7), (torch.float32, 2e-3)], ids=["fp64", "fp32"]
+)
 def test_klot_dense_matches_paper(route, dtype, tolerance):
     x, y, x_teacher, y_teacher = klot_problem(50, 31, 8, 8, seed=3)
     normalize = torch.nn.functional.normalize
@@ -54,8 +58,7 @@ def test_klot_dense_matches_paper(route, dtype, tolerance):
     (expected_grad,) = torch.autograd.grad(expected, K_oracle)
 
     K_ours = K.to(dtype).requires_grad_()
-    loss = sotalign.klot_dense(K_ours, K_teacher.to(dtype), eps=0.05, eps_teacher=0.005,
-                               backend=route[0])
+    loss = sotalign.klot_dense(K_ours, K_teacher.to(dtype), eps=0.05, eps_teacher=0.005, backend=route[0])
     (grad,) = torch.autograd.grad(loss, K_ours)
     assert relative_error(loss.detach(), expected.detach()) < tolerance
     assert relative_error(grad, expected_grad) < tolerance

@@ -12,13 +12,12 @@ import math
 
 import pytest
 import torch
+from conftest import features, relative_error
 
 import sotalign
 from sotalign.kernels import base, load_backend
 from sotalign.kernels.base import Affinity
 from sotalign.kernels.reference import ReferenceBackend
-
-from conftest import features, relative_error
 
 REFERENCE = ReferenceBackend()
 BACKENDS = [name for name in ("torch", "cpu") if name in sotalign.available_backends()]
@@ -43,8 +42,16 @@ def test_reference_products_match_marginals_and_explicit_sums():
     # P 1 and Pᵀ 1 are the marginals exp(f/ε + LSE_j (K + g)/ε), exp(g/ε + LSE_i (K + f)/ε)
     rows = torch.exp(f / eps + REFERENCE.lse_rows(K, g, eps))
     cols = torch.exp(g / eps + REFERENCE.lse_cols(K, f, eps))
-    assert relative_error(REFERENCE.plan_matmul(K, f, g, eps, torch.ones(9, 1, dtype=torch.float64))[:, 0], rows) < 1e-13
-    assert relative_error(REFERENCE.plan_t_matmul(K, f, g, eps, torch.ones(13, 1, dtype=torch.float64))[:, 0], cols) < 1e-13
+    assert (
+        relative_error(REFERENCE.plan_matmul(K, f, g, eps, torch.ones(9, 1, dtype=torch.float64))[:, 0], rows)
+        < 1e-13
+    )
+    assert (
+        relative_error(
+            REFERENCE.plan_t_matmul(K, f, g, eps, torch.ones(13, 1, dtype=torch.float64))[:, 0], cols
+        )
+        < 1e-13
+    )
     # Σ_ij P_ij K2_ij written out entry by entry
     K2 = Affinity.from_features(x.flip(1)[:, :2], y[:, 1:3])
     expected = 0.0
@@ -66,8 +73,11 @@ def test_generic_products_match_reference(name, dense, dtype, monkeypatch):
     K2_64 = Affinity.from_features(x.flip(1)[:, :3], y[:, 2:5])
     V, U = torch.randn(23, 5, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
     eps = 0.05
-    expected = (REFERENCE.plan_matmul(K64, f, g, eps, V), REFERENCE.plan_t_matmul(K64, f, g, eps, U),
-                REFERENCE.plan_inner(K64, f, g, eps, K2_64))
+    expected = (
+        REFERENCE.plan_matmul(K64, f, g, eps, V),
+        REFERENCE.plan_t_matmul(K64, f, g, eps, U),
+        REFERENCE.plan_inner(K64, f, g, eps, K2_64),
+    )
 
     K = Affinity.from_features(x.to(dtype), y.to(dtype))
     K2 = Affinity.from_features(K2_64.x.to(dtype), K2_64.y.to(dtype))
@@ -76,8 +86,11 @@ def test_generic_products_match_reference(name, dense, dtype, monkeypatch):
     stored = K.dense.clone() if dense else None
     backend = load_backend(name)
     f, g = f.to(dtype), g.to(dtype)
-    result = (backend.plan_matmul(K, f, g, eps, V.to(dtype)), backend.plan_t_matmul(K, f, g, eps, U.to(dtype)),
-              backend.plan_inner(K, f, g, eps, K2))
+    result = (
+        backend.plan_matmul(K, f, g, eps, V.to(dtype)),
+        backend.plan_t_matmul(K, f, g, eps, U.to(dtype)),
+        backend.plan_inner(K, f, g, eps, K2),
+    )
     for value, reference in zip(result, expected):
         assert value.dtype == dtype
         assert relative_error(value, reference) < TOLERANCE[dtype]

@@ -6,15 +6,19 @@ import math
 
 import pytest
 import torch
+from conftest import ROUTES, features, route_id
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sotalign
 
-from conftest import ROUTES, features, route_id
-
-problems = st.tuples(st.integers(1, 24), st.integers(1, 24), st.integers(1, 6),
-                     st.sampled_from([1.0, 0.3, 0.05]), st.integers(0, 2**16))
+problems = st.tuples(
+    st.integers(1, 24),
+    st.integers(1, 24),
+    st.integers(1, 6),
+    st.sampled_from([1.0, 0.3, 0.05]),
+    st.integers(0, 2**16),
+)
 
 
 def solve(x, y, eps, route, **options):
@@ -30,7 +34,9 @@ def test_alternating_sinkhorn_makes_column_marginal_exact(route, problem):
     x, y = features(n, m, d, seed=seed)
     result = solve(x, y, eps, route, n_iters=30, symmetric=False)
     plan = result.plan()
-    torch.testing.assert_close(plan.sum(0), torch.full((m,), 1 / m, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        plan.sum(0), torch.full((m,), 1 / m, dtype=torch.float64), rtol=1e-9, atol=1e-12
+    )
     assert math.isclose(float(plan.sum()), 1.0, rel_tol=1e-9)
     assert result.marginal_error >= 0
 
@@ -65,12 +71,16 @@ def test_permutation_equivariance(route, problem):
 @given(problem=problems, scale=st.floats(1e-3, 1e3))
 def test_cosine_affinity_ignores_feature_scale(route, problem, scale):
     n, m, d, eps, seed = problem
-    x, y, = features(n, m, d, seed=seed)
+    (
+        x,
+        y,
+    ) = features(n, m, d, seed=seed)
     x_teacher, y_teacher = features(n, m, 3, seed=seed + 1)
     generator = torch.Generator().manual_seed(seed)
     row_scales = torch.rand(n, 1, generator=generator, dtype=torch.float64) * scale + 1e-3
     backend, path = route
     loss = sotalign.klot(x, y, x_teacher, y_teacher, n_iters=30, backend=backend, path=path)
-    scaled = sotalign.klot(x * row_scales, y * scale, x_teacher * 7.0, y_teacher, n_iters=30,
-                           backend=backend, path=path)
+    scaled = sotalign.klot(
+        x * row_scales, y * scale, x_teacher * 7.0, y_teacher, n_iters=30, backend=backend, path=path
+    )
     assert math.isclose(float(loss), float(scaled), rel_tol=1e-9, abs_tol=1e-12)

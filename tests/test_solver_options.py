@@ -7,30 +7,32 @@ import importlib
 
 import pytest
 import torch
+from conftest import features, relative_error
 
 import sotalign
 from sotalign.ot import dispatch
-
-from conftest import features, relative_error
 
 
 def test_tolerance_stops_early_and_meets_it(any_route):
     x, y = features(40, 60, 5)
     backend, path = any_route
-    result = sotalign.sinkhorn(x, y, eps=0.2, n_iters=5000, tol=1e-8, check_every=5,
-                               backend=backend, path=path, symmetric=False)
+    result = sotalign.sinkhorn(
+        x, y, eps=0.2, n_iters=5000, tol=1e-8, check_every=5, backend=backend, path=path, symmetric=False
+    )
     assert result.n_iters < 5000 and result.n_iters % 5 == 0
     assert result.marginal_error < 1e-8
-    fixed = sotalign.sinkhorn(x, y, eps=0.2, n_iters=result.n_iters, backend=backend, path=path,
-                              symmetric=False)
+    fixed = sotalign.sinkhorn(
+        x, y, eps=0.2, n_iters=result.n_iters, backend=backend, path=path, symmetric=False
+    )
     torch.testing.assert_close(fixed.f, result.f)
 
 
 def test_warm_start_from_converged_potentials_needs_one_check():
     x, y = features(30, 20, 4)
     converged = sotalign.sinkhorn(x, y, eps=0.1, n_iters=4000, tol=1e-12, check_every=1, backend="torch")
-    restarted = sotalign.sinkhorn(x, y, eps=0.1, n_iters=4000, tol=1e-10, check_every=1,
-                                  backend="torch", warm_start=converged)
+    restarted = sotalign.sinkhorn(
+        x, y, eps=0.1, n_iters=4000, tol=1e-10, check_every=1, backend="torch", warm_start=converged
+    )
     assert restarted.n_iters <= 2
     assert relative_error(restarted.plan(), converged.plan()) < 1e-9
     same = sotalign.sinkhorn(x, y, eps=0.1, n_iters=3, backend="torch", warm_start=(None, converged.g))
@@ -43,10 +45,13 @@ def test_symmetric_step_is_the_average_of_both_updates():
     plain = sotalign.sinkhorn(x, y, eps=0.05, n_iters=10, symmetric=False, backend="reference")
     sym = sotalign.sinkhorn(x, y, eps=0.05, n_iters=10, backend="reference")
     K = plain.affinity.materialize().dense
-    f_next = 0.05 * (-torch.log(torch.tensor(15.0, dtype=torch.float64))
-                     - torch.logsumexp((K + plain.g) / 0.05, dim=1))
-    g_next = 0.05 * (-torch.log(torch.tensor(25.0, dtype=torch.float64))
-                     - torch.logsumexp((K + plain.f[:, None]) / 0.05, dim=0))
+    f_next = 0.05 * (
+        -torch.log(torch.tensor(15.0, dtype=torch.float64)) - torch.logsumexp((K + plain.g) / 0.05, dim=1)
+    )
+    g_next = 0.05 * (
+        -torch.log(torch.tensor(25.0, dtype=torch.float64))
+        - torch.logsumexp((K + plain.f[:, None]) / 0.05, dim=0)
+    )
     torch.testing.assert_close(sym.f, 0.5 * (plain.f + f_next))
     torch.testing.assert_close(sym.g, 0.5 * (plain.g + g_next))
 
@@ -57,26 +62,30 @@ def test_weights_are_used_by_every_route(any_route):
     b = torch.linspace(3, 1, 12, dtype=torch.float64)
     a, b = a / a.sum(), b / b.sum()
     backend, path = any_route
-    plan = sotalign.sinkhorn(x, y, eps=0.3, n_iters=3000, tol=1e-11, a=a, b=b,
-                             backend=backend, path=path).plan()
+    plan = sotalign.sinkhorn(
+        x, y, eps=0.3, n_iters=3000, tol=1e-11, a=a, b=b, backend=backend, path=path
+    ).plan()
     torch.testing.assert_close(plan.sum(1), a, atol=1e-10, rtol=0)
     torch.testing.assert_close(plan.sum(0), b, atol=1e-10, rtol=0)
 
 
 def test_auto_stays_online_at_the_memory_test_size():
     device = torch.device("cpu")
-    route = dispatch.choose_route("auto", "auto", device, 24000, 24000, 64, torch.float32, 2,
-                                  dispatch.DEFAULT_MEMORY_BUDGET)
+    route = dispatch.choose_route(
+        "auto", "auto", device, 24000, 24000, 64, torch.float32, 2, dispatch.DEFAULT_MEMORY_BUDGET
+    )
     assert not route.dense
     assert route.backend.online
 
 
 def test_auto_uses_dense_when_it_fits_and_d_is_large():
-    route = dispatch.choose_route("auto", "auto", torch.device("cpu"), 2048, 2048, 256,
-                                  torch.float32, 2, dispatch.DEFAULT_MEMORY_BUDGET)
+    route = dispatch.choose_route(
+        "auto", "auto", torch.device("cpu"), 2048, 2048, 256, torch.float32, 2, dispatch.DEFAULT_MEMORY_BUDGET
+    )
     assert route.dense
-    small_budget = dispatch.choose_route("auto", "auto", torch.device("cpu"), 2048, 2048, 256,
-                                         torch.float32, 2, 2048 * 2048 * 4)
+    small_budget = dispatch.choose_route(
+        "auto", "auto", torch.device("cpu"), 2048, 2048, 256, torch.float32, 2, 2048 * 2048 * 4
+    )
     assert not small_budget.dense
 
 
@@ -152,7 +161,7 @@ def test_the_loop_reads_the_device_only_at_checks(monkeypatch):
     reads = count_host_reads(monkeypatch)
     _, _, done = solve(load_backend("torch"), K, 0.001, 60, log_a, log_b, tol=1e-30, check_every=7)
     assert done == 60
-    assert len(reads) == 8          # iterations 7, 14, ..., 56
+    assert len(reads) == 8  # iterations 7, 14, ..., 56
     reads.clear()
     solve(load_backend("torch"), K, 0.001, 60, log_a, log_b)
     assert reads == []
@@ -173,13 +182,21 @@ class FakeGraph:
         self.body()
 
 
-@pytest.mark.parametrize("n_iters,check_every,tol,eps_scaling,captures", [
-    (40, 10, None, None, 1), (47, 10, None, None, 1), (300, 5, 1e-6, None, 1),
-    (500, 7, 1e-9, None, 1), (500, 10, 1e-9, 0.7, 1), (9, 10, None, None, 0),
-    (23, 4, None, 0.5, 1)])
-def test_graphed_loop_equals_the_eager_loop(monkeypatch, n_iters, check_every, tol, eps_scaling,
-                                            captures):
+@pytest.mark.parametrize(
+    "n_iters,check_every,tol,eps_scaling,captures",
+    [
+        (40, 10, None, None, 1),
+        (47, 10, None, None, 1),
+        (300, 5, 1e-6, None, 1),
+        (500, 7, 1e-9, None, 1),
+        (500, 10, 1e-9, 0.7, 1),
+        (9, 10, None, None, 0),
+        (23, 4, None, 0.5, 1),
+    ],
+)
+def test_graphed_loop_equals_the_eager_loop(monkeypatch, n_iters, check_every, tol, eps_scaling, captures):
     from sotalign.kernels import load_backend
+
     sinkhorn_module = importlib.import_module("sotalign.ot.sinkhorn")  # the function shadows it
 
     monkeypatch.setattr(sinkhorn_module, "_capture", FakeGraph)
@@ -191,14 +208,15 @@ def test_graphed_loop_equals_the_eager_loop(monkeypatch, n_iters, check_every, t
     options = dict(tol=tol, check_every=check_every, eps_scaling=eps_scaling)
     backend = load_backend("torch")
     f, g, done = sinkhorn_module.solve(backend, K, 0.05, n_iters, log_a, log_b, **options)
-    f_graph, g_graph, done_graph = sinkhorn_module.solve(backend, K, 0.05, n_iters, log_a, log_b,
-                                                         cuda_graph=True, **options)
+    f_graph, g_graph, done_graph = sinkhorn_module.solve(
+        backend, K, 0.05, n_iters, log_a, log_b, cuda_graph=True, **options
+    )
     assert done_graph == done
     torch.testing.assert_close(f_graph, f, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(g_graph, g, rtol=1e-13, atol=1e-15)
     assert FakeGraph.captures == captures
     if tol is not None:
-        assert done < n_iters      # it stopped on the tolerance, at a chunk start
+        assert done < n_iters  # it stopped on the tolerance, at a chunk start
 
 
 def test_cuda_graph_needs_cuda_tensors():

@@ -26,9 +26,11 @@ def test_split_sizes_and_disjointness():
 
 def test_unpaired_pools_are_independent_subsets():
     # two independent uniform 300-subsets of an 850-row pool share 300²/850 ≈ 105.9 rows on average
-    overlaps = [len(np.intersect1d(s.unpaired_images, s.unpaired_texts))
-                for s in (make_split(1000, 100, 50, n_unpaired=300, seed=seed) for seed in range(40))]
-    assert abs(np.mean(overlaps) - 300 ** 2 / 850) < 4
+    overlaps = [
+        len(np.intersect1d(s.unpaired_images, s.unpaired_texts))
+        for s in (make_split(1000, 100, 50, n_unpaired=300, seed=seed) for seed in range(40))
+    ]
+    assert abs(np.mean(overlaps) - 300**2 / 850) < 4
 
 
 def test_all_available_overlap_and_disjoint_modes():

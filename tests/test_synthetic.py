@@ -37,8 +37,9 @@ def test_modalities_share_a_latent_but_not_a_linear_map():
     d = make_platonic(3000, image_dim=64, text_dim=48, latent_dim=8, n_concepts=10, noise=0.05, seed=0)
     tr, te = slice(0, 2000), slice(2000, 3000)
     paired = _ridge_r2(d.images[tr], d.texts[tr], d.images[te], d.texts[te])
-    shuffled = _ridge_r2(d.images[tr], d.texts[tr][np.random.default_rng(0).permutation(2000)],
-                         d.images[te], d.texts[te])
+    shuffled = _ridge_r2(
+        d.images[tr], d.texts[tr][np.random.default_rng(0).permutation(2000)], d.images[te], d.texts[te]
+    )
     assert paired > 0.6 and shuffled < 0.05, (paired, shuffled)
     # ... yet the maps are non-linear and different: a linear map leaves clearly more residual
     # than the noise alone (noise² · text_dim per row, vs the texts' variance)
@@ -71,8 +72,12 @@ def test_concepts_cluster_and_prompts_classify_texts():
 def test_encode_text_templates():
     d = make_platonic(10, n_concepts=5, noise=0.1, seed=6)
     a, b = d.concept_names[0], d.concept_names[3]
-    prompts = [f"a photo of a {a}.", f"a photo of a {b}.", f"A sketch of the {a}",
-               f"a sketch of the {b.upper()}"]
+    prompts = [
+        f"a photo of a {a}.",
+        f"a photo of a {b}.",
+        f"A sketch of the {a}",
+        f"a sketch of the {b.upper()}",
+    ]
     e = d.encode_text(prompts)
     # a template adds the same offset to every class; different templates differ
     np.testing.assert_allclose(e[0] - e[2], e[1] - e[3], atol=1e-5)

@@ -11,9 +11,15 @@ import pytest
 import scipy.linalg
 import torch
 
-from sotalign.align.teachers import (TEACHER_NAMES, CCATeacher, ContrastiveTeacher,
-                                     CovarianceAccumulator, ProcrustesTeacher, Teacher,
-                                     make_teacher)
+from sotalign.align.teachers import (
+    TEACHER_NAMES,
+    CCATeacher,
+    ContrastiveTeacher,
+    CovarianceAccumulator,
+    ProcrustesTeacher,
+    Teacher,
+    make_teacher,
+)
 
 
 def planted(n=400, d_x=10, d_y=7, noise=0.05, seed=0, offset=0.0):
@@ -37,13 +43,14 @@ def cosine_top1(za: torch.Tensor, zb: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- CCA
 
+
 def test_cca_correlations_match_qr_svd_without_regulariser():
     A, B = planted(noise=0.5)
     teacher = CCATeacher(reg=0.0).fit(A, B)
     # Björck–Golub: canonical correlations are the singular values of Q_aᵀ Q_b.
     Qa, _ = np.linalg.qr(centred(A))
     Qb, _ = np.linalg.qr(centred(B))
-    expected = np.linalg.svd(Qa.T @ Qb, compute_uv=False)[:teacher.out_dim]
+    expected = np.linalg.svd(Qa.T @ Qb, compute_uv=False)[: teacher.out_dim]
     rho = teacher.correlations.numpy()
     np.testing.assert_allclose(rho, expected, rtol=1e-9, atol=1e-10)
     assert np.all(np.diff(rho) <= 1e-12), "correlations must be non-increasing"
@@ -59,7 +66,7 @@ def test_cca_regularised_correlations_match_generalised_eigenproblem():
     # ρ² are the eigenvalues of (Cxx+λI)^{-1} Cxy (Cyy+λI)^{-1} Cyx.
     Mx = np.linalg.solve(Cxx + lam * np.eye(A.shape[1]), Cxy)
     My = np.linalg.solve(Cyy + lam * np.eye(B.shape[1]), Cxy.T)
-    eig = np.sort(np.linalg.eigvals(Mx @ My).real)[::-1][:teacher.out_dim]
+    eig = np.sort(np.linalg.eigvals(Mx @ My).real)[::-1][: teacher.out_dim]
     np.testing.assert_allclose(teacher.correlations.numpy() ** 2, eig, rtol=1e-8, atol=1e-10)
 
 
@@ -76,8 +83,9 @@ def test_cca_features_whitened_up_to_the_regulariser():
         np.testing.assert_allclose(Zx.T @ Zy / n, np.diag(rho), atol=2e-5)
         # Own covariance: eigenvalues c/(c+λ) over the eigenvalues c of C_xx (I when λ = 0).
         c = np.linalg.eigvalsh(centred(A).T @ centred(A) / n)
-        np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(Zx.T @ Zx / n)), np.sort(c / (c + lam)),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            np.sort(np.linalg.eigvalsh(Zx.T @ Zx / n)), np.sort(c / (c + lam)), rtol=1e-4, atol=1e-5
+        )
         if lam == 0.0:
             np.testing.assert_allclose(Zx.T @ Zx / n, np.eye(6), atol=1e-4)
 
@@ -93,7 +101,7 @@ def test_cca_recovers_planted_map_on_held_out_pairs():
 
 def test_cca_default_out_dim_and_explicit_out_dim():
     A, B = planted(n=5, d_x=10, d_y=7)
-    assert CCATeacher().fit(A, B).out_dim == 5          # min(d_x, d_y, n_p)
+    assert CCATeacher().fit(A, B).out_dim == 5  # min(d_x, d_y, n_p)
     assert CCATeacher(out_dim=3).fit(A, B).out_dim == 3
     with pytest.raises(ValueError, match="out_dim"):
         CCATeacher(out_dim=8).fit(A, B)
@@ -103,21 +111,27 @@ def test_cca_default_out_dim_and_explicit_out_dim():
 
 # --------------------------------------------------------------------------- streaming
 
+
 def test_fit_stream_equals_fit_and_numpy_covariance():
-    A, B = planted(n=333, seed=4, offset=1e4)   # large means: the merge must stay stable
+    A, B = planted(n=333, seed=4, offset=1e4)  # large means: the merge must stay stable
     for cls in (CCATeacher, ProcrustesTeacher):
         whole = cls().fit(A, B)
         cuts = [0, 1, 50, 51, 200, 333]
-        streamed = cls().fit_stream((A[a:b], torch.from_numpy(B[a:b]))
-                                    for a, b in zip(cuts[:-1], cuts[1:]))
+        streamed = cls().fit_stream((A[a:b], torch.from_numpy(B[a:b])) for a, b in zip(cuts[:-1], cuts[1:]))
         for name in ("image_mean", "text_mean", "image_map", "text_map"):
-            np.testing.assert_allclose(getattr(streamed, name).numpy(), getattr(whole, name).numpy(),
-                                       rtol=1e-7, atol=1e-9, err_msg=f"{cls.__name__}.{name}")
+            np.testing.assert_allclose(
+                getattr(streamed, name).numpy(),
+                getattr(whole, name).numpy(),
+                rtol=1e-7,
+                atol=1e-9,
+                err_msg=f"{cls.__name__}.{name}",
+            )
     acc = CovarianceAccumulator()
     for a, b in zip(cuts[:-1], cuts[1:]):
         acc.update(torch.from_numpy(A[a:b]), torch.from_numpy(B[a:b]))
-    np.testing.assert_allclose(acc.covariance("xy").numpy(),
-                               np.cov(A.T, B.T, bias=True)[:10, 10:], rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(
+        acc.covariance("xy").numpy(), np.cov(A.T, B.T, bias=True)[:10, 10:], rtol=1e-9, atol=1e-6
+    )
     np.testing.assert_allclose(acc.covariance("xx").numpy(), np.cov(A.T, bias=True), rtol=1e-9, atol=1e-6)
 
 
@@ -132,6 +146,7 @@ def test_fit_stream_rejects_bad_batches():
 
 
 # --------------------------------------------------------------------------- Procrustes
+
 
 def test_procrustes_recovers_planted_rotation_like_scipy():
     rng = np.random.default_rng(5)
@@ -199,10 +214,18 @@ def test_contrastive_variants_reduce_loss(options, one_torch_thread):
 
 # --------------------------------------------------------------------------- persistence
 
+
 def fitted_teachers():
     A, B = planted(n=64, d_x=8, d_y=6, seed=9)
-    return A, B, [CCATeacher(out_dim=5).fit(A, B), ProcrustesTeacher().fit(A, B),
-                  ContrastiveTeacher(out_dim=4, steps=5).fit(A, B)]
+    return (
+        A,
+        B,
+        [
+            CCATeacher(out_dim=5).fit(A, B),
+            ProcrustesTeacher().fit(A, B),
+            ContrastiveTeacher(out_dim=4, steps=5).fit(A, B),
+        ],
+    )
 
 
 def test_save_load_round_trip(tmp_path):
@@ -229,8 +252,11 @@ def test_load_errors_name_the_file(tmp_path):
     cases = {
         "not json": ("teacher.json", lambda b: b[:10], "teacher.json"),
         "truncated tensors": ("teacher.safetensors", lambda b: b[:-7], "teacher.safetensors"),
-        "flipped byte": ("teacher.safetensors", lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:],
-                         "teacher.safetensors"),
+        "flipped byte": (
+            "teacher.safetensors",
+            lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:],
+            "teacher.safetensors",
+        ),
     }
     for label, (file, mutate, named) in cases.items():
         directory = tmp_path / label
@@ -244,10 +270,12 @@ def test_load_errors_name_the_file(tmp_path):
         meta.update(changes)
         (directory / "teacher.json").write_text(json.dumps(meta))
 
-    for label, changes, message in [("version", {"format_version": 99}, "format version"),
-                                    ("name", {"name": "pca"}, "unknown teacher name"),
-                                    ("dims", {"image_dim": 3}, "shape"),
-                                    ("options", {"options": {"reg": -1.0}}, "invalid options")]:
+    for label, changes, message in [
+        ("version", {"format_version": 99}, "format version"),
+        ("name", {"name": "pca"}, "unknown teacher name"),
+        ("dims", {"image_dim": 3}, "shape"),
+        ("options", {"options": {"reg": -1.0}}, "invalid options"),
+    ]:
         directory = tmp_path / label
         teachers[0].save(directory)
         edit_json(directory, **changes)
@@ -273,6 +301,7 @@ def test_load_errors_name_the_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- input checks
+
 
 def test_bad_input_is_rejected_clearly():
     A, B = planted(n=20)

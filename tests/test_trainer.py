@@ -17,8 +17,18 @@ from sotalign.align.trainer import BatchSource, cosine_schedule
 from sotalign.data import save_store, write_platonic
 
 # Tiny, fast settings (the paper's defaults are for 10k pairs and 1024-d encoders).
-TINY = dict(out_dim=16, lr=1e-2, paired_batch_size=64, unpaired_batch_size=96, n_iters=20,
-            eps_teacher=0.05, alpha=1e-2, eval_every=10, checkpoint_every=10, device="cpu")
+TINY = dict(
+    out_dim=16,
+    lr=1e-2,
+    paired_batch_size=64,
+    unpaired_batch_size=96,
+    n_iters=20,
+    eps_teacher=0.05,
+    alpha=1e-2,
+    eval_every=10,
+    checkpoint_every=10,
+    device="cpu",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,14 +43,28 @@ def platonic(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(platonic):
-    spec = DataSpec(images=str(platonic / "images.npy"), texts=str(platonic / "texts.npy"),
-                    n_pairs=64, n_val=200, n_test=300, split_seed=0)
+    spec = DataSpec(
+        images=str(platonic / "images.npy"),
+        texts=str(platonic / "texts.npy"),
+        n_pairs=64,
+        n_val=200,
+        n_test=300,
+        split_seed=0,
+    )
     return AlignmentData.from_spec(spec)
 
 
 def test_split_roles_are_disjoint_and_sized(data):
-    assert data.sizes() == {"paired_images": 64, "paired_texts": 64, "unpaired_images": 836, "unpaired_texts": 836,
-                            "val_images": 200, "val_texts": 200, "test_images": 300, "test_texts": 300}
+    assert data.sizes() == {
+        "paired_images": 64,
+        "paired_texts": 64,
+        "unpaired_images": 836,
+        "unpaired_texts": 836,
+        "val_images": 200,
+        "val_texts": 200,
+        "test_images": 300,
+        "test_texts": 300,
+    }
     held_out = set(data.val_images.indices) | set(data.test_images.indices)
     assert not set(data.val_images.indices) & set(data.test_images.indices)
     for rows in (data.paired_images, data.unpaired_images, data.unpaired_texts):
@@ -52,7 +76,9 @@ def retrieval_r1(img: torch.Tensor, txt: torch.Tensor) -> float:
     """Mean of image→text and text→image R@1 (%), by argmax, as an independent oracle."""
     s = F.normalize(img, dim=1) @ F.normalize(txt, dim=1).T
     target = torch.arange(len(s))
-    return 50.0 * (float((s.argmax(1) == target).float().mean()) + float((s.argmax(0) == target).float().mean()))
+    return 50.0 * (
+        float((s.argmax(1) == target).float().mean()) + float((s.argmax(0) == target).float().mean())
+    )
 
 
 def test_teacher_alone_beats_chance(data, tmp_path):
@@ -133,16 +159,19 @@ def test_cosine_schedule_closed_form():
         assert factor(t) == pytest.approx(0.5 * (1 + math.cos(math.pi * (t - 5) / 20)))
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(lr=-1.0), "lr must be > 0"),
-    (dict(alpha=-0.1), "alpha must be >= 0"),
-    (dict(method="nope"), "unknown method 'nope'"),
-    (dict(steps=0), "steps must be > 0"),
-    (dict(steps=10, warmup_steps=10), "warmup_steps must be < steps"),
-    (dict(steps="10"), "steps must be int"),
-    (dict(device="tpu"), "device must be"),
-    (dict(method="structure", method_options={"lamda": 1}), "no option.*lamda"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(lr=-1.0), "lr must be > 0"),
+        (dict(alpha=-0.1), "alpha must be >= 0"),
+        (dict(method="nope"), "unknown method 'nope'"),
+        (dict(steps=0), "steps must be > 0"),
+        (dict(steps=10, warmup_steps=10), "warmup_steps must be < steps"),
+        (dict(steps="10"), "steps must be int"),
+        (dict(device="tpu"), "device must be"),
+        (dict(method="structure", method_options={"lamda": 1}), "no option.*lamda"),
+    ],
+)
 def test_bad_configuration_values_are_named(options, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**options)
@@ -153,7 +182,7 @@ def test_toml_unknown_keys_and_bad_values_name_the_file(tmp_path):
     path.write_text('method = "sail"\nstepz = 10\nlearning_rate = 1\n')
     with pytest.raises(ConfigError, match=r"run\.toml: unknown option\(s\) learning_rate, stepz"):
         load_config(path)
-    path.write_text('alpha = -1e-4\n')
+    path.write_text("alpha = -1e-4\n")
     with pytest.raises(ConfigError, match=r"run\.toml: TrainConfig\.alpha must be >= 0"):
         load_config(path)
     path.write_text('steps = 5\n[data]\nimages = "a.npy"\ntexts = "b.npy"\nn_pairs = 10\nn_vall = 3\n')
@@ -170,8 +199,12 @@ def test_toml_unknown_keys_and_bad_values_name_the_file(tmp_path):
 def test_bad_stores_and_run_directories_give_clear_errors(platonic, data, tmp_path):
     images = str(platonic / "images.npy")
     save_store(tmp_path / "narrow.npy", np.zeros((50, 7), np.float32))
-    spec = DataSpec(paired_images=images, paired_texts=str(platonic / "texts.npy"),
-                    unpaired_images=str(tmp_path / "narrow.npy"), unpaired_texts=str(platonic / "texts.npy"))
+    spec = DataSpec(
+        paired_images=images,
+        paired_texts=str(platonic / "texts.npy"),
+        unpaired_images=str(tmp_path / "narrow.npy"),
+        unpaired_texts=str(platonic / "texts.npy"),
+    )
     with pytest.raises(ValueError, match=r"narrow\.npy: unpaired images have dimension 7.*have 24"):
         AlignmentData.from_spec(spec)
     with pytest.raises(FileNotFoundError, match=r"missing\.npy"):
@@ -187,5 +220,10 @@ def test_bad_stores_and_run_directories_give_clear_errors(platonic, data, tmp_pa
     with pytest.raises(ValueError, match="already holds a run"):
         fit(config, data, tmp_path / "done", progress=False)
     with pytest.raises(ConfigError, match="changed: lr"):
-        fit(TrainConfig(method="cca+none", **{**TINY, "lr": 1e-3}), data, tmp_path / "done", resume=True,
-            progress=False)
+        fit(
+            TrainConfig(method="cca+none", **{**TINY, "lr": 1e-3}),
+            data,
+            tmp_path / "done",
+            resume=True,
+            progress=False,
+        )

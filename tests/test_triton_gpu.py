@@ -17,16 +17,17 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("compiled kernels only; the interpreter runs tests/test_triton_kernels.py",
-                allow_module_level=True)
+    pytest.skip(
+        "compiled kernels only; the interpreter runs tests/test_triton_kernels.py", allow_module_level=True
+    )
 pytest.importorskip("triton")
+
+from conftest import relative_error  # noqa: E402
 
 import sotalign  # noqa: E402
 from sotalign.kernels.base import Affinity  # noqa: E402
 from sotalign.kernels.reference import ReferenceBackend  # noqa: E402
 from sotalign.kernels.triton import TritonBackend  # noqa: E402
-
-from conftest import relative_error  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -49,8 +50,12 @@ def clustered(n: int, m: int, d: int, seed: int):
     """Cosine features with shared cluster structure, so plans are far from uniform."""
     centers = unit_rows(16, d, seed, torch.float64)
     pick = torch.Generator(device=CUDA).manual_seed(seed + 1)
-    x = centers[torch.randint(0, 16, (n,), generator=pick, device=CUDA)] + 0.5 * unit_rows(n, d, seed + 2, torch.float64)
-    y = centers[torch.randint(0, 16, (m,), generator=pick, device=CUDA)] + 0.5 * unit_rows(m, d, seed + 3, torch.float64)
+    x = centers[torch.randint(0, 16, (n,), generator=pick, device=CUDA)] + 0.5 * unit_rows(
+        n, d, seed + 2, torch.float64
+    )
+    y = centers[torch.randint(0, 16, (m,), generator=pick, device=CUDA)] + 0.5 * unit_rows(
+        m, d, seed + 3, torch.float64
+    )
     return torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
 
 
@@ -79,8 +84,17 @@ def test_klot_agrees_with_reference_at_realistic_size(path):
     def run(dtype, backend, path):
         xs = x.to(dtype).requires_grad_()
         ys = y.to(dtype).requires_grad_()
-        loss = sotalign.klot(xs, ys, x_t.to(dtype), y_t.to(dtype), eps=0.05, eps_teacher=0.01,
-                             n_iters=100, backend=backend, path=path)
+        loss = sotalign.klot(
+            xs,
+            ys,
+            x_t.to(dtype),
+            y_t.to(dtype),
+            eps=0.05,
+            eps_teacher=0.01,
+            n_iters=100,
+            backend=backend,
+            path=path,
+        )
         return (loss.detach(), *torch.autograd.grad(loss, (xs, ys)))
 
     expected = run(torch.float64, "reference", "auto")
@@ -100,8 +114,12 @@ def test_split_reduction_on_gpu():
     g = torch.zeros(m, device=CUDA, dtype=torch.float64)
     assert relative_error(backend.lse_rows(K, g.float(), 0.05), REFERENCE.lse_rows(K64, g, 0.05)) < 2e-3
     f = -0.05 * REFERENCE.lse_rows(K64, g, 0.05)
-    assert relative_error(backend.plan_inner(K, f.float(), g.float(), 0.05, K),
-                          REFERENCE.plan_inner(K64, f, g, 0.05, K64)) < 2e-3
+    assert (
+        relative_error(
+            backend.plan_inner(K, f.float(), g.float(), 0.05, K), REFERENCE.plan_inner(K64, f, g, 0.05, K64)
+        )
+        < 2e-3
+    )
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32x3", "tf32", "fp16"])
@@ -114,8 +132,16 @@ def test_precision_flags_are_finite_and_bounded(precision):
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
     assert 0.01 * float((out.double() - expected).abs().max()) < LSE_BOUND[precision]
     x_t, y_t = clustered(n, m, 256, seed=40)
-    loss = sotalign.klot(x.float(), y.float(), x_t.float(), y_t.float(), n_iters=50,
-                         backend="triton", path="online", precision=precision)
+    loss = sotalign.klot(
+        x.float(),
+        y.float(),
+        x_t.float(),
+        y_t.float(),
+        n_iters=50,
+        backend="triton",
+        path="online",
+        precision=precision,
+    )
     assert bool(torch.isfinite(loss))
 
 
@@ -146,8 +172,9 @@ def test_tensors_on_a_device_that_is_not_current():
     g = torch.zeros(200, device=CUDA, dtype=torch.float64)
     expected = REFERENCE.lse_rows(Affinity.from_features(x, y), g, 0.05)
     with torch.cuda.device(0):
-        out = TritonBackend().lse_rows(Affinity.from_features(x.float().to(other), y.float().to(other)),
-                                       g.float().to(other), 0.05)
+        out = TritonBackend().lse_rows(
+            Affinity.from_features(x.float().to(other), y.float().to(other)), g.float().to(other), 0.05
+        )
     assert out.device == other
     assert relative_error(out.to(CUDA), expected) < 2e-3
 
@@ -159,8 +186,7 @@ def test_cuda_graph_replay_matches_eager():
     x, y = clustered(3000, 2500, 256, seed=5)
     x, y = x.float(), y.float()
     eager = sotalign.sinkhorn(x, y, eps=0.05, n_iters=40, backend="triton", path="online")
-    graphed = sotalign.sinkhorn(x, y, eps=0.05, n_iters=40, backend="triton", path="online",
-                                cuda_graph=True)
+    graphed = sotalign.sinkhorn(x, y, eps=0.05, n_iters=40, backend="triton", path="online", cuda_graph=True)
     assert relative_error(graphed.f, eager.f) < 1e-6
     assert relative_error(graphed.g, eager.g) < 1e-6
 

@@ -29,21 +29,27 @@ if not CUDA:
     from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(triton.language.zeros, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set, so its language "
-                    "helpers are compiled-mode; set TRITON_INTERPRET=1 in the environment "
-                    "(or in conftest.py) to run these tests in the same session",
-                    allow_module_level=True)
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET=1 was set, so its language "
+            "helpers are compiled-mode; set TRITON_INTERPRET=1 in the environment "
+            "(or in conftest.py) to run these tests in the same session",
+            allow_module_level=True,
+        )
+
+from conftest import relative_error  # noqa: E402
 
 import sotalign  # noqa: E402
 from sotalign.kernels.base import Affinity  # noqa: E402
 from sotalign.kernels.reference import ReferenceBackend  # noqa: E402
 from sotalign.ot.sinkhorn import solve, uniform_log_weights  # noqa: E402
 
-from conftest import relative_error  # noqa: E402
-
-KERNEL_MODULES = ["sotalign.kernels.triton", "sotalign.kernels.triton.tiles",
-                  "sotalign.kernels.triton.lse", "sotalign.kernels.triton.plan",
-                  "sotalign.kernels.triton.backend"]
+KERNEL_MODULES = [
+    "sotalign.kernels.triton",
+    "sotalign.kernels.triton.tiles",
+    "sotalign.kernels.triton.lse",
+    "sotalign.kernels.triton.plan",
+    "sotalign.kernels.triton.backend",
+]
 
 
 def _triton_package():
@@ -111,6 +117,7 @@ def check(value: torch.Tensor, expected: torch.Tensor, dtype) -> None:
 
 # ---------------------------------------------------------------------- primitives
 
+
 @DTYPES
 @pytest.mark.parametrize("splits", [None, 3], ids=["one-split", "three-splits"])
 @pytest.mark.parametrize("dense", [False, True], ids=["online", "dense"])
@@ -138,19 +145,29 @@ def test_plan_products_match_reference(case, dense, splits, dtype):
     K, K_t = affinities(t, dense, False)
     backend = TritonBackend(splits=splits)
     f, g = case["f"], case["g"]
-    check(backend.plan_matmul(K, t["f"], t["g"], EPS, V.to(dtype=dtype, device=DEVICE)),
-          REFERENCE.plan_matmul(reference_K, f, g, EPS, V), dtype)
-    check(backend.plan_t_matmul(K, t["f"], t["g"], EPS, U.to(dtype=dtype, device=DEVICE)),
-          REFERENCE.plan_t_matmul(reference_K, f, g, EPS, U), dtype)
-    check(backend.plan_inner(K, t["f"], t["g"], EPS, K_t),
-          REFERENCE.plan_inner(reference_K, f, g, EPS, reference_K_t), dtype)
+    check(
+        backend.plan_matmul(K, t["f"], t["g"], EPS, V.to(dtype=dtype, device=DEVICE)),
+        REFERENCE.plan_matmul(reference_K, f, g, EPS, V),
+        dtype,
+    )
+    check(
+        backend.plan_t_matmul(K, t["f"], t["g"], EPS, U.to(dtype=dtype, device=DEVICE)),
+        REFERENCE.plan_t_matmul(reference_K, f, g, EPS, U),
+        dtype,
+    )
+    check(
+        backend.plan_inner(K, t["f"], t["g"], EPS, K_t),
+        REFERENCE.plan_inner(reference_K, f, g, EPS, reference_K_t),
+        dtype,
+    )
 
 
 @DTYPES
-@pytest.mark.parametrize("dense,dense_teacher,splits",
-                         [(False, False, None), (True, True, None), (False, True, None),
-                          (False, False, 2), (True, True, 2)],
-                         ids=["online", "dense", "dense-teacher", "online-split", "dense-split"])
+@pytest.mark.parametrize(
+    "dense,dense_teacher,splits",
+    [(False, False, None), (True, True, None), (False, True, None), (False, False, 2), (True, True, 2)],
+    ids=["online", "dense", "dense-teacher", "online-split", "dense-split"],
+)
 def test_klot_primitives_match_reference(case, dense, dense_teacher, splits, dtype):
     reference = affinities(case, dense, dense_teacher)
     student = (case["f"], case["g"], EPS)
@@ -163,8 +180,9 @@ def test_klot_primitives_match_reference(case, dense, dense_teacher, splits, dty
     check(backend.klot_value(*args), REFERENCE.klot_value(*reference_args), dtype)
     check(backend.klot_grad_dense(*args), REFERENCE.klot_grad_dense(*reference_args), dtype)
     if not dense:
-        for value, expected in zip(backend.klot_grad_features(*args),
-                                   REFERENCE.klot_grad_features(*reference_args)):
+        for value, expected in zip(
+            backend.klot_grad_features(*args), REFERENCE.klot_grad_features(*reference_args)
+        ):
             check(value, expected, dtype)
 
 
@@ -185,15 +203,21 @@ def test_empty_splits_are_identities():
     K = Affinity.from_features(t["x"], t["y"])
     backend = TritonBackend(splits=5)
     check(backend.lse_rows(K, t["g"], EPS), REFERENCE.lse_rows(K, t["g"], EPS), torch.float64)
-    check(backend.plan_inner(K, t["f"], t["g"], EPS, K),
-          REFERENCE.plan_inner(K, t["f"], t["g"], EPS, K), torch.float64)
+    check(
+        backend.plan_inner(K, t["f"], t["g"], EPS, K),
+        REFERENCE.plan_inner(K, t["f"], t["g"], EPS, K),
+        torch.float64,
+    )
 
 
 # ---------------------------------------------------------------------- through the front
 
-@pytest.mark.parametrize("dense,dtype", [(False, torch.float64), (False, torch.float32),
-                                         (True, torch.float64)],
-                         ids=["online-fp64", "online-fp32", "dense-fp64"])
+
+@pytest.mark.parametrize(
+    "dense,dtype",
+    [(False, torch.float64), (False, torch.float32), (True, torch.float64)],
+    ids=["online-fp64", "online-fp32", "dense-fp64"],
+)
 def test_sinkhorn_plan_matches_reference(dense, dtype):
     case = problem(37, 53, 20, 12, seed=11)
     K_reference = Affinity.from_features(case["x"], case["y"])
@@ -203,8 +227,14 @@ def test_sinkhorn_plan_matches_reference(dense, dtype):
 
     t = cast(case, dtype)
     K, _ = affinities(t, dense, False)
-    f, g, done = solve(TritonBackend(), K, EPS, 12, log_a.to(dtype=dtype, device=DEVICE),
-                       log_b.to(dtype=dtype, device=DEVICE))
+    f, g, done = solve(
+        TritonBackend(),
+        K,
+        EPS,
+        12,
+        log_a.to(dtype=dtype, device=DEVICE),
+        log_b.to(dtype=dtype, device=DEVICE),
+    )
     assert done == 12
     plan = ((f[:, None] + g[None, :] + K.materialize().dense) / EPS).exp()
     plan_ref = ((f_ref[:, None] + g_ref[None, :] + K_reference.materialize().dense) / EPS).exp()
@@ -213,9 +243,11 @@ def test_sinkhorn_plan_matches_reference(dense, dtype):
     assert float((f.cpu().double() - f_ref).abs().max() / scale) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("path,dtype", [("online", torch.float64), ("online", torch.float32),
-                                        ("dense", torch.float32)],
-                         ids=["online-fp64", "online-fp32", "dense-fp32"])
+@pytest.mark.parametrize(
+    "path,dtype",
+    [("online", torch.float64), ("online", torch.float32), ("dense", torch.float32)],
+    ids=["online-fp64", "online-fp32", "dense-fp32"],
+)
 def test_klot_autograd_matches_reference(path, dtype):
     """Value and gradients wrt the student features through ``sotalign.klot``'s custom ops
     with ``backend="triton"`` (dot affinity: the features are already unit rows)."""
@@ -225,8 +257,18 @@ def test_klot_autograd_matches_reference(path, dtype):
         x = case["x"].to(dtype=dtype, device=device).requires_grad_()
         y = case["y"].to(dtype=dtype, device=device).requires_grad_()
         x_t, y_t = (case[k].to(dtype=dtype, device=device) for k in ("x_t", "y_t"))
-        loss = sotalign.klot(x, y, x_t, y_t, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=10,
-                             affinity="dot", backend=backend, path=path)
+        loss = sotalign.klot(
+            x,
+            y,
+            x_t,
+            y_t,
+            eps=EPS,
+            eps_teacher=EPS_TEACHER,
+            n_iters=10,
+            affinity="dot",
+            backend=backend,
+            path=path,
+        )
         return (loss.detach(), *torch.autograd.grad(loss, (x, y)))
 
     expected = run("reference", torch.float64, torch.device("cpu"), "auto")
@@ -240,8 +282,9 @@ def test_dense_klot_autograd_matches_reference():
 
     def run(backend, device):
         K = (case["x"] @ case["y"].T).to(device).requires_grad_()
-        loss = sotalign.klot_dense(K, K_t.to(device), eps=EPS, eps_teacher=EPS_TEACHER,
-                                   n_iters=10, backend=backend)
+        loss = sotalign.klot_dense(
+            K, K_t.to(device), eps=EPS, eps_teacher=EPS_TEACHER, n_iters=10, backend=backend
+        )
         return loss.detach(), torch.autograd.grad(loss, K)[0]
 
     expected = run("reference", torch.device("cpu"))
@@ -251,7 +294,10 @@ def test_dense_klot_autograd_matches_reference():
 
 # ---------------------------------------------------------------------- precision flags, errors
 
-@pytest.mark.parametrize("precision,bound", [("fp32", 1e-5), ("tf32x3", 1e-5), ("tf32", 4e-3), ("fp16", 2e-3)])
+
+@pytest.mark.parametrize(
+    "precision,bound", [("fp32", 1e-5), ("tf32x3", 1e-5), ("tf32", 4e-3), ("fp16", 2e-3)]
+)
 def test_precision_flags_stay_close(precision, bound):
     """ε·|ΔLSE| (the error in the potentials, in units of K) of a half-step at ε = 0.01;
     fp16 (and tf32 on a GPU; the interpreter computes tf32 dots exactly) round the dot
@@ -274,25 +320,41 @@ def test_bad_arguments_are_rejected():
     backend = TritonBackend()
     x = torch.randn(4, 3, device=DEVICE)
     with pytest.raises(ValueError, match="float32 or float64"):
-        backend.lse_rows(Affinity.from_features(x.half(), x.half()), torch.zeros(4, device=DEVICE).half(), 0.1)
+        backend.lse_rows(
+            Affinity.from_features(x.half(), x.half()), torch.zeros(4, device=DEVICE).half(), 0.1
+        )
     with pytest.raises(ValueError, match="bias"):
         backend.lse_rows(Affinity.from_features(x, x), torch.zeros(5, device=DEVICE), 0.1)
     with pytest.raises(ValueError, match="V"):
-        backend.plan_matmul(Affinity.from_features(x, x), torch.zeros(4, device=DEVICE),
-                            torch.zeros(4, device=DEVICE), 0.1, torch.zeros(3, 2, device=DEVICE))
+        backend.plan_matmul(
+            Affinity.from_features(x, x),
+            torch.zeros(4, device=DEVICE),
+            torch.zeros(4, device=DEVICE),
+            0.1,
+            torch.zeros(3, 2, device=DEVICE),
+        )
     K = Affinity.from_dense(torch.zeros(4, 4, device=DEVICE))
     with pytest.raises(ValueError, match="features"):
-        backend.klot_grad_features(K, *[torch.zeros(4, device=DEVICE)] * 2, 0.1, K,
-                                   *[torch.zeros(4, device=DEVICE)] * 2, 0.1)
+        backend.klot_grad_features(
+            K, *[torch.zeros(4, device=DEVICE)] * 2, 0.1, K, *[torch.zeros(4, device=DEVICE)] * 2, 0.1
+        )
 
 
 def test_module_flags():
     assert triton_package.AVAILABLE and triton_package.IMPORT_ERROR is None
     assert triton_package.INTERPRETER == (not CUDA)
     assert TritonBackend.name == "triton" and TritonBackend.online
-    assert math.isclose(float(TritonBackend().lse_rows(
-        Affinity.from_dense(torch.zeros(3, 5, dtype=torch.float64, device=DEVICE)),
-        torch.zeros(5, dtype=torch.float64, device=DEVICE), 0.5)[0]), math.log(5), rel_tol=1e-14)
+    assert math.isclose(
+        float(
+            TritonBackend().lse_rows(
+                Affinity.from_dense(torch.zeros(3, 5, dtype=torch.float64, device=DEVICE)),
+                torch.zeros(5, dtype=torch.float64, device=DEVICE),
+                0.5,
+            )[0]
+        ),
+        math.log(5),
+        rel_tol=1e-14,
+    )
 
 
 # ---------------------------------------------------------------------- compiled for a GPU
@@ -337,8 +399,12 @@ def test_kernels_compile_for_hopper(tmp_path):
         pytest.skip("this triton has no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[1])
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
-                            text=True, timeout=600)
+    env.update(
+        TRITON_CACHE_DIR=str(tmp_path),
+        TRITON_DEFAULT_FP_FUSION="1",
+        PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

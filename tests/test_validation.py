@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import klot_problem
 
 import sotalign
-
-from conftest import klot_problem
 
 
 @pytest.fixture

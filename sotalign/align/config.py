@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .methods import get_method
 
@@ -102,13 +103,27 @@ class TrainConfig:
     def __post_init__(self):
         _check_fields(self)
         owner = "TrainConfig"
-        _positive(owner, out_dim=self.out_dim, lr=self.lr, steps=self.steps,
-                  paired_batch_size=self.paired_batch_size, unpaired_batch_size=self.unpaired_batch_size,
-                  eps=self.eps, eps_teacher=self.eps_teacher, n_iters=self.n_iters,
-                  eval_every=self.eval_every, checkpoint_every=self.checkpoint_every,
-                  head_hidden_dim=self.head_hidden_dim)
-        _non_negative(owner, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
-                      alpha=self.alpha, seed=self.seed)
+        _positive(
+            owner,
+            out_dim=self.out_dim,
+            lr=self.lr,
+            steps=self.steps,
+            paired_batch_size=self.paired_batch_size,
+            unpaired_batch_size=self.unpaired_batch_size,
+            eps=self.eps,
+            eps_teacher=self.eps_teacher,
+            n_iters=self.n_iters,
+            eval_every=self.eval_every,
+            checkpoint_every=self.checkpoint_every,
+            head_hidden_dim=self.head_hidden_dim,
+        )
+        _non_negative(
+            owner,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            alpha=self.alpha,
+            seed=self.seed,
+        )
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"{owner}.warmup_steps must be < steps ({self.warmup_steps} >= {self.steps})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -157,14 +172,27 @@ class DataSpec:
         owner = "DataSpec"
         _positive(owner, n_pairs=self.n_pairs, n_unpaired=self.n_unpaired)
         _non_negative(owner, n_val=self.n_val, n_test=self.n_test, split_seed=self.split_seed)
-        explicit = [name for name in ("paired_images", "paired_texts", "unpaired_images", "unpaired_texts",
-                                      "val_images", "val_texts", "test_images", "test_texts")
-                    if getattr(self, name) is not None]
+        explicit = [
+            name
+            for name in (
+                "paired_images",
+                "paired_texts",
+                "unpaired_images",
+                "unpaired_texts",
+                "val_images",
+                "val_texts",
+                "test_images",
+                "test_texts",
+            )
+            if getattr(self, name) is not None
+        ]
         if self.aligned:
             if self.images is None or self.texts is None:
                 raise ConfigError("data: give both images and texts for an aligned dataset")
             if explicit:
-                raise ConfigError(f"data: give either images/texts or explicit stores, not both ({explicit[0]})")
+                raise ConfigError(
+                    f"data: give either images/texts or explicit stores, not both ({explicit[0]})"
+                )
             if self.n_pairs is None:
                 raise ConfigError("data: n_pairs is required with images/texts (how many pairs to keep)")
         else:
@@ -184,8 +212,9 @@ def _build(cls, values: dict, source: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"{source}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
     try:
         return cls(**values)
     except ConfigError as error:
@@ -212,7 +241,9 @@ def load_config(path: str | Path) -> tuple[TrainConfig, DataSpec | None]:
     try:
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})") from None
+        raise ConfigError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})"
+        ) from None
     return build_configs(values, str(path))
 
 

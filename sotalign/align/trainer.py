@@ -44,6 +44,7 @@ READ_ROWS = 65536  # rows read at once when a whole pool is needed (NNCLR neighb
 
 # ----------------------------------------------------------------------------- data
 
+
 @dataclass(frozen=True)
 class Rows:
     """Some rows of an embedding store: row p of this view is `store` row `indices[p]`."""
@@ -66,8 +67,9 @@ class Rows:
         return self.store.rows(self.indices[np.asarray(positions)])
 
     def all(self) -> torch.Tensor:
-        return torch.cat([self.get(np.arange(s, min(s + READ_ROWS, len(self))))
-                          for s in range(0, len(self), READ_ROWS)])
+        return torch.cat(
+            [self.get(np.arange(s, min(s + READ_ROWS, len(self)))) for s in range(0, len(self), READ_ROWS)]
+        )
 
 
 @dataclass(frozen=True)
@@ -89,16 +91,22 @@ class AlignmentData:
             for role in ("unpaired", "val", "test"):
                 rows = getattr(self, f"{role}_{modality}")
                 if rows is not None and rows.dim != dim:
-                    raise ValueError(f"{rows.store.path}: {role} {modality} have dimension {rows.dim}, "
-                                     f"but the paired {modality} ({getattr(self, f'paired_{modality}').store.path}) "
-                                     f"have {dim}")
+                    raise ValueError(
+                        f"{rows.store.path}: {role} {modality} have dimension {rows.dim}, "
+                        f"but the paired {modality} ({getattr(self, f'paired_{modality}').store.path}) "
+                        f"have {dim}"
+                    )
         for role in ("paired", "val", "test"):
             images, texts = getattr(self, f"{role}_images"), getattr(self, f"{role}_texts")
             if images is not None and len(images) != len(texts):
-                raise ValueError(f"{role} stores are not aligned: {images.store.path} gives {len(images)} rows, "
-                                 f"{texts.store.path} gives {len(texts)}")
+                raise ValueError(
+                    f"{role} stores are not aligned: {images.store.path} gives {len(images)} rows, "
+                    f"{texts.store.path} gives {len(texts)}"
+                )
         if len(self.paired_images) < 2:
-            raise ValueError(f"{self.paired_images.store.path}: need at least 2 pairs, got {len(self.paired_images)}")
+            raise ValueError(
+                f"{self.paired_images.store.path}: need at least 2 pairs, got {len(self.paired_images)}"
+            )
 
     @property
     def image_dim(self) -> int:
@@ -109,49 +117,81 @@ class AlignmentData:
         return self.paired_texts.dim
 
     def sizes(self) -> dict[str, int]:
-        return {f"{role}_{m}": len(getattr(self, f"{role}_{m}")) for role in ("paired", "unpaired", "val", "test")
-                for m in ("images", "texts") if getattr(self, f"{role}_{m}") is not None}
+        return {
+            f"{role}_{m}": len(getattr(self, f"{role}_{m}"))
+            for role in ("paired", "unpaired", "val", "test")
+            for m in ("images", "texts")
+            if getattr(self, f"{role}_{m}") is not None
+        }
 
     @classmethod
     def from_spec(cls, spec: DataSpec) -> "AlignmentData":
         """Open the stores of `spec` (lazily) and split an aligned dataset into its roles."""
         if not spec.aligned:
+
             def pair(role):
                 images, texts = getattr(spec, f"{role}_images"), getattr(spec, f"{role}_texts")
                 if images is None:
                     return None, None
-                return Rows.whole(open_store(images, key=spec.key)), Rows.whole(open_store(texts, key=spec.key))
+                return Rows.whole(open_store(images, key=spec.key)), Rows.whole(
+                    open_store(texts, key=spec.key)
+                )
 
             (pi, pt), (ui, ut), (vi, vt), (ti, tt) = (pair(r) for r in ("paired", "unpaired", "val", "test"))
             return cls(pi, pt, ui, ut, vi, vt, ti, tt, spec=spec)
         images, texts = open_store(spec.images, key=spec.key), open_store(spec.texts, key=spec.key)
         check_aligned(images, texts)
         held_out = spec.n_val + spec.n_test
-        split = make_split(len(images), spec.n_pairs, held_out, n_unpaired=spec.n_unpaired, seed=spec.split_seed)
+        split = make_split(
+            len(images), spec.n_pairs, held_out, n_unpaired=spec.n_unpaired, seed=spec.split_seed
+        )
         # make_split returns sorted rows; shuffle before cutting validation from test so that
         # neither is biased towards one end of the store.
         order = np.random.default_rng([spec.split_seed, 4]).permutation(split.val)
-        val, test = np.sort(order[:spec.n_val]), np.sort(order[spec.n_val:])
+        val, test = np.sort(order[: spec.n_val]), np.sort(order[spec.n_val :])
 
         def rows(store, indices):
             return Rows(store, indices) if len(indices) else None
 
-        return cls(Rows(images, split.paired), Rows(texts, split.paired),
-                   rows(images, split.unpaired_images), rows(texts, split.unpaired_texts),
-                   rows(images, val), rows(texts, val), rows(images, test), rows(texts, test), spec=spec)
+        return cls(
+            Rows(images, split.paired),
+            Rows(texts, split.paired),
+            rows(images, split.unpaired_images),
+            rows(texts, split.unpaired_texts),
+            rows(images, val),
+            rows(texts, val),
+            rows(images, test),
+            rows(texts, test),
+            spec=spec,
+        )
 
 
 # ----------------------------------------------------------------------------- batches
 
+
 class BatchSource:
     """The inputs of step t: pairs, unpaired images and unpaired texts drawn independently."""
 
-    def __init__(self, recipe: Recipe, config: TrainConfig, data: AlignmentData, teacher: Teacher | None,
-                 device: torch.device):
-        self.recipe, self.data, self.teacher, self.device, self.seed = recipe, data, teacher, device, config.seed
+    def __init__(
+        self,
+        recipe: Recipe,
+        config: TrainConfig,
+        data: AlignmentData,
+        teacher: Teacher | None,
+        device: torch.device,
+    ):
+        self.recipe, self.data, self.teacher, self.device, self.seed = (
+            recipe,
+            data,
+            teacher,
+            device,
+            config.seed,
+        )
 
         def sampler(rows: Rows, batch_size: int, stream: str) -> BatchSampler:
-            return BatchSampler(np.arange(len(rows)), min(batch_size, len(rows)), seed=config.seed, stream=stream)
+            return BatchSampler(
+                np.arange(len(rows)), min(batch_size, len(rows)), seed=config.seed, stream=stream
+            )
 
         self.paired = sampler(data.paired_images, config.paired_batch_size, "paired")
         if "unpaired" in recipe.needs:
@@ -165,9 +205,16 @@ class BatchSource:
 
     def _neighbours(self, queries: Rows, pool: Rows) -> torch.Tensor:
         pool_features = pool.all()
-        return torch.cat([nnclr_positives(queries.get(np.arange(s, min(s + READ_ROWS, len(queries)))),
-                                          pool_features, k=self.recipe.k)
-                          for s in range(0, len(queries), READ_ROWS)])
+        return torch.cat(
+            [
+                nnclr_positives(
+                    queries.get(np.arange(s, min(s + READ_ROWS, len(queries)))),
+                    pool_features,
+                    k=self.recipe.k,
+                )
+                for s in range(0, len(queries), READ_ROWS)
+            ]
+        )
 
     def _to(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, non_blocking=True)
@@ -175,10 +222,16 @@ class BatchSource:
     def batch(self, step: int) -> Batch:
         data, parts = self.data, {}
         pairs = self.paired.batch(step)
-        parts["paired_images"], parts["paired_texts"] = data.paired_images.get(pairs), data.paired_texts.get(pairs)
+        parts["paired_images"], parts["paired_texts"] = (
+            data.paired_images.get(pairs),
+            data.paired_texts.get(pairs),
+        )
         if "unpaired" in self.recipe.needs:
             images, texts = self.images.batch(step), self.texts.batch(step)
-            parts["unpaired_images"], parts["unpaired_texts"] = data.unpaired_images.get(images), data.unpaired_texts.get(texts)
+            parts["unpaired_images"], parts["unpaired_texts"] = (
+                data.unpaired_images.get(images),
+                data.unpaired_texts.get(texts),
+            )
         if "teacher" in self.recipe.needs:
             parts["teacher_images"] = self.teacher.transform_images(parts["unpaired_images"])
             parts["teacher_texts"] = self.teacher.transform_texts(parts["unpaired_texts"])
@@ -194,6 +247,7 @@ class BatchSource:
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,10 +258,12 @@ def resolve_device(name: str) -> torch.device:
 
 def cosine_schedule(warmup_steps: int, steps: int):
     """LR factor of step t: linear warm-up over `warmup_steps`, then ½(1 + cos(π·progress))."""
+
     def factor(t: int) -> float:
         if t < warmup_steps:
             return (t + 1) / warmup_steps
         return 0.5 * (1.0 + math.cos(math.pi * (t - warmup_steps) / (steps - warmup_steps)))
+
     return factor
 
 
@@ -233,8 +289,10 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt file; all mean the same
-        raise ValueError(f"{path}: cannot read the checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        raise ValueError(
+            f"{path}: cannot read the checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
+        ) from None
 
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, data: AlignmentData, resume: bool) -> None:
@@ -247,11 +305,15 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, data: AlignmentData, re
         previous = read_json(config_path)
         changed = sorted(k for k in set(previous) | set(stored) if previous.get(k) != stored.get(k))
         if changed:
-            raise ConfigError(f"{config_path}: --resume needs the same configuration; changed: {', '.join(changed)}")
+            raise ConfigError(
+                f"{config_path}: --resume needs the same configuration; changed: {', '.join(changed)}"
+            )
         return
     if (run_dir / CHECKPOINT).exists() or config_path.exists():
-        raise ValueError(f"{run_dir} already holds a run ({config_path.name}); pass resume=True / --resume "
-                         "to continue it, or choose a new directory")
+        raise ValueError(
+            f"{run_dir} already holds a run ({config_path.name}); pass resume=True / --resume "
+            "to continue it, or choose a new directory"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(config_path, stored)
 
@@ -271,15 +333,21 @@ def _stage1(recipe: Recipe, config: TrainConfig, data: AlignmentData, run_dir: P
 
 def _check_data(recipe: Recipe, data: AlignmentData) -> None:
     if "unpaired" in recipe.needs and (data.unpaired_images is None or data.unpaired_texts is None):
-        raise ValueError(f"method {recipe.name!r} needs unpaired images and texts "
-                         "(give --unpaired-images/--unpaired-texts, or an aligned dataset with rows to spare)")
+        raise ValueError(
+            f"method {recipe.name!r} needs unpaired images and texts "
+            "(give --unpaired-images/--unpaired-texts, or an aligned dataset with rows to spare)"
+        )
 
 
 def _finish(run_dir: Path, model: AlignedModel, data: AlignmentData, best_step: int | None, seconds: float):
     model.save_heads(run_dir)
-    metrics = {"method": model.method, "best_step": best_step, "seconds": round(seconds, 3),
-               "val": evaluate(model, data.val_images, data.val_texts),
-               "test": evaluate(model, data.test_images, data.test_texts)}
+    metrics = {
+        "method": model.method,
+        "best_step": best_step,
+        "seconds": round(seconds, 3),
+        "val": evaluate(model, data.val_images, data.val_texts),
+        "test": evaluate(model, data.test_images, data.test_texts),
+    }
     write_json(run_dir / "metrics.json", metrics)
 
 
@@ -293,8 +361,16 @@ def _restart_log(path: Path, step: int) -> None:
 
 # ----------------------------------------------------------------------------- fit
 
-def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = False, progress: bool = True,
-        on_step=None) -> AlignedModel:
+
+def fit(
+    config: TrainConfig,
+    data: AlignmentData,
+    run_dir,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step=None,
+) -> AlignedModel:
     """Train `config.method` on `data`, writing the run directory; returns the selected model.
 
     `resume=True` continues the run recorded in `run_dir/config.json` (the configuration must
@@ -316,16 +392,20 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
         return model
 
     torch.manual_seed(config.seed)  # the heads' initialisation; everything else is seeded statelessly
-    heads = AlignmentHeads(data.image_dim, data.text_dim, config.out_dim, config.head_kind,
-                           config.head_hidden_dim).to(device)
+    heads = AlignmentHeads(
+        data.image_dim, data.text_dim, config.out_dim, config.head_kind, config.head_hidden_dim
+    ).to(device)
     losses = recipe.loss_modules().to(device)
     weights = recipe.weights(config.alpha)
-    optimizer = Lion([*heads.parameters(), *losses.parameters()], lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = Lion(
+        [*heads.parameters(), *losses.parameters()], lr=config.lr, weight_decay=config.weight_decay
+    )
     scheduler = LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
     batches = BatchSource(recipe, config, data, teacher, device)
     model = AlignedModel(heads=heads, teacher=teacher, method=recipe.name)
-    divergence_options = dict(eps=config.eps, eps_teacher=config.eps_teacher, n_iters=config.n_iters,
-                              backend=config.backend)
+    divergence_options = dict(
+        eps=config.eps, eps_teacher=config.eps_teacher, n_iters=config.n_iters, backend=config.backend
+    )
 
     start, best = 0, {"step": None, "metric": -math.inf, "heads": None, "losses": None}
     checkpoint_path, log_path = run_dir / CHECKPOINT, run_dir / "log.jsonl"
@@ -341,9 +421,16 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
         start, best = state["step"], state["best"]
     _restart_log(log_path, start)
 
-    bar = Progress(TextColumn(f"[bold]{recipe.name}[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"),
-                   disable=not progress, transient=False)
+    bar = Progress(
+        TextColumn(f"[bold]{recipe.name}[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        disable=not progress,
+        transient=False,
+    )
     with bar, log_path.open("a") as log:
         task = bar.add_task("", total=config.steps, completed=start)
         for step in range(start, config.steps):
@@ -355,39 +442,72 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
             scheduler.step()
 
             done = step + 1
-            record = {"step": done, "lr": scheduler.get_last_lr()[0], "loss": float(loss.detach()),
-                      **{name: float(value.detach()) for name, value in terms.items()}}
+            record = {
+                "step": done,
+                "lr": scheduler.get_last_lr()[0],
+                "loss": float(loss.detach()),
+                **{name: float(value.detach()) for name, value in terms.items()},
+            }
             if data.val_images is not None and (done % config.eval_every == 0 or done == config.steps):
                 record["val"] = evaluate(model, data.val_images, data.val_texts)
                 if record["val"]["mean_R@1"] > best["metric"]:
-                    best = {"step": done, "metric": record["val"]["mean_R@1"],
-                            "heads": _clone(heads.state_dict()), "losses": _clone(losses.state_dict())}
+                    best = {
+                        "step": done,
+                        "metric": record["val"]["mean_R@1"],
+                        "heads": _clone(heads.state_dict()),
+                        "losses": _clone(losses.state_dict()),
+                    }
             log.write(json.dumps(record) + "\n")
             log.flush()
             if done % config.checkpoint_every == 0 or done == config.steps:
-                _save_checkpoint(checkpoint_path, {
-                    "step": done, "heads": heads.state_dict(), "losses": losses.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
-                    "best": best})
-            bar.update(task, completed=done, description=" ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "val")))
+                _save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "step": done,
+                        "heads": heads.state_dict(),
+                        "losses": losses.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device)
+                        if device.type == "cuda"
+                        else torch.zeros(0),
+                        "best": best,
+                    },
+                )
+            bar.update(
+                task,
+                completed=done,
+                description=" ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "val")),
+            )
             if on_step is not None:
                 on_step(done)
 
     if best["heads"] is not None:  # model selection on the validation split
         heads.load_state_dict(best["heads"])
         losses.load_state_dict(best["losses"])
-    _finish(run_dir, model, data, best["step"] if best["heads"] is not None else config.steps,
-            time.perf_counter() - started)
+    _finish(
+        run_dir,
+        model,
+        data,
+        best["step"] if best["heads"] is not None else config.steps,
+        time.perf_counter() - started,
+    )
     return model
 
 
 # ----------------------------------------------------------------------------- compare
 
-def compare(config: TrainConfig, spec: DataSpec, methods: list[str], seeds: list[int], out_dir, *,
-            progress: bool = True) -> dict:
+
+def compare(
+    config: TrainConfig,
+    spec: DataSpec,
+    methods: list[str],
+    seeds: list[int],
+    out_dir,
+    *,
+    progress: bool = True,
+) -> dict:
     """Train each method for each seed on the same data; summarise held-out mean R@1.
 
     Seed s sets both the training seed and, for an aligned dataset, the split (which pairs
@@ -402,22 +522,41 @@ def compare(config: TrainConfig, spec: DataSpec, methods: list[str], seeds: list
         seed_spec = dataclasses.replace(spec, split_seed=seed) if spec.aligned else spec
         data = AlignmentData.from_spec(seed_spec)
         for method in methods:
-            run_config = dataclasses.replace(config, method=method, seed=seed,
-                                             method_options=config.method_options if method == config.method else {})
+            run_config = dataclasses.replace(
+                config,
+                method=method,
+                seed=seed,
+                method_options=config.method_options if method == config.method else {},
+            )
             run_dir = out_dir / method / f"seed{seed}"
             fit(run_config, data, run_dir, resume=(run_dir / "config.json").exists(), progress=progress)
             metrics = read_json(run_dir / "metrics.json")
             split = "test" if metrics["test"] is not None else "val"
-            runs.append({"method": method, "seed": seed, "split": split, "best_step": metrics["best_step"],
-                         "seconds": metrics["seconds"], **(metrics[split] or {})})
+            runs.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "split": split,
+                    "best_step": metrics["best_step"],
+                    "seconds": metrics["seconds"],
+                    **(metrics[split] or {}),
+                }
+            )
     summary = {}
     for method in methods:
         scores = [r["mean_R@1"] for r in runs if r["method"] == method and "mean_R@1" in r]
-        summary[method] = {"mean_R@1": float(np.mean(scores)) if scores else None,
-                           "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
-                           "n": len(scores)}
-    result = {"config": config_dict(config, spec), "methods": methods, "seeds": seeds,
-              "runs": runs, "summary": summary}
+        summary[method] = {
+            "mean_R@1": float(np.mean(scores)) if scores else None,
+            "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+            "n": len(scores),
+        }
+    result = {
+        "config": config_dict(config, spec),
+        "methods": methods,
+        "seeds": seeds,
+        "runs": runs,
+        "summary": summary,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "compare.json", result)
     atomic_write_bytes(out_dir / "compare.md", comparison_markdown(result).encode())

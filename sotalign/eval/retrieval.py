@@ -26,8 +26,10 @@ def normalise(name: str, x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm; a zero row has no direction and is an error."""
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
-        raise ValueError(f"{name} has an all-zero row ({int(torch.nonzero(norms[:, 0] == 0)[0, 0])}); "
-                         "cosine similarity is undefined")
+        raise ValueError(
+            f"{name} has an all-zero row ({int(torch.nonzero(norms[:, 0] == 0)[0, 0])}); "
+            "cosine similarity is undefined"
+        )
     return x / norms
 
 
@@ -71,7 +73,7 @@ def _ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.
     """Rank of key i among all keys for query i, in chunks of query rows (chunk × n at a time)."""
     ranks = []
     for start in range(0, len(queries), chunk_size):
-        scores = queries[start:start + chunk_size] @ keys.T
+        scores = queries[start : start + chunk_size] @ keys.T
         target = torch.arange(start, start + len(scores), device=scores.device)
         ranks.append(pessimistic_ranks(scores, target))
     return torch.cat(ranks)
@@ -93,8 +95,10 @@ def retrieval_metrics(image_emb, text_emb, ks=(1, 5, 10), *, chunk_size: int = 4
     images = as_matrix("image_emb", image_emb)
     texts = as_matrix("text_emb", text_emb)
     if images.shape != texts.shape:
-        raise ValueError(f"image_emb {tuple(images.shape)} and text_emb {tuple(texts.shape)} must have the "
-                         "same shape (row i of each is a pair, in one shared space)")
+        raise ValueError(
+            f"image_emb {tuple(images.shape)} and text_emb {tuple(texts.shape)} must have the "
+            "same shape (row i of each is a pair, in one shared space)"
+        )
     if images.device != texts.device:
         raise ValueError(f"image_emb is on {images.device} but text_emb is on {texts.device}")
     ks = check_ks(ks)

@@ -19,7 +19,7 @@ def _knn(x: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
     x = normalise("features", x)
     out = []
     for start in range(0, len(x), chunk_size):
-        scores = x[start:start + chunk_size] @ x.T
+        scores = x[start : start + chunk_size] @ x.T
         rows = torch.arange(len(scores), device=x.device)
         scores[rows, rows + start] = -torch.inf
         out.append(scores.topk(k, dim=1).indices)

@@ -106,17 +106,43 @@ class Backend:
     def lse_cols(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         raise NotImplementedError
 
-    def klot_value(self, K: Affinity, f: Tensor, g: Tensor, eps: float,
-                   K_t: Affinity, f_t: Tensor, g_t: Tensor, eps_t: float) -> Tensor:
+    def klot_value(
+        self,
+        K: Affinity,
+        f: Tensor,
+        g: Tensor,
+        eps: float,
+        K_t: Affinity,
+        f_t: Tensor,
+        g_t: Tensor,
+        eps_t: float,
+    ) -> Tensor:
         raise NotImplementedError
 
-    def klot_grad_features(self, K: Affinity, f: Tensor, g: Tensor, eps: float,
-                           K_t: Affinity, f_t: Tensor, g_t: Tensor, eps_t: float
-                           ) -> tuple[Tensor, Tensor]:
+    def klot_grad_features(
+        self,
+        K: Affinity,
+        f: Tensor,
+        g: Tensor,
+        eps: float,
+        K_t: Affinity,
+        f_t: Tensor,
+        g_t: Tensor,
+        eps_t: float,
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def klot_grad_dense(self, K: Affinity, f: Tensor, g: Tensor, eps: float,
-                        K_t: Affinity, f_t: Tensor, g_t: Tensor, eps_t: float) -> Tensor:
+    def klot_grad_dense(
+        self,
+        K: Affinity,
+        f: Tensor,
+        g: Tensor,
+        eps: float,
+        K_t: Affinity,
+        f_t: Tensor,
+        g_t: Tensor,
+        eps_t: float,
+    ) -> Tensor:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ plan products
@@ -167,11 +193,14 @@ def check_plan_factor(name: str, V: Tensor, rows: int, K: Affinity) -> None:
     if not isinstance(V, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(V).__name__}")
     if V.dim() != 2 or V.shape[0] != rows:
-        raise ValueError(f"{name} must have shape ({rows}, k) for an affinity of shape "
-                         f"{K.shape}, got {tuple(V.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({rows}, k) for an affinity of shape {K.shape}, got {tuple(V.shape)}"
+        )
     if V.dtype != K.dtype or V.device != K.device:
-        raise ValueError(f"{name} must match the affinity's dtype and device ({K.dtype} on "
-                         f"{K.device}), got {V.dtype} on {V.device}")
+        raise ValueError(
+            f"{name} must match the affinity's dtype and device ({K.dtype} on "
+            f"{K.device}), got {V.dtype} on {V.device}"
+        )
 
 
 def check_plan_affinity(K: Affinity, K2: Affinity) -> None:
@@ -179,5 +208,7 @@ def check_plan_affinity(K: Affinity, K2: Affinity) -> None:
     if not isinstance(K2, Affinity):
         raise TypeError(f"K2 must be an Affinity, got {type(K2).__name__}")
     if K2.shape != K.shape or K2.dtype != K.dtype or K2.device != K.device:
-        raise ValueError(f"K2 must match K (shape {K.shape}, {K.dtype} on {K.device}), got shape "
-                         f"{K2.shape}, {K2.dtype} on {K2.device}")
+        raise ValueError(
+            f"K2 must match K (shape {K.shape}, {K.dtype} on {K.device}), got shape "
+            f"{K2.shape}, {K2.dtype} on {K2.device}"
+        )

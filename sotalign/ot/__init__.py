@@ -4,5 +4,13 @@ from .dispatch import DEFAULT_MEMORY_BUDGET, available_backends
 from .klot import KLOTLoss, klot, klot_dense
 from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_dense
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "KLOTLoss", "SinkhornResult", "available_backends", "klot",
-           "klot_dense", "sinkhorn", "sinkhorn_dense"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "KLOTLoss",
+    "SinkhornResult",
+    "available_backends",
+    "klot",
+    "klot_dense",
+    "sinkhorn",
+    "sinkhorn_dense",
+]

@@ -33,40 +33,67 @@ from .dispatch import DEFAULT_MEMORY_BUDGET, Route, choose_route
 from .sinkhorn import solve, uniform_log_weights
 
 
-def _solve_both(route: Route, K: Affinity, K_teacher: Affinity, eps: float, eps_teacher: float,
-                n_iters: int, tol: Optional[float], check_every: int, symmetric: bool,
-                eps_scaling: Optional[float], cuda_graph: bool):
+def _solve_both(
+    route: Route,
+    K: Affinity,
+    K_teacher: Affinity,
+    eps: float,
+    eps_teacher: float,
+    n_iters: int,
+    tol: Optional[float],
+    check_every: int,
+    symmetric: bool,
+    eps_scaling: Optional[float],
+    cuda_graph: bool,
+):
     """Student and teacher potentials (f, g, f*, g*) on this route."""
     n, m = K.shape
     log_a = uniform_log_weights(n, K.dtype, K.device)
     log_b = uniform_log_weights(m, K.dtype, K.device)
-    options = dict(tol=tol, check_every=check_every, symmetric=symmetric,
-                   eps_scaling=eps_scaling, cuda_graph=cuda_graph)
+    options = dict(
+        tol=tol, check_every=check_every, symmetric=symmetric, eps_scaling=eps_scaling, cuda_graph=cuda_graph
+    )
     f, g, _ = solve(route.backend, K, eps, n_iters, log_a, log_b, **options)
     f_t, g_t, _ = solve(route.backend, K_teacher, eps_teacher, n_iters, log_a, log_b, **options)
     return f, g, f_t, g_t
 
 
-def _features_route(x: Tensor, y: Tensor, x_teacher: Tensor, backend: str, path: str,
-                    memory_budget: float, precision: str) -> Route:
+def _features_route(
+    x: Tensor, y: Tensor, x_teacher: Tensor, backend: str, path: str, memory_budget: float, precision: str
+) -> Route:
     feature_dim = min(x.shape[1], x_teacher.shape[1])
-    return choose_route(backend, path, x.device, x.shape[0], y.shape[0], feature_dim, x.dtype, 2,
-                        memory_budget, precision)
+    return choose_route(
+        backend, path, x.device, x.shape[0], y.shape[0], feature_dim, x.dtype, 2, memory_budget, precision
+    )
 
 
 @torch.library.custom_op("sotalign::klot_features", mutates_args=())
-def klot_features_op(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float,
-                     eps_teacher: float, n_iters: int, backend: str, path: str,
-                     memory_budget: float, precision: str, tol: Optional[float],
-                     check_every: int, symmetric: bool, eps_scaling: Optional[float],
-                     cuda_graph: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def klot_features_op(
+    x: Tensor,
+    y: Tensor,
+    x_teacher: Tensor,
+    y_teacher: Tensor,
+    eps: float,
+    eps_teacher: float,
+    n_iters: int,
+    backend: str,
+    path: str,
+    memory_budget: float,
+    precision: str,
+    tol: Optional[float],
+    check_every: int,
+    symmetric: bool,
+    eps_scaling: Optional[float],
+    cuda_graph: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(KLOT, f, g, f*, g*) for K = x yᵀ and K* = x* y*ᵀ (rows already normalised for cosine)."""
     check.check_finite(x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
     route = _features_route(x, y, x_teacher, backend, path, memory_budget, precision)
     K = route.prepare(Affinity.from_features(x, y))
     K_teacher = route.prepare(Affinity.from_features(x_teacher, y_teacher))
-    f, g, f_t, g_t = _solve_both(route, K, K_teacher, eps, eps_teacher, n_iters, tol,
-                                 check_every, symmetric, eps_scaling, cuda_graph)
+    f, g, f_t, g_t = _solve_both(
+        route, K, K_teacher, eps, eps_teacher, n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph
+    )
     value = route.backend.klot_value(K, f, g, eps, K_teacher, f_t, g_t, eps_teacher)
     return value, f, g, f_t, g_t
 
@@ -78,16 +105,35 @@ def _(x, y, x_teacher, y_teacher, *options):
 
 
 @torch.library.custom_op("sotalign::klot_features_backward", mutates_args=())
-def klot_features_backward_op(grad_output: Tensor, x: Tensor, y: Tensor, x_teacher: Tensor,
-                              y_teacher: Tensor, f: Tensor, g: Tensor, f_teacher: Tensor,
-                              g_teacher: Tensor, eps: float, eps_teacher: float, backend: str,
-                              path: str, memory_budget: float, precision: str
-                              ) -> tuple[Tensor, Tensor]:
+def klot_features_backward_op(
+    grad_output: Tensor,
+    x: Tensor,
+    y: Tensor,
+    x_teacher: Tensor,
+    y_teacher: Tensor,
+    f: Tensor,
+    g: Tensor,
+    f_teacher: Tensor,
+    g_teacher: Tensor,
+    eps: float,
+    eps_teacher: float,
+    backend: str,
+    path: str,
+    memory_budget: float,
+    precision: str,
+) -> tuple[Tensor, Tensor]:
     """grad_output · (G y, Gᵀ x) with G = (P − P*)/ε, streamed (never n×m on an online backend)."""
     route = _features_route(x, y, x_teacher, backend, path, memory_budget, precision)
     grad_x, grad_y = route.backend.klot_grad_features(
-        Affinity.from_features(x, y), f, g, eps,
-        Affinity.from_features(x_teacher, y_teacher), f_teacher, g_teacher, eps_teacher)
+        Affinity.from_features(x, y),
+        f,
+        g,
+        eps,
+        Affinity.from_features(x_teacher, y_teacher),
+        f_teacher,
+        g_teacher,
+        eps_teacher,
+    )
     return grad_output * grad_x, grad_output * grad_y
 
 
@@ -111,16 +157,37 @@ klot_features_op.register_autograd(_features_backward, setup_context=_features_s
 
 
 @torch.library.custom_op("sotalign::klot_dense", mutates_args=())
-def klot_dense_op(K: Tensor, K_teacher: Tensor, eps: float, eps_teacher: float, n_iters: int,
-                  backend: str, precision: str, tol: Optional[float], check_every: int,
-                  symmetric: bool, eps_scaling: Optional[float], cuda_graph: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def klot_dense_op(
+    K: Tensor,
+    K_teacher: Tensor,
+    eps: float,
+    eps_teacher: float,
+    n_iters: int,
+    backend: str,
+    precision: str,
+    tol: Optional[float],
+    check_every: int,
+    symmetric: bool,
+    eps_scaling: Optional[float],
+    cuda_graph: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(KLOT, f, g, f*, g*) for given n×m affinities K and K*."""
     check.check_finite(K=K, K_teacher=K_teacher)
     route = _dense_route(K, backend, precision)
     K_aff, K_teacher_aff = Affinity.from_dense(K), Affinity.from_dense(K_teacher)
-    f, g, f_t, g_t = _solve_both(route, K_aff, K_teacher_aff, eps, eps_teacher, n_iters, tol,
-                                 check_every, symmetric, eps_scaling, cuda_graph)
+    f, g, f_t, g_t = _solve_both(
+        route,
+        K_aff,
+        K_teacher_aff,
+        eps,
+        eps_teacher,
+        n_iters,
+        tol,
+        check_every,
+        symmetric,
+        eps_scaling,
+        cuda_graph,
+    )
     value = route.backend.klot_value(K_aff, f, g, eps, K_teacher_aff, f_t, g_t, eps_teacher)
     return value, f, g, f_t, g_t
 
@@ -132,19 +199,30 @@ def _(K, K_teacher, *options):
 
 
 def _dense_route(K: Tensor, backend: str, precision: str) -> Route:
-    return choose_route(backend, "auto", K.device, K.shape[0], K.shape[1], None, K.dtype, 2,
-                        DEFAULT_MEMORY_BUDGET, precision)
+    return choose_route(
+        backend, "auto", K.device, K.shape[0], K.shape[1], None, K.dtype, 2, DEFAULT_MEMORY_BUDGET, precision
+    )
 
 
 @torch.library.custom_op("sotalign::klot_dense_backward", mutates_args=())
-def klot_dense_backward_op(grad_output: Tensor, K: Tensor, K_teacher: Tensor, f: Tensor,
-                           g: Tensor, f_teacher: Tensor, g_teacher: Tensor, eps: float,
-                           eps_teacher: float, backend: str, precision: str) -> Tensor:
+def klot_dense_backward_op(
+    grad_output: Tensor,
+    K: Tensor,
+    K_teacher: Tensor,
+    f: Tensor,
+    g: Tensor,
+    f_teacher: Tensor,
+    g_teacher: Tensor,
+    eps: float,
+    eps_teacher: float,
+    backend: str,
+    precision: str,
+) -> Tensor:
     """grad_output · G with G = (P − P*)/ε (n×m, like the input K)."""
     route = _dense_route(K, backend, precision)
-    G = route.backend.klot_grad_dense(Affinity.from_dense(K), f, g, eps,
-                                      Affinity.from_dense(K_teacher), f_teacher, g_teacher,
-                                      eps_teacher)
+    G = route.backend.klot_grad_dense(
+        Affinity.from_dense(K), f, g, eps, Affinity.from_dense(K_teacher), f_teacher, g_teacher, eps_teacher
+    )
     return grad_output * G
 
 
@@ -167,8 +245,9 @@ def _dense_backward(ctx, grad_value, *unused_potential_grads):
 klot_dense_op.register_autograd(_dense_backward, setup_context=_dense_setup)
 
 
-def _solver_options(eps, eps_teacher, n_iters, tol, check_every, symmetric, eps_scaling,
-                    cuda_graph, device) -> tuple:
+def _solver_options(
+    eps, eps_teacher, n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph, device
+) -> tuple:
     """The validated scalar options, as the custom ops take them."""
     eps = check.check_positive("eps", eps)
     eps_teacher = check.check_positive("eps_teacher", eps_teacher)
@@ -187,12 +266,26 @@ def _check_names(backend, path, precision) -> None:
             raise TypeError(f"{name} must be a string, got {type(value).__name__}")
 
 
-def klot(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float = 0.05,
-         eps_teacher: float = 0.01, n_iters: int = 100, affinity: str = "cosine",
-         backend: str = "auto", *, path: str = "auto", tol: Optional[float] = None,
-         check_every: int = 10, symmetric: bool = True,
-         memory_budget: float = DEFAULT_MEMORY_BUDGET, eps_scaling: Optional[float] = None,
-         cuda_graph: bool = False, precision: str = "fp32") -> Tensor:
+def klot(
+    x: Tensor,
+    y: Tensor,
+    x_teacher: Tensor,
+    y_teacher: Tensor,
+    eps: float = 0.05,
+    eps_teacher: float = 0.01,
+    n_iters: int = 100,
+    affinity: str = "cosine",
+    backend: str = "auto",
+    *,
+    path: str = "auto",
+    tol: Optional[float] = None,
+    check_every: int = 10,
+    symmetric: bool = True,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    eps_scaling: Optional[float] = None,
+    cuda_graph: bool = False,
+    precision: str = "fp32",
+) -> Tensor:
     """KLOT(K ‖ K*) with K = aff(x, y) (student) and K* = aff(x_teacher, y_teacher) (teacher).
 
     ``x`` (n×d) and ``y`` (m×d) are the student's image and text features; the teacher's
@@ -207,15 +300,20 @@ def klot(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float 
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same feature dimension, got {x.shape[1]} and {y.shape[1]}")
     if x_teacher.shape[1] != y_teacher.shape[1]:
-        raise ValueError("x_teacher and y_teacher must have the same feature dimension, "
-                         f"got {x_teacher.shape[1]} and {y_teacher.shape[1]}")
+        raise ValueError(
+            "x_teacher and y_teacher must have the same feature dimension, "
+            f"got {x_teacher.shape[1]} and {y_teacher.shape[1]}"
+        )
     if x_teacher.shape[0] != x.shape[0] or y_teacher.shape[0] != y.shape[0]:
-        raise ValueError("teacher rows must match the student rows: x has "
-                         f"{x.shape[0]} and x_teacher {x_teacher.shape[0]}; "
-                         f"y has {y.shape[0]} and y_teacher {y_teacher.shape[0]}")
+        raise ValueError(
+            "teacher rows must match the student rows: x has "
+            f"{x.shape[0]} and x_teacher {x_teacher.shape[0]}; "
+            f"y has {y.shape[0]} and y_teacher {y_teacher.shape[0]}"
+        )
     _check_names(backend, path, precision)
-    options = _solver_options(eps, eps_teacher, n_iters, tol, check_every, symmetric,
-                              eps_scaling, cuda_graph, device)
+    options = _solver_options(
+        eps, eps_teacher, n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph, device
+    )
     memory_budget = check.check_positive("memory_budget", memory_budget)
     dtype = check.compute_dtype(x, y, x_teacher, y_teacher)
     x, y = x.to(dtype), y.to(dtype)
@@ -225,30 +323,68 @@ def klot(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float 
         x, y = normalize(x, dim=1), normalize(y, dim=1)
         x_teacher, y_teacher = normalize(x_teacher, dim=1), normalize(y_teacher, dim=1)
     eps, eps_teacher, n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph = options
-    value, *_ = klot_features_op(x.contiguous(), y.contiguous(), x_teacher.contiguous(),
-                                 y_teacher.contiguous(), eps, eps_teacher, n_iters, backend, path,
-                                 memory_budget, precision, tol, check_every, symmetric,
-                                 eps_scaling, cuda_graph)
+    value, *_ = klot_features_op(
+        x.contiguous(),
+        y.contiguous(),
+        x_teacher.contiguous(),
+        y_teacher.contiguous(),
+        eps,
+        eps_teacher,
+        n_iters,
+        backend,
+        path,
+        memory_budget,
+        precision,
+        tol,
+        check_every,
+        symmetric,
+        eps_scaling,
+        cuda_graph,
+    )
     return value
 
 
-def klot_dense(K: Tensor, K_teacher: Tensor, eps: float = 0.05, eps_teacher: float = 0.01,
-               n_iters: int = 100, backend: str = "auto", *, tol: Optional[float] = None,
-               check_every: int = 10, symmetric: bool = True, eps_scaling: Optional[float] = None,
-               cuda_graph: bool = False, precision: str = "fp32") -> Tensor:
+def klot_dense(
+    K: Tensor,
+    K_teacher: Tensor,
+    eps: float = 0.05,
+    eps_teacher: float = 0.01,
+    n_iters: int = 100,
+    backend: str = "auto",
+    *,
+    tol: Optional[float] = None,
+    check_every: int = 10,
+    symmetric: bool = True,
+    eps_scaling: Optional[float] = None,
+    cuda_graph: bool = False,
+    precision: str = "fp32",
+) -> Tensor:
     """KLOT(K ‖ K*) for given n×m affinities; differentiable wrt K (gradient (P − P*)/ε)."""
     device = check.check_structure(K=K, K_teacher=K_teacher)
     if K.shape != K_teacher.shape:
-        raise ValueError(f"K and K_teacher must have the same shape, got {tuple(K.shape)} "
-                         f"and {tuple(K_teacher.shape)}")
+        raise ValueError(
+            f"K and K_teacher must have the same shape, got {tuple(K.shape)} and {tuple(K_teacher.shape)}"
+        )
     _check_names(backend, "auto", precision)
-    options = _solver_options(eps, eps_teacher, n_iters, tol, check_every, symmetric,
-                              eps_scaling, cuda_graph, device)
+    options = _solver_options(
+        eps, eps_teacher, n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph, device
+    )
     eps, eps_teacher, n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph = options
     dtype = check.compute_dtype(K, K_teacher)
-    value, *_ = klot_dense_op(K.to(dtype).contiguous(), K_teacher.detach().to(dtype).contiguous(),
-                              eps, eps_teacher, n_iters, backend, precision, tol, check_every,
-                              symmetric, eps_scaling, cuda_graph)
+    value, *_ = klot_dense_op(
+        K.to(dtype).contiguous(),
+        K_teacher.detach().to(dtype).contiguous(),
+        eps,
+        eps_teacher,
+        n_iters,
+        backend,
+        precision,
+        tol,
+        check_every,
+        symmetric,
+        eps_scaling,
+        cuda_graph,
+    )
     return value
 
 
@@ -259,8 +395,15 @@ class KLOTLoss(nn.Module):
     ``symmetric``, ``memory_budget``, ``eps_scaling``, ``cuda_graph``, ``precision``).
     """
 
-    def __init__(self, eps: float = 0.05, eps_teacher: float = 0.01, n_iters: int = 100,
-                 affinity: str = "cosine", backend: str = "auto", **options):
+    def __init__(
+        self,
+        eps: float = 0.05,
+        eps_teacher: float = 0.01,
+        n_iters: int = 100,
+        affinity: str = "cosine",
+        backend: str = "auto",
+        **options,
+    ):
         super().__init__()
         check.check_positive("eps", eps)
         check.check_positive("eps_teacher", eps_teacher)
@@ -270,9 +413,21 @@ class KLOTLoss(nn.Module):
         self.affinity, self.backend, self.options = affinity, backend, options
 
     def forward(self, x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor) -> Tensor:
-        return klot(x, y, x_teacher, y_teacher, self.eps, self.eps_teacher, self.n_iters,
-                    self.affinity, self.backend, **self.options)
+        return klot(
+            x,
+            y,
+            x_teacher,
+            y_teacher,
+            self.eps,
+            self.eps_teacher,
+            self.n_iters,
+            self.affinity,
+            self.backend,
+            **self.options,
+        )
 
     def extra_repr(self) -> str:
-        return (f"eps={self.eps}, eps_teacher={self.eps_teacher}, n_iters={self.n_iters}, "
-                f"affinity={self.affinity!r}, backend={self.backend!r}")
+        return (
+            f"eps={self.eps}, eps_teacher={self.eps_teacher}, n_iters={self.n_iters}, "
+            f"affinity={self.affinity!r}, backend={self.backend!r}"
+        )

@@ -1,17 +1,24 @@
 """sotalign: fast, memory-lean kernels for SOTAlign's optimal-transport loss (KLOT).
 
-import sotalign
-r = sotalign.sinkhorn(x, y, eps=0.05)             # potentials r.f, r.g of the plan
-loss = sotalign.klot(x, y, x_teacher, y_teacher)  # KL(P* ‖ P), exact gradient (P − P*)/ε
-model = sotalign.load("runs/sotalign")            # a trained alignment (sotalign fit)
+Example::
+
+    import sotalign
+    r = sotalign.sinkhorn(x, y, eps=0.05)             # potentials r.f, r.g of the plan
+    loss = sotalign.klot(x, y, x_teacher, y_teacher)  # KL(P* ‖ P), exact gradient (P − P*)/ε
+    model = sotalign.load("runs/sotalign")            # a trained alignment (sotalign fit)
+
+``import sotalign`` loads the OT front and the kernels only (torch and numpy). The trainer's
+names (``fit``, ``compare``, ``load``, ``AlignedModel``, ``TrainConfig``...) are imported on
+first use and need the ``train`` extra: ``pip install 'sotalign[train]'``.
 """
 
-from .align import AlignmentData, DataSpec, TrainConfig, compare, fit  # before .model, which it imports
-from .model import AlignedModel, load
+from importlib import import_module
+
 from .ot import (
     DEFAULT_MEMORY_BUDGET,
     KLOTLoss,
     SinkhornResult,
+    SolverOptions,
     available_backends,
     klot,
     klot_dense,
@@ -20,6 +27,29 @@ from .ot import (
 )
 
 __version__ = "0.1.0"
+
+#: Names loaded on first access, and the module that defines each.
+_LAZY = {
+    "AlignedModel": "sotalign.align",
+    "AlignmentData": "sotalign.data",
+    "DataSpec": "sotalign.data",
+    "TrainConfig": "sotalign.align",
+    "compare": "sotalign.align",
+    "fit": "sotalign.align",
+    "load": "sotalign.align",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sotalign' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "AlignedModel",
@@ -27,6 +57,7 @@ __all__ = [
     "DataSpec",
     "KLOTLoss",
     "SinkhornResult",
+    "SolverOptions",
     "TrainConfig",
     "available_backends",
     "compare",

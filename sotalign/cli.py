@@ -327,11 +327,10 @@ def evaluate(
     with _one_line_errors():
         import numpy as np
 
-        from .align import AlignmentData
+        from .align import AlignmentData, load
         from .align.config import load_config
         from .data import check_aligned, open_store
         from .eval import retrieval_metrics, zero_shot_accuracy
-        from .model import load
 
         model = load(run_dir)
         results = {}

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import sotalign
 from sotalign.align import AlignmentData, DataSpec, TrainConfig, fit
 from sotalign.data import load_platonic_encoder, write_platonic
-from sotalign.model import RunDirError
+from sotalign.rundir import RunDirError
 
 SMALL = dict(
     out_dim=12,

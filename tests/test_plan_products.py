@@ -67,7 +67,7 @@ def test_reference_products_match_marginals_and_explicit_sums():
 @pytest.mark.parametrize("name", BACKENDS)
 def test_generic_products_match_reference(name, dense, dtype, monkeypatch):
     # blocks of 7 rows of P: several blocks and a ragged last one
-    monkeypatch.setattr(base, "PLAN_BLOCK_BYTES", 7 * 23 * dtype.itemsize)
+    monkeypatch.setattr(base, "BLOCK_BYTES", 7 * 23 * dtype.itemsize)
     x, y, f, g = plan_problem(40, 23, 6, seed=2)
     K64 = Affinity.from_features(x, y)
     K2_64 = Affinity.from_features(x.flip(1)[:, :3], y[:, 2:5])

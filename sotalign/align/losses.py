@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import sotalign
-from sotalign.ot.validation import check_count, check_matrices, check_positive, check_real
+from ..ot import klot, sinkhorn
+from ..ot.validation import check_count, check_matrices, check_positive, check_real
 
 DIVERGENCES = ("none", "cka", "infonce", "klot")
 
@@ -188,7 +188,7 @@ def klot_divergence(
     Exactly :func:`sotalign.klot` with ``affinity="cosine"``; gradient (P − P*)/ε
     (Theorem 5.1/C.4). Further keyword ``options`` (``path``, ``tol``, ...) go to it.
     """
-    return sotalign.klot(
+    return klot(
         img,
         txt,
         teacher_img,
@@ -347,7 +347,7 @@ def s_clip_targets(
     """
     _check_matrices(unpaired=unpaired, paired=paired)
     _same_dim("unpaired", unpaired, "paired", paired)
-    plan = sotalign.sinkhorn(
+    plan = sinkhorn(
         unpaired.detach(), paired.detach(), eps=eps, n_iters=n_iters, affinity="cosine", backend=backend
     ).plan()
     if hard:

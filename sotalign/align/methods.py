@@ -27,23 +27,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..data.spec import role_fields
 from .losses import DIVERGENCES, SigLIPLoss, divergence, s_clip_loss, structure_regularizer
 
 TEACHERS = ("procrustes", "cca", "contrastive")
 
 
 @dataclass(frozen=True)
+@role_fields("Tensor", roles=("paired", "unpaired"), required=("paired",))
 class Batch:
-    """One step's inputs (raw frozen-encoder features, on the training device).
+    """One step's inputs (raw frozen-encoder features, on the training device): the pairs and
+    the unpaired rows (fields as in :func:`~sotalign.data.spec.role_fields`).
 
     `teacher_*` are the stage-1 teacher's features of the unpaired rows; `neighbour_*` the
     NNCLR positives (paired captions of the unpaired images, paired images of the unpaired texts).
     """
 
-    paired_images: Tensor
-    paired_texts: Tensor
-    unpaired_images: Tensor | None = None
-    unpaired_texts: Tensor | None = None
     teacher_images: Tensor | None = None
     teacher_texts: Tensor | None = None
     neighbour_texts: Tensor | None = None

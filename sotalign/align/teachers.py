@@ -27,8 +27,6 @@ import abc
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -40,7 +38,8 @@ from lion_pytorch import Lion
 from safetensors import SafetensorError
 from torch import Tensor
 
-from ..ot.validation import check_count, check_positive, check_real
+from ..ot.validation import as_matrix, check_count, check_positive, check_real
+from ..rundir import atomic_write
 from .losses import InfoNCELoss, SigLIPLoss
 
 TEACHER_NAMES = ("cca", "procrustes", "contrastive")
@@ -52,31 +51,10 @@ TENSOR_FILE = "teacher.safetensors"
 FIT_BLOCK_ROWS = 16384
 
 
-def _as_matrix(name: str, value, dtype: torch.dtype | None = torch.float64) -> Tensor:
-    """A 2-D, non-empty, finite real matrix (torch or numpy) as a detached ``dtype`` tensor
-    (``dtype=None`` keeps a floating dtype and turns integers into float64)."""
-    if isinstance(value, np.ndarray):
-        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
-            raise TypeError(f"{name} must hold real numbers, got numpy dtype {value.dtype}")
-        value = torch.from_numpy(np.ascontiguousarray(value))
-    elif not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
-    if value.dtype.is_complex or value.dtype == torch.bool:
-        raise TypeError(f"{name} must hold real numbers, got {value.dtype}")
-    if value.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows × features), got shape {tuple(value.shape)}")
-    if value.shape[0] == 0 or value.shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(value.shape)}")
-    if dtype is None:
-        dtype = value.dtype if value.dtype.is_floating_point else torch.float64
-    value = value.detach().to(dtype)
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return value
-
-
 def _as_pair(images, texts, dtype: torch.dtype | None = torch.float64) -> tuple[Tensor, Tensor]:
-    A, B = _as_matrix("images", images, dtype), _as_matrix("texts", texts, dtype)
+    """Pairs as matrices of ``dtype`` (None: :func:`~sotalign.ot.validation.compute_dtype`'s rule)."""
+    A = as_matrix("images", images, dtype, integers=True)
+    B = as_matrix("texts", texts, dtype, integers=True)
     if A.shape[0] != B.shape[0]:
         raise ValueError(
             f"images and texts must have the same number of rows (pairs), got {A.shape[0]} and {B.shape[0]}"
@@ -200,7 +178,7 @@ class Teacher(abc.ABC):
 
     def _transform(self, X, name: str, mean: Tensor, W: Tensor) -> Tensor:
         self._require_fitted()
-        X = _as_matrix(name, X, torch.float32)
+        X = as_matrix(name, X, torch.float32, integers=True)
         device = X.device
         if X.shape[1] != W.shape[1]:
             raise ValueError(
@@ -250,8 +228,8 @@ class Teacher(abc.ABC):
             "tensors": sorted(tensors),
             "sha256": hashlib.sha256(blob).hexdigest(),
         }
-        _atomic_write(directory / TENSOR_FILE, blob)
-        _atomic_write(directory / JSON_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        atomic_write(directory / TENSOR_FILE, blob)
+        atomic_write(directory / JSON_FILE, (json.dumps(meta, indent=2) + "\n").encode())
 
     @staticmethod
     def load(directory) -> "Teacher":
@@ -315,19 +293,6 @@ class Teacher(abc.ABC):
         dims = f", dims=({self.image_dim}, {self.text_dim}) → {self.out_dim}" if self.fitted else ""
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts}{dims})"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _read_meta(json_path: Path) -> dict:

@@ -26,13 +26,14 @@ import glob as globlib
 import json
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Union
 
 import numpy as np
 import torch
+
+from ..rundir import atomic_output
 
 SUFFIXES = (".npy", ".safetensors", ".h5", ".hdf5")
 PathLike = Union[str, os.PathLike]
@@ -280,8 +281,8 @@ def open_store(source, *, key: str | None = None) -> EmbeddingStore:
 def save_store(path: PathLike, array, *, key: str = "embeddings") -> None:
     """Write a 2-D float matrix to `path` by its suffix (.npy, .safetensors, .h5/.hdf5), atomically.
 
-    The data goes to a temporary file in the same directory, which then replaces `path`
-    (`os.replace`), so a reader never sees a half-written store.
+    The write is atomic and durable (:func:`sotalign.rundir.atomic_output`): a reader never
+    sees a half-written store.
     """
     path = os.fspath(path)
     suffix = _suffix(path)
@@ -293,9 +294,7 @@ def save_store(path: PathLike, array, *, key: str = "embeddings") -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         if suffix == ".npy":
             np.save(tmp, _to_numpy(data), allow_pickle=False)
         elif suffix == ".safetensors":
@@ -307,10 +306,6 @@ def save_store(path: PathLike, array, *, key: str = "embeddings") -> None:
             h5py = _import_h5py(path)
             with h5py.File(tmp, "w") as f:
                 f.create_dataset(key, data=_to_numpy(data))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def check_aligned(images: EmbeddingStore, texts: EmbeddingStore) -> None:

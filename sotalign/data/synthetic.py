@@ -23,11 +23,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from ..rundir import atomic_output, atomic_write
 from .stores import save_store
 
 FORMATS = {"npy": ".npy", "safetensors": ".safetensors", "h5": ".h5", "hdf5": ".hdf5"}
@@ -210,16 +210,15 @@ def write_platonic(directory, n: int, *, format: str = "npy", **kwargs) -> Plato
     ext = FORMATS[format]
     save_store(os.path.join(directory, "images" + ext), data.images)
     save_store(os.path.join(directory, "texts" + ext), data.texts)
-    _atomic_write(os.path.join(directory, "labels.npy"), lambda f: np.save(f, data.labels))
+    with atomic_output(os.path.join(directory, "labels.npy")) as tmp:
+        np.save(tmp, data.labels, allow_pickle=False)
     meta = {
         "concept_names": data.concept_names,
         "generator": data.generator.params(),
         "n": n,
         "format": format,
     }
-    _atomic_write(
-        os.path.join(directory, "classes.json"), lambda f: f.write(json.dumps(meta, indent=2).encode())
-    )
+    atomic_write(os.path.join(directory, "classes.json"), json.dumps(meta, indent=2).encode())
     return data
 
 
@@ -239,15 +238,3 @@ def load_platonic_encoder(directory) -> PlatonicGenerator:
     if meta.get("concept_names") != gen.concept_names:
         raise ValueError(f"{path}: concept_names do not match its generator parameters")
     return gen
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

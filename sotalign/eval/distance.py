@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..data.stores import EmbeddingStore
-from ..ot.validation import check_count
-from .retrieval import as_matrix, normalise
+from ..ot.validation import as_matrix, check_count
+from .retrieval import normalise
 
 
 def _unit_rows(name: str, x):

@@ -7,19 +7,7 @@ import numbers
 import numpy as np
 import torch
 
-from ..ot.validation import check_matrices
-
-
-def as_matrix(name: str, x) -> torch.Tensor:
-    """A finite, non-empty 2-D float tensor (float64 stays float64, anything else becomes float32)."""
-    if isinstance(x, np.ndarray):
-        # torch cannot wrap read-only memory (a memmap) without a copy
-        x = torch.from_numpy(x if x.flags.writeable else np.array(x))
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-    check_matrices(**{name: x})
-    x = x.detach()
-    return x if x.dtype == torch.float64 else x.float()
+from ..ot.validation import as_matrix, compute_dtype
 
 
 def normalise(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -31,10 +19,6 @@ def normalise(name: str, x: torch.Tensor) -> torch.Tensor:
             "cosine similarity is undefined"
         )
     return x / norms
-
-
-def common_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def check_ks(ks) -> tuple[int, ...]:
@@ -103,7 +87,7 @@ def retrieval_metrics(image_emb, text_emb, ks=(1, 5, 10), *, chunk_size: int = 4
         raise ValueError(f"image_emb is on {images.device} but text_emb is on {texts.device}")
     ks = check_ks(ks)
     chunk_size = check_chunk(chunk_size)
-    dtype = common_dtype(images, texts)
+    dtype = compute_dtype(images, texts)
     images = normalise("image_emb", images.to(dtype))
     texts = normalise("text_emb", texts.to(dtype))
     out: dict[str, float] = {}

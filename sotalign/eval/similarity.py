@@ -6,7 +6,8 @@ import numbers
 
 import torch
 
-from .retrieval import as_matrix, check_chunk, normalise
+from ..ot.validation import as_matrix
+from .retrieval import check_chunk, normalise
 
 
 def _same_rows(a: torch.Tensor, b: torch.Tensor) -> None:

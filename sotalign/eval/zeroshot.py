@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .retrieval import as_matrix, check_chunk, check_ks, common_dtype, normalise, pessimistic_ranks
+from ..ot.validation import as_matrix, compute_dtype
+from .retrieval import check_chunk, check_ks, normalise, pessimistic_ranks
 
 
 def _device_of(module) -> torch.device | None:
@@ -89,7 +90,7 @@ def zero_shot_accuracy(
         )
     ks = check_ks(ks)
     chunk_size = check_chunk(chunk_size)
-    dtype = common_dtype(images, weights)
+    dtype = compute_dtype(images, weights)
     images = normalise("image_emb", images.to(dtype))
     weights = normalise("class_weights", weights.to(dtype).to(images.device))
     labels = labels.long().to(images.device)

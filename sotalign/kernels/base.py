@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Size of one block of K (or of P) in the generic plan products.
-PLAN_BLOCK_BYTES = 32 * 2**20
+#: Size of one block of rows of K (or of P) that a blocked primitive holds at a time.
+BLOCK_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class Backend:
         """P V with P_ij = exp((f_i + g_j + K_ij)/ε), one block of rows of P at a time."""
         check_plan_factor("V", V, K.shape[1], K)
         out = torch.empty(K.shape[0], V.shape[1], dtype=K.dtype, device=K.device)
-        for start, stop in plan_row_blocks(K):
+        for start, stop in row_blocks(K):
             out[start:stop] = plan_block(K, f, g, eps, start, stop) @ V
         return out
 
@@ -159,7 +159,7 @@ class Backend:
         """Pᵀ U, accumulated over blocks of rows of P."""
         check_plan_factor("U", U, K.shape[0], K)
         out = torch.zeros(K.shape[1], U.shape[1], dtype=K.dtype, device=K.device)
-        for start, stop in plan_row_blocks(K):
+        for start, stop in row_blocks(K):
             out.addmm_(plan_block(K, f, g, eps, start, stop).T, U[start:stop])
         return out
 
@@ -167,18 +167,23 @@ class Backend:
         """Σ_ij P_ij K2_ij, each block summed in float64; returned in K's dtype."""
         check_plan_affinity(K, K2)
         total = torch.zeros((), dtype=torch.float64, device=K.device)
-        for start, stop in plan_row_blocks(K):
+        for start, stop in row_blocks(K):
             block = plan_block(K, f, g, eps, start, stop).mul_(K2.rows(start, stop))
             total += block.sum(dtype=torch.float64)
         return total.to(K.dtype)
 
 
-def plan_row_blocks(K: Affinity):
-    """(start, stop) ranges of rows whose block of P stays under ``PLAN_BLOCK_BYTES``."""
+def block_rows(K: Affinity) -> int:
+    """Rows per block: as many as fit in ``BLOCK_BYTES`` (at least one, at most n)."""
     n, m = K.shape
-    step = max(1, PLAN_BLOCK_BYTES // (m * K.dtype.itemsize))
-    for start in range(0, n, step):
-        yield start, min(start + step, n)
+    return min(n, max(1, BLOCK_BYTES // (m * K.dtype.itemsize)))
+
+
+def row_blocks(K: Affinity):
+    """(start, stop) ranges of :func:`block_rows` rows covering K's rows."""
+    step = block_rows(K)
+    for start in range(0, K.shape[0], step):
+        yield start, min(start + step, K.shape[0])
 
 
 def plan_block(K: Affinity, f: Tensor, g: Tensor, eps: float, start: int, stop: int) -> Tensor:

@@ -12,24 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Affinity, Backend
-
-#: Size of one workspace block of K; each primitive holds at most two.
-BLOCK_BYTES = 32 * 2**20
-
-
-def row_blocks(K: Affinity):
-    """(start, stop) ranges of rows whose block of K stays under ``BLOCK_BYTES``."""
-    n, m = K.shape
-    step = max(1, BLOCK_BYTES // (m * K.dtype.itemsize))
-    for start in range(0, n, step):
-        yield start, min(start + step, n)
-
+from .base import Affinity, Backend, block_rows, row_blocks
 
 def workspace(K: Affinity) -> Tensor:
-    n, m = K.shape
-    rows = min(n, max(1, BLOCK_BYTES // (m * K.dtype.itemsize)))
-    return torch.empty(rows, m, dtype=K.dtype, device=K.device)
+    """One block of :func:`~sotalign.kernels.base.block_rows` rows; each primitive holds at most two."""
+    return torch.empty(block_rows(K), K.shape[1], dtype=K.dtype, device=K.device)
 
 
 def scaled_block(

@@ -2,12 +2,14 @@
 
 from .dispatch import DEFAULT_MEMORY_BUDGET, available_backends
 from .klot import KLOTLoss, klot, klot_dense
+from .options import SolverOptions
 from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_dense
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "KLOTLoss",
     "SinkhornResult",
+    "SolverOptions",
     "available_backends",
     "klot",
     "klot_dense",

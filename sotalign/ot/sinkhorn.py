@@ -24,6 +24,7 @@ from torch import Tensor
 from ..kernels import Affinity, Backend, load_backend
 from . import validation as check
 from .dispatch import DEFAULT_MEMORY_BUDGET, choose_route
+from .options import SolverOptions
 
 
 @dataclass(frozen=True)
@@ -300,56 +301,43 @@ def _warm_start(warm_start, m: int, dtype, device) -> tuple[Tensor | None, float
 
 
 def _sinkhorn(
-    K: Affinity,
-    feature_dim,
-    eps,
-    n_iters,
-    tol,
-    backend,
-    path,
-    a,
-    b,
-    symmetric,
-    warm_start,
-    check_every,
-    memory_budget,
-    eps_scaling,
-    cuda_graph,
-    precision,
+    K: Affinity, feature_dim: int | None, eps, options: SolverOptions, a, b, warm_start
 ) -> SinkhornResult:
     eps = check.check_positive("eps", eps)
-    n_iters = check.check_count("n_iters", n_iters)
-    check_every = check.check_count("check_every", check_every)
-    if tol is not None:
-        tol = check.check_positive("tol", tol)
-    eps_scaling = check.check_eps_scaling(eps_scaling)
-    cuda_graph = check.check_cuda_graph(cuda_graph, K.device)
+    check.check_cuda_graph(options.cuda_graph, K.device)
     n, m = K.shape
-    route = choose_route(backend, path, K.device, n, m, feature_dim, K.dtype, 1, memory_budget, precision)
+    route = choose_route(
+        options.backend,
+        options.path,
+        K.device,
+        n,
+        m,
+        feature_dim,
+        K.dtype,
+        1,
+        options.memory_budget,
+        options.precision,
+    )
     log_a, log_b = _log_weights(a, b, n, m, K.dtype, K.device)
     g_init, warm_eps = _warm_start(warm_start, m, K.dtype, K.device)
     with torch.no_grad():
         K_read = route.prepare(K)
         eps_start = None
-        if eps_scaling is not None and warm_eps is not None:
+        if options.eps_scaling is not None and warm_eps is not None:
             eps_start = min(affinity_spread(K_read), warm_eps)
         f, g, done = solve(
             route.backend,
             K_read,
             eps,
-            n_iters,
+            options.n_iters,
             log_a,
             log_b,
-            tol=tol,
-            check_every=check_every,
-            symmetric=symmetric,
             g_init=g_init,
-            eps_scaling=eps_scaling,
             eps_start=eps_start,
-            cuda_graph=cuda_graph,
+            **options.loop(),
         )
         error = marginal_error(route.backend, K_read, f, g, eps, log_a, log_b)
-    return SinkhornResult(f, g, eps, done, error, route.backend.name, route.path, K, precision)
+    return SinkhornResult(f, g, eps, done, error, route.backend.name, route.path, K, options.precision)
 
 
 def sinkhorn(
@@ -377,6 +365,9 @@ def sinkhorn(
     ``affinity="cosine"`` uses K = x̂ ŷᵀ with L2-normalised rows; ``"dot"`` uses K = x yᵀ.
     Potentials are not differentiable (use :func:`sotalign.klot` for gradients).
 
+    The solver options are those of :class:`~sotalign.ot.options.SolverOptions`, validated
+    there before any work.
+
     Args:
         eps: entropic regularisation ε > 0, in the units of K.
         n_iters: maximum number of alternating iterations (≥ 1), ε-scaling ones included.
@@ -403,24 +394,19 @@ def sinkhorn(
     x, y = x.detach().to(dtype), y.detach().to(dtype)
     if affinity == "cosine":
         x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
-    return _sinkhorn(
-        Affinity.from_features(x, y),
-        x.shape[1],
-        eps,
-        n_iters,
-        tol,
-        backend,
-        path,
-        a,
-        b,
-        symmetric,
-        warm_start,
-        check_every,
-        memory_budget,
-        eps_scaling,
-        cuda_graph,
-        precision,
+    options = SolverOptions(
+        n_iters=n_iters,
+        tol=tol,
+        check_every=check_every,
+        symmetric=symmetric,
+        eps_scaling=eps_scaling,
+        cuda_graph=cuda_graph,
+        backend=backend,
+        path=path,
+        precision=precision,
+        memory_budget=memory_budget,
     )
+    return _sinkhorn(Affinity.from_features(x, y), x.shape[1], eps, options, a, b, warm_start)
 
 
 def sinkhorn_dense(
@@ -442,21 +428,14 @@ def sinkhorn_dense(
     """Entropic OT plan for a given n×m affinity ``K`` (cost −K); see :func:`sinkhorn`."""
     check.check_matrices(K=K)
     K = K.detach().to(check.compute_dtype(K))
-    return _sinkhorn(
-        Affinity.from_dense(K),
-        None,
-        eps,
-        n_iters,
-        tol,
-        backend,
-        "auto",
-        a,
-        b,
-        symmetric,
-        warm_start,
-        check_every,
-        DEFAULT_MEMORY_BUDGET,
-        eps_scaling,
-        cuda_graph,
-        precision,
+    options = SolverOptions(
+        n_iters=n_iters,
+        tol=tol,
+        check_every=check_every,
+        symmetric=symmetric,
+        eps_scaling=eps_scaling,
+        cuda_graph=cuda_graph,
+        backend=backend,
+        precision=precision,
     )
+    return _sinkhorn(Affinity.from_dense(K), None, eps, options, a, b, warm_start)

@@ -398,7 +398,7 @@ def test_kernels_compile_for_hopper(tmp_path):
     except RuntimeError:
         pytest.skip("this triton has no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env.update(
         TRITON_CACHE_DIR=str(tmp_path),
         TRITON_DEFAULT_FP_FUSION="1",

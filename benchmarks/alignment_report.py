@@ -46,7 +46,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--machine", default="cpu-amd-epyc-2core")
-    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary dir)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep the runs here (default: a temporary dir)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     pair_counts = [int(p) for p in args.pairs.split(",")]
@@ -55,9 +57,21 @@ def main(argv=None) -> None:
 
     data_settings = dict(image_dim=128, text_dim=96, latent_dim=16, n_concepts=20, noise=0.1, seed=1)
     n_val, n_test = 500, 1000
-    config = TrainConfig(steps=args.steps, out_dim=256, lr=1e-3, warmup_steps=0, paired_batch_size=1000,
-                         unpaired_batch_size=512, alpha=args.alpha, eps=0.05, eps_teacher=0.01, n_iters=50,
-                         eval_every=50, checkpoint_every=args.steps, device="cpu")
+    config = TrainConfig(
+        steps=args.steps,
+        out_dim=256,
+        lr=1e-3,
+        warmup_steps=0,
+        paired_batch_size=1000,
+        unpaired_batch_size=512,
+        alpha=args.alpha,
+        eps=0.05,
+        eps_teacher=0.01,
+        n_iters=50,
+        eval_every=50,
+        checkpoint_every=args.steps,
+        device="cpu",
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work or Path(scratch)
@@ -65,19 +79,36 @@ def main(argv=None) -> None:
         write_platonic(work / "data", n_total, **data_settings)
         levels = {}
         for n_pairs in pair_counts:
-            spec = DataSpec(images=str(work / "data" / "images.npy"), texts=str(work / "data" / "texts.npy"),
-                            n_pairs=n_pairs, n_val=n_val, n_test=n_test, n_unpaired=args.unpaired)
+            spec = DataSpec(
+                images=str(work / "data" / "images.npy"),
+                texts=str(work / "data" / "texts.npy"),
+                n_pairs=n_pairs,
+                n_val=n_val,
+                n_test=n_test,
+                n_unpaired=args.unpaired,
+            )
             result = compare(config, spec, methods, seeds, work / f"pairs{n_pairs}", progress=False)
             levels[n_pairs] = result
-            print(f"{n_pairs} pairs: " + ", ".join(f"{m} {s['mean_R@1']:.1f} ± {s['std']:.1f}"
-                                                   for m, s in result["summary"].items()), flush=True)
+            print(
+                f"{n_pairs} pairs: "
+                + ", ".join(
+                    f"{m} {s['mean_R@1']:.1f} ± {s['std']:.1f}" for m, s in result["summary"].items()
+                ),
+                flush=True,
+            )
     minutes = (time.perf_counter() - started) / 60
-    report = {"machine": args.machine, "cpu": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "minutes": round(minutes, 1),
-              "data": {**data_settings, "n_unpaired": args.unpaired, "n_val": n_val, "n_test": n_test},
-              "config": {k: v for k, v in vars(config).items() if k not in ("method", "seed")},
-              "methods": methods, "seeds": seeds,
-              "levels": {str(n): {"summary": r["summary"], "runs": r["runs"]} for n, r in levels.items()}}
+    report = {
+        "machine": args.machine,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "minutes": round(minutes, 1),
+        "data": {**data_settings, "n_unpaired": args.unpaired, "n_val": n_val, "n_test": n_test},
+        "config": {k: v for k, v in vars(config).items() if k not in ("method", "seed")},
+        "methods": methods,
+        "seeds": seeds,
+        "levels": {str(n): {"summary": r["summary"], "runs": r["runs"]} for n, r in levels.items()},
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.machine}-alignment.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{args.machine}-alignment.md").write_text(markdown(report))
@@ -132,13 +163,19 @@ def markdown(report: dict) -> str:
             continue
         gains = [paired_gain(level["runs"], method, "sail") for level in levels.values()]
         if all(g is not None for g in gains):
-            lines.append(f"- {method}: " + ", ".join(f"{n} pairs {g[0]:+.1f} ± {g[1]:.1f}"
-                                                     for n, g in zip(levels, gains)))
+            lines.append(
+                f"- {method}: "
+                + ", ".join(f"{n} pairs {g[0]:+.1f} ± {g[1]:.1f}" for n, g in zip(levels, gains))
+            )
     seconds = {}
     for level in levels.values():
         for r in level["runs"]:
             seconds.setdefault(r["method"], []).append(r["seconds"])
-    lines += ["", "Seconds per run (mean): " + ", ".join(f"{m} {np.mean(s):.0f}" for m, s in seconds.items()), ""]
+    lines += [
+        "",
+        "Seconds per run (mean): " + ", ".join(f"{m} {np.mean(s):.0f}" for m, s in seconds.items()),
+        "",
+    ]
     return "\n".join(lines)
 
 

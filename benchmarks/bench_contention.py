@@ -57,8 +57,14 @@ def _steps_script(imports: str, steps: int) -> str:
 def _median_step(case: str, steps: int) -> float:
     imports, env_overrides = CASES[case]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | env_overrides
-    out = subprocess.run([sys.executable, "-c", _steps_script(imports, steps)], env=env,
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _steps_script(imports, steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -75,8 +81,10 @@ class CompetingLoad:
 
     def __enter__(self):
         context = multiprocessing.get_context("spawn")
-        self.workers = [context.Process(target=_spin, args=(LOAD_SECONDS,), daemon=True)
-                        for _ in range(os.cpu_count() or 1)]
+        self.workers = [
+            context.Process(target=_spin, args=(LOAD_SECONDS,), daemon=True)
+            for _ in range(os.cpu_count() or 1)
+        ]
         for worker in self.workers:
             worker.start()
         return self
@@ -96,7 +104,15 @@ def test_klot_step_under_load(benchmark, smoke, case):
     idle = _median_step(case, steps)
     with CompetingLoad():
         loaded = benchmark.pedantic(_median_step, args=(case, steps), rounds=1, iterations=1)
-    benchmark.extra_info.update(suite="contention", case=case, n=N, d=D, d_teacher=D_TEACHER,
-                                steps=steps, idle_step_s=idle, loaded_step_s=loaded,
-                                loaded_over_idle=loaded / idle)
+    benchmark.extra_info.update(
+        suite="contention",
+        case=case,
+        n=N,
+        d=D,
+        d_teacher=D_TEACHER,
+        steps=steps,
+        idle_step_s=idle,
+        loaded_step_s=loaded,
+        loaded_over_idle=loaded / idle,
+    )
     assert idle > 0 and loaded > 0

@@ -19,17 +19,27 @@ N_ITERS = 20
 
 
 @pytest.mark.parametrize("path", ["dense", "online"])
-def test_cpu_path(benchmark, bench, problem, cpu_backend, crossover_n, crossover_dim,
-                  crossover_results, path):
+def test_cpu_path(
+    benchmark, bench, problem, cpu_backend, crossover_n, crossover_dim, crossover_results, path
+):
     """One cpu-backend solve on one path at feature dimension ``crossover_dim``."""
     n = crossover_n
     data = problem(n, crossover_dim)
-    result = bench(benchmark, lambda: sotalign.sinkhorn(data.x, data.y, EPS, N_ITERS, backend="cpu",
-                                                        path=path),
-                   suite="crossover", provider=f"sotalign-cpu-{path}",
-                   group=f"crossover n={n} d={crossover_dim}", n=n, m=n,
-                   d=crossover_dim, eps=EPS, n_iters=N_ITERS, dtype="float32",
-                   requested_backend="cpu", requested_path=path)
+    result = bench(
+        benchmark,
+        lambda: sotalign.sinkhorn(data.x, data.y, EPS, N_ITERS, backend="cpu", path=path),
+        suite="crossover",
+        provider=f"sotalign-cpu-{path}",
+        group=f"crossover n={n} d={crossover_dim}",
+        n=n,
+        m=n,
+        d=crossover_dim,
+        eps=EPS,
+        n_iters=N_ITERS,
+        dtype="float32",
+        requested_backend="cpu",
+        requested_path=path,
+    )
     assert result.path == path and torch.isfinite(result.f).all()
     if benchmark.stats is not None:  # None under --benchmark-disable
         crossover_results[(crossover_dim, path)] = benchmark.stats.stats.median

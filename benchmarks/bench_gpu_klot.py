@@ -36,8 +36,14 @@ from typing import Callable
 import pytest
 import roofline
 import torch
-from bench_gpu_sinkhorn import (_device_gpu_key, _cuda_only, features_bytes, require_backend,
-                                resolved_precision, sotalign_options)
+from bench_gpu_sinkhorn import (
+    _cuda_only,
+    _device_gpu_key,
+    features_bytes,
+    require_backend,
+    resolved_precision,
+    sotalign_options,
+)
 from bench_klot import step
 
 import sotalign
@@ -48,7 +54,8 @@ EPS, EPS_TEACHER = 0.05, 0.01
 N_ITERS = 5 if SMOKE else 100
 #: (n = m, d, d*): the headline shapes first, so a spent time budget drops the others.
 SHAPES = [(32768, 256, 128), (32768, 1024, 512)] + [
-    (n, d, d_t) for n in (4096, 16384) for d, d_t in ((256, 128), (1024, 512))]
+    (n, d, d_t) for n in (4096, 16384) for d, d_t in ((256, 128), (1024, 512))
+]
 SMOKE_SHAPES = [(64, 16, 8)]
 SCALE_SHAPE = (128, 16, 8) if SMOKE else (262144, 512, 256)
 #: Per-call budget of the scale cases (seconds): a step at n = 262144 takes tens of seconds.
@@ -57,23 +64,29 @@ SCALE_MAX_CALL_SECONDS = 120.0
 
 # --------------------------------------------------------------------------- providers
 
+
 def sotalign_klot(backend: str, path: str, **options) -> Callable:
     """A maker of ``loss_fn(x, y, x_t, y_t, n_iters)`` running sotalign.klot with options."""
+
     def make(device):
         if backend != "auto":
             require_backend(backend, device)
         kwargs = sotalign_options(sotalign.klot, {"path": path, **options})
 
         def loss_fn(x, y, x_t, y_t, n_iters):
-            return sotalign.klot(x, y, x_t, y_t, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=n_iters,
-                                 backend=backend, **kwargs)
+            return sotalign.klot(
+                x, y, x_t, y_t, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=n_iters, backend=backend, **kwargs
+            )
+
         return loss_fn
+
     return make
 
 
 def paper_step(device):
     def loss_fn(x, y, x_t, y_t, n_iters):
         return paper_klot_features(x, y, x_t, y_t, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=n_iters)
+
     return loss_fn
 
 
@@ -82,8 +95,10 @@ def compiled_paper_step(device):
     _cuda_only("torch.compile is timed on CUDA only (on CPU it would compile C++ for minutes)")(device)
 
     def loss_fn(x, y, x_t, y_t, n_iters):
-        return paper_klot_features(x, y, x_t, y_t, eps=EPS, eps_teacher=EPS_TEACHER,
-                                   n_iters=n_iters, compiled=True)
+        return paper_klot_features(
+            x, y, x_t, y_t, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=n_iters, compiled=True
+        )
+
     return loss_fn
 
 
@@ -114,31 +129,76 @@ def dense_memory(matrices: float) -> Callable[[int, int, int], float]:
 
 
 PROVIDERS = [
-    Provider("sotalign-auto", sotalign_klot("auto", "auto"), "auto", "default", 2.0,
-             lambda n, d, d_t: min(2 * n * n * 4, sotalign.DEFAULT_MEMORY_BUDGET)
-             + online_memory(n, d, d_t), max_call_seconds=30.0),
-    Provider("sotalign-triton-online", sotalign_klot("triton", "online", precision="fp32"),
-             "online", "fp32", 2.0, online_memory),
-    Provider("sotalign-triton-online-tf32x3", sotalign_klot("triton", "online", precision="tf32x3"),
-             "online", "tf32x3", 1.5, online_memory),
-    Provider("sotalign-triton-online-tf32", sotalign_klot("triton", "online", precision="tf32"),
-             "online", "tf32", 1.5, online_memory),
-    Provider("sotalign-triton-online-fp16", sotalign_klot("triton", "online", precision="fp16"),
-             "online", "fp16", 1.5, online_memory),
-    Provider("sotalign-triton-dense", sotalign_klot("triton", "dense", precision="fp32"),
-             "dense", "fp32", 1.5, dense_memory(2)),
+    Provider(
+        "sotalign-auto",
+        sotalign_klot("auto", "auto"),
+        "auto",
+        "default",
+        2.0,
+        lambda n, d, d_t: min(2 * n * n * 4, sotalign.DEFAULT_MEMORY_BUDGET) + online_memory(n, d, d_t),
+        max_call_seconds=30.0,
+    ),
+    Provider(
+        "sotalign-triton-online",
+        sotalign_klot("triton", "online", precision="fp32"),
+        "online",
+        "fp32",
+        2.0,
+        online_memory,
+    ),
+    Provider(
+        "sotalign-triton-online-tf32x3",
+        sotalign_klot("triton", "online", precision="tf32x3"),
+        "online",
+        "tf32x3",
+        1.5,
+        online_memory,
+    ),
+    Provider(
+        "sotalign-triton-online-tf32",
+        sotalign_klot("triton", "online", precision="tf32"),
+        "online",
+        "tf32",
+        1.5,
+        online_memory,
+    ),
+    Provider(
+        "sotalign-triton-online-fp16",
+        sotalign_klot("triton", "online", precision="fp16"),
+        "online",
+        "fp16",
+        1.5,
+        online_memory,
+    ),
+    Provider(
+        "sotalign-triton-dense",
+        sotalign_klot("triton", "dense", precision="fp32"),
+        "dense",
+        "fp32",
+        1.5,
+        dense_memory(2),
+    ),
     Provider("sotalign-keops", sotalign_klot("keops", "online"), "online", "fp32", 5.0, online_memory),
-    Provider("sotalign-torch", sotalign_klot("torch", "auto"), "auto", "default", 3.0,
-             lambda n, d, d_t: 2 * min(n * n * 4, sotalign.DEFAULT_MEMORY_BUDGET)
-             + online_memory(n, d, d_t) + 2**30),
+    Provider(
+        "sotalign-torch",
+        sotalign_klot("torch", "auto"),
+        "auto",
+        "default",
+        3.0,
+        lambda n, d, d_t: (
+            2 * min(n * n * 4, sotalign.DEFAULT_MEMORY_BUDGET) + online_memory(n, d, d_t) + 2**30
+        ),
+    ),
     Provider("paper-dense", paper_step, "dense", "fp32", 4.0, dense_memory(9)),
     Provider("paper-dense-compiled", compiled_paper_step, "dense", "fp32", 1.5, dense_memory(9)),
 ]
 PROVIDER = {p.name: p for p in PROVIDERS}
 #: (provider, n_iters) of the scale run.
-SCALE_CASES = [("sotalign-triton-online-fp16", N_ITERS),
-               ("sotalign-triton-online-tf32", 5 if SMOKE else 10),
-               ("sotalign-auto", 5 if SMOKE else 10)]
+SCALE_CASES = [
+    ("sotalign-triton-online-fp16", N_ITERS),
+    ("sotalign-triton-online-tf32", 5 if SMOKE else 10),
+    ("sotalign-auto", 5 if SMOKE else 10),
+]
 
 
 def predicted_seconds(provider: Provider, n: int, d: int, d_t: int, n_iters: int, gpu: str) -> float:
@@ -150,18 +210,33 @@ def predicted_seconds(provider: Provider, n: int, d: int, d_t: int, n_iters: int
         paths = ("online", "dense") if fits else ("online",)
     precision = "fp32" if provider.precision == "default" else provider.precision
     return provider.slowdown * min(
-        roofline.klot_step_bound(n, n, d, d_t, path, gpu, precision, n_iters) for path in paths)
+        roofline.klot_step_bound(n, n, d, d_t, path, gpu, precision, n_iters) for path in paths
+    )
 
 
 # --------------------------------------------------------------------------- tests
 
-def _run(benchmark, gpu_bench, gpu_gate, gpu_device, device_problem, provider: Provider,
-         shape, n_iters: int, suite: str, max_call_seconds: float | None = None, rounds=None):
+
+def _run(
+    benchmark,
+    gpu_bench,
+    gpu_gate,
+    gpu_device,
+    device_problem,
+    provider: Provider,
+    shape,
+    n_iters: int,
+    suite: str,
+    max_call_seconds: float | None = None,
+    rounds=None,
+):
     n, d, d_t = shape
     gpu = _device_gpu_key(gpu_device)
-    gpu_gate(memory_bytes=provider.memory(n, d, d_t),
-             predicted_seconds=predicted_seconds(provider, n, d, d_t, n_iters, gpu),
-             max_call_seconds=max_call_seconds or provider.max_call_seconds)
+    gpu_gate(
+        memory_bytes=provider.memory(n, d, d_t),
+        predicted_seconds=predicted_seconds(provider, n, d, d_t, n_iters, gpu),
+        max_call_seconds=max_call_seconds or provider.max_call_seconds,
+    )
     loss_fn = provider.make(gpu_device)
     data = device_problem(n, d, d_t)
     x = data.x.clone().requires_grad_()
@@ -170,32 +245,60 @@ def _run(benchmark, gpu_bench, gpu_gate, gpu_device, device_problem, provider: P
     def check(value):
         assert torch.isfinite(value) and torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
 
-    gpu_bench(benchmark, lambda: step(lambda *a: loss_fn(*a, n_iters), x, y, data.x_teacher,
-                                      data.y_teacher),
-              check=check, suite=suite, provider=provider.name, rounds=rounds,
-              backend=provider.name.split("-")[0],
-              group=f"{suite} n={n} d={d} teacher={d_t}", n=n, m=n, d=d, d_teacher=d_t, eps=EPS,
-              eps_teacher=EPS_TEACHER, n_iters=n_iters, dtype="float32",
-              roofline_path=provider.path,
-              precision=resolved_precision(provider.precision, sotalign.klot),
-              input_mib=round(2 * n * (d + d_t) * 4 / 2**20, 2))
+    gpu_bench(
+        benchmark,
+        lambda: step(lambda *a: loss_fn(*a, n_iters), x, y, data.x_teacher, data.y_teacher),
+        check=check,
+        suite=suite,
+        provider=provider.name,
+        rounds=rounds,
+        backend=provider.name.split("-")[0],
+        group=f"{suite} n={n} d={d} teacher={d_t}",
+        n=n,
+        m=n,
+        d=d,
+        d_teacher=d_t,
+        eps=EPS,
+        eps_teacher=EPS_TEACHER,
+        n_iters=n_iters,
+        dtype="float32",
+        roofline_path=provider.path,
+        precision=resolved_precision(provider.precision, sotalign.klot),
+        input_mib=round(2 * n * (d + d_t) * 4 / 2**20, 2),
+    )
 
 
-@pytest.mark.parametrize("shape, provider", [
-    pytest.param(shape, provider, id=f"n{shape[0]}-d{shape[1]}-t{shape[2]}-{provider.name}")
-    for shape in (SMOKE_SHAPES if SMOKE else SHAPES) for provider in PROVIDERS])
+@pytest.mark.parametrize(
+    "shape, provider",
+    [
+        pytest.param(shape, provider, id=f"n{shape[0]}-d{shape[1]}-t{shape[2]}-{provider.name}")
+        for shape in (SMOKE_SHAPES if SMOKE else SHAPES)
+        for provider in PROVIDERS
+    ],
+)
 def test_klot_step(benchmark, gpu_bench, gpu_gate, gpu_device, device_problem, shape, provider):
     """One KLOT step (100 + 100 iterations, forward + backward) of one provider."""
-    _run(benchmark, gpu_bench, gpu_gate, gpu_device, device_problem, provider, shape, N_ITERS,
-         "gpu-klot")
+    _run(benchmark, gpu_bench, gpu_gate, gpu_device, device_problem, provider, shape, N_ITERS, "gpu-klot")
 
 
-@pytest.mark.parametrize("name, n_iters", [pytest.param(name, it, id=f"{name}-{it}it")
-                                           for name, it in SCALE_CASES])
+@pytest.mark.parametrize(
+    "name, n_iters", [pytest.param(name, it, id=f"{name}-{it}it") for name, it in SCALE_CASES]
+)
 def test_klot_scale(benchmark, gpu_bench, gpu_gate, gpu_device, device_problem, name, n_iters):
     """The n = m = 262144, d = 512 step (one warm-up and two timed rounds): time and memory."""
-    _run(benchmark, gpu_bench, gpu_gate, gpu_device, device_problem, PROVIDER[name], SCALE_SHAPE,
-         n_iters, "gpu-scale", max_call_seconds=SCALE_MAX_CALL_SECONDS, rounds=2)
+    _run(
+        benchmark,
+        gpu_bench,
+        gpu_gate,
+        gpu_device,
+        device_problem,
+        PROVIDER[name],
+        SCALE_SHAPE,
+        n_iters,
+        "gpu-scale",
+        max_call_seconds=SCALE_MAX_CALL_SECONDS,
+        rounds=2,
+    )
 
 
 def test_backends_match_paper(device_problem, gpu_device):
@@ -204,8 +307,7 @@ def test_backends_match_paper(device_problem, gpu_device):
     x = data.x.clone().requires_grad_()
     y = data.y.clone().requires_grad_()
     args = (x, y, data.x_teacher, data.y_teacher)
-    value = step(lambda *a: paper_klot_features(*a, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=20),
-                 *args)
+    value = step(lambda *a: paper_klot_features(*a, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=20), *args)
     expected = value, x.grad.clone(), y.grad.clone()
     for backend in ("triton", "keops", "torch"):
         try:
@@ -213,8 +315,12 @@ def test_backends_match_paper(device_problem, gpu_device):
         except pytest.skip.Exception:
             continue
         for path in ("online", "dense"):
-            got = step(lambda *a: sotalign.klot(*a, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=20,
-                                                backend=backend, path=path), *args)
+            got = step(
+                lambda *a: sotalign.klot(
+                    *a, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=20, backend=backend, path=path
+                ),
+                *args,
+            )
             torch.testing.assert_close(got, expected[0], rtol=1e-3, atol=1e-4)
             for mine, paper in zip((x.grad, y.grad), expected[1:]):
                 torch.testing.assert_close(mine, paper, rtol=1e-2, atol=1e-3 * float(paper.abs().max()))

@@ -57,8 +57,9 @@ HEADLINE = (16384, 512)
 #: Iterations of the (untimed) check that the providers solve the same problem.
 PARITY_ITERS = 100
 #: (n = m, d); the headline shape first, so a spent time budget drops the others.
-SHAPES = [HEADLINE] + [(n, d) for n in (4096, 16384, 32768, 65536, 262144) for d in (64, 512, 1024)
-                       if (n, d) != HEADLINE]
+SHAPES = [HEADLINE] + [
+    (n, d) for n in (4096, 16384, 32768, 65536, 262144) for d in (64, 512, 1024) if (n, d) != HEADLINE
+]
 
 
 def iterations_for(n: int, smoke: bool) -> int:
@@ -69,6 +70,7 @@ def iterations_for(n: int, smoke: bool) -> int:
 
 
 # --------------------------------------------------------------------------- peers
+
 
 def unit(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=1)
@@ -90,9 +92,17 @@ def flash_solver(eps: float, n_iters: int, tf32: bool):
     Returns potentials in GeomLoss' convention: P_ij = a_i b_j exp((f_i + g_j − C_ij)/ε).
     """
     flash = pytest.importorskip("flash_sinkhorn")
-    return flash.SamplesLoss("sinkhorn", backend="alternating", half_cost=True, eps=eps,
-                             n_iters=n_iters, use_epsilon_scaling=False, debias=False,
-                             potentials=True, allow_tf32=tf32)
+    return flash.SamplesLoss(
+        "sinkhorn",
+        backend="alternating",
+        half_cost=True,
+        eps=eps,
+        n_iters=n_iters,
+        use_epsilon_scaling=False,
+        debias=False,
+        potentials=True,
+        allow_tf32=tf32,
+    )
 
 
 def flash_plan(solver, x, y, eps: float):
@@ -111,6 +121,7 @@ def geomloss_solver(eps: float, n_iters: int):
 
 
 # --------------------------------------------------------------------------- providers
+
 
 def require_backend(name: str, device: torch.device) -> None:
     """Skip unless sotalign's backend ``name`` runs here (with its reason).
@@ -146,6 +157,7 @@ def sotalign_options(fn, options: dict) -> dict:
 
 def sotalign_runner(backend: str, path: str, **options) -> Callable:
     """A runner ``(x, y, n_iters) -> SinkhornResult`` of sotalign.sinkhorn with these options."""
+
     def make(device):
         if backend != "auto":
             require_backend(backend, device)
@@ -153,6 +165,7 @@ def sotalign_runner(backend: str, path: str, **options) -> Callable:
             pytest.skip("cuda_graph=True needs CUDA")
         kwargs = sotalign_options(sotalign.sinkhorn, {"path": path, **options})
         return lambda x, y, n_iters: sotalign.sinkhorn(x, y, EPS, n_iters, backend=backend, **kwargs)
+
     return make
 
 
@@ -162,9 +175,11 @@ def _finite_potentials(result) -> None:
 
 def _cuda_only(reason: str):
     """A device check that skips with ``reason`` off CUDA."""
+
     def check(device):
         if device.type != "cuda":
             pytest.skip(reason)
+
     return check
 
 
@@ -197,6 +212,7 @@ def geomloss_runner(device):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return solvers[n_iters](unit(x), unit(y))
+
     return run
 
 
@@ -205,6 +221,7 @@ def flash_runner(tf32: bool):
         _cuda_only("FlashSinkhorn runs on CUDA only")(device)
         pytest.importorskip("flash_sinkhorn")
         return lambda x, y, n_iters: flash_solver(EPS, n_iters, tf32)(unit(x), unit(y))
+
     return make
 
 
@@ -248,34 +265,112 @@ def _dense_memory(matrices: float) -> Callable[[int, int], float]:
 
 
 PROVIDERS = [
-    Provider("sotalign-triton-online", sotalign_runner("triton", "online", precision="fp32"),
-             _finite_potentials, "online", "fp32", 2.0, lambda n, d: features_bytes(n, d, 6)),
-    Provider("sotalign-triton-online-tf32x3", sotalign_runner("triton", "online", precision="tf32x3"),
-             _finite_potentials, "online", "tf32x3", 1.5, lambda n, d: features_bytes(n, d, 6)),
-    Provider("sotalign-triton-online-tf32", sotalign_runner("triton", "online", precision="tf32"),
-             _finite_potentials, "online", "tf32", 1.5, lambda n, d: features_bytes(n, d, 6)),
-    Provider("sotalign-triton-online-fp16", sotalign_runner("triton", "online", precision="fp16"),
-             _finite_potentials, "online", "fp16", 1.5, lambda n, d: features_bytes(n, d, 6)),
-    Provider("sotalign-triton-online-graph",
-             sotalign_runner("triton", "online", precision="fp32", cuda_graph=True),
-             _finite_potentials, "online", "fp32", 2.0, lambda n, d: features_bytes(n, d, 6),
-             max_n=4096, notes={"cuda_graph": True}),
-    Provider("sotalign-triton-dense", sotalign_runner("triton", "dense", precision="fp32"),
-             _finite_potentials, "dense", "fp32", 1.5, _dense_memory(2)),
-    Provider("sotalign-keops", sotalign_runner("keops", "online"), _finite_potentials, "online",
-             "fp32", 5.0, lambda n, d: features_bytes(n, d, 6)),
-    Provider("sotalign-torch", sotalign_runner("torch", "auto"), _finite_potentials, "auto", "default",
-             3.0, lambda n, d: min(n * n * 4, GIB) + features_bytes(n, d) + 512 * 2**20, max_n=32768),
+    Provider(
+        "sotalign-triton-online",
+        sotalign_runner("triton", "online", precision="fp32"),
+        _finite_potentials,
+        "online",
+        "fp32",
+        2.0,
+        lambda n, d: features_bytes(n, d, 6),
+    ),
+    Provider(
+        "sotalign-triton-online-tf32x3",
+        sotalign_runner("triton", "online", precision="tf32x3"),
+        _finite_potentials,
+        "online",
+        "tf32x3",
+        1.5,
+        lambda n, d: features_bytes(n, d, 6),
+    ),
+    Provider(
+        "sotalign-triton-online-tf32",
+        sotalign_runner("triton", "online", precision="tf32"),
+        _finite_potentials,
+        "online",
+        "tf32",
+        1.5,
+        lambda n, d: features_bytes(n, d, 6),
+    ),
+    Provider(
+        "sotalign-triton-online-fp16",
+        sotalign_runner("triton", "online", precision="fp16"),
+        _finite_potentials,
+        "online",
+        "fp16",
+        1.5,
+        lambda n, d: features_bytes(n, d, 6),
+    ),
+    Provider(
+        "sotalign-triton-online-graph",
+        sotalign_runner("triton", "online", precision="fp32", cuda_graph=True),
+        _finite_potentials,
+        "online",
+        "fp32",
+        2.0,
+        lambda n, d: features_bytes(n, d, 6),
+        max_n=4096,
+        notes={"cuda_graph": True},
+    ),
+    Provider(
+        "sotalign-triton-dense",
+        sotalign_runner("triton", "dense", precision="fp32"),
+        _finite_potentials,
+        "dense",
+        "fp32",
+        1.5,
+        _dense_memory(2),
+    ),
+    Provider(
+        "sotalign-keops",
+        sotalign_runner("keops", "online"),
+        _finite_potentials,
+        "online",
+        "fp32",
+        5.0,
+        lambda n, d: features_bytes(n, d, 6),
+    ),
+    Provider(
+        "sotalign-torch",
+        sotalign_runner("torch", "auto"),
+        _finite_potentials,
+        "auto",
+        "default",
+        3.0,
+        lambda n, d: min(n * n * 4, GIB) + features_bytes(n, d) + 512 * 2**20,
+        max_n=32768,
+    ),
     Provider("paper-dense", paper_runner, _finite_tensor, "dense", "fp32", 4.0, _dense_memory(5)),
-    Provider("paper-dense-compiled", compiled_runner, _finite_tensor, "dense", "fp32", 1.5,
-             _dense_memory(3)),
+    Provider("paper-dense-compiled", compiled_runner, _finite_tensor, "dense", "fp32", 1.5, _dense_memory(3)),
     Provider("pot-sinkhorn_log", pot_runner, _finite_tensor, "dense", "fp32", 5.0, _dense_memory(7)),
-    Provider("geomloss-keops", geomloss_runner, _finite_pair, "online", "fp32", 5.0,
-             lambda n, d: features_bytes(n, d), notes={"note": "eps-scaling schedule, not fixed eps"}),
-    Provider("flashsinkhorn", flash_runner(tf32=False), _finite_pair, "online", "fp32", 2.0,
-             lambda n, d: features_bytes(n, d, 6)),
-    Provider("flashsinkhorn-tf32", flash_runner(tf32=True), _finite_pair, "online", "tf32", 1.5,
-             lambda n, d: features_bytes(n, d, 6)),
+    Provider(
+        "geomloss-keops",
+        geomloss_runner,
+        _finite_pair,
+        "online",
+        "fp32",
+        5.0,
+        lambda n, d: features_bytes(n, d),
+        notes={"note": "eps-scaling schedule, not fixed eps"},
+    ),
+    Provider(
+        "flashsinkhorn",
+        flash_runner(tf32=False),
+        _finite_pair,
+        "online",
+        "fp32",
+        2.0,
+        lambda n, d: features_bytes(n, d, 6),
+    ),
+    Provider(
+        "flashsinkhorn-tf32",
+        flash_runner(tf32=True),
+        _finite_pair,
+        "online",
+        "tf32",
+        1.5,
+        lambda n, d: features_bytes(n, d, 6),
+    ),
 ]
 
 
@@ -283,16 +378,18 @@ def predicted_seconds(provider: Provider, n: int, d: int, n_iters: int, gpu: str
     """Roofline bound of one call on the provider's path (the faster one for ``auto``) × slowdown."""
     paths = ("online", "dense") if provider.path == "auto" else (provider.path,)
     precision = "fp32" if provider.precision == "default" else provider.precision
-    bound = min(n_iters * roofline.sinkhorn_iteration_bound(n, n, d, path, gpu, precision)
-                for path in paths)
+    bound = min(n_iters * roofline.sinkhorn_iteration_bound(n, n, d, path, gpu, precision) for path in paths)
     return provider.slowdown * bound
 
 
 def cases(smoke: bool) -> list:
     shapes = SMOKE_SHAPES if smoke else SHAPES
-    return [pytest.param(shape, provider, id=f"n{shape[0]}-d{shape[1]}-{provider.name}")
-            for shape in shapes for provider in PROVIDERS
-            if smoke or provider.max_n is None or shape[0] <= provider.max_n]
+    return [
+        pytest.param(shape, provider, id=f"n{shape[0]}-d{shape[1]}-{provider.name}")
+        for shape in shapes
+        for provider in PROVIDERS
+        if smoke or provider.max_n is None or shape[0] <= provider.max_n
+    ]
 
 
 def _device_gpu_key(device: torch.device) -> str:
@@ -304,6 +401,7 @@ def _device_gpu_key(device: torch.device) -> str:
 
 # --------------------------------------------------------------------------- tests
 
+
 @pytest.mark.parametrize("shape, provider", cases(SMOKE))
 def test_sinkhorn(benchmark, gpu_bench, gpu_gate, gpu_device, device_problem, shape, provider):
     """``n_iters`` Sinkhorn iterations of one provider at one shape (see the module doc)."""
@@ -311,16 +409,30 @@ def test_sinkhorn(benchmark, gpu_bench, gpu_gate, gpu_device, device_problem, sh
     n_iters = iterations_for(n, SMOKE)
     gpu = _device_gpu_key(gpu_device)
     precision = resolved_precision(provider.precision, sotalign.sinkhorn)
-    gpu_gate(memory_bytes=provider.memory(n, d),
-             predicted_seconds=predicted_seconds(provider, n, d, n_iters, gpu))
+    gpu_gate(
+        memory_bytes=provider.memory(n, d), predicted_seconds=predicted_seconds(provider, n, d, n_iters, gpu)
+    )
     run = provider.make(gpu_device)
     data = device_problem(n, d)
-    gpu_bench(benchmark, lambda: run(data.x, data.y, n_iters), check=provider.check,
-              suite="gpu-sinkhorn", provider=provider.name, group=f"gpu-sinkhorn n={n} d={d}",
-              backend=provider.name.split("-")[0],
-              n=n, m=n, d=d, eps=EPS, n_iters=n_iters, dtype="float32",
-              roofline_path=provider.path, precision=precision,
-              input_mib=round(2 * n * d * 4 / 2**20, 2), **provider.notes)
+    gpu_bench(
+        benchmark,
+        lambda: run(data.x, data.y, n_iters),
+        check=provider.check,
+        suite="gpu-sinkhorn",
+        provider=provider.name,
+        group=f"gpu-sinkhorn n={n} d={d}",
+        backend=provider.name.split("-")[0],
+        n=n,
+        m=n,
+        d=d,
+        eps=EPS,
+        n_iters=n_iters,
+        dtype="float32",
+        roofline_path=provider.path,
+        precision=precision,
+        input_mib=round(2 * n * d * 4 / 2**20, 2),
+        **provider.notes,
+    )
 
 
 def test_roofline_reproduces_design():
@@ -347,8 +459,11 @@ def test_peers_solve_the_same_problem(device_problem, gpu_device):
         plans["pot-sinkhorn_log"] = pot_sinkhorn_log(data.x, data.y, EPS, PARITY_ITERS)
     except pytest.skip.Exception:
         pass
-    for name, backend in (("sotalign-triton", "triton"), ("sotalign-torch", "torch"),
-                          ("sotalign-keops", "keops")):
+    for name, backend in (
+        ("sotalign-triton", "triton"),
+        ("sotalign-torch", "torch"),
+        ("sotalign-keops", "keops"),
+    ):
         try:
             require_backend(backend, gpu_device)
         except pytest.skip.Exception:

@@ -47,8 +47,10 @@ def low_rank_features(n: int, seed: int) -> tuple[torch.Tensor, ...]:
     """(x, y, x_teacher, y_teacher): clustered rank-RANK codes through fixed maps, plus noise."""
     gen = torch.Generator().manual_seed(seed)
     centers = torch.randn(CLUSTERS, RANK, generator=gen)
-    maps = [torch.randn(RANK, dim, generator=gen) / math.sqrt(RANK)
-            for dim in (DIM, DIM, DIM_TEACHER, DIM_TEACHER)]
+    maps = [
+        torch.randn(RANK, dim, generator=gen) / math.sqrt(RANK)
+        for dim in (DIM, DIM, DIM_TEACHER, DIM_TEACHER)
+    ]
 
     def codes():
         labels = torch.randint(CLUSTERS, (n,), generator=gen)
@@ -56,8 +58,7 @@ def low_rank_features(n: int, seed: int) -> tuple[torch.Tensor, ...]:
 
     z_x, z_y = codes(), codes()
     out = []
-    for z, A, noise in ((z_x, maps[0], 0.5), (z_y, maps[1], 0.5), (z_x, maps[2], 0.3),
-                        (z_y, maps[3], 0.3)):
+    for z, A, noise in ((z_x, maps[0], 0.5), (z_y, maps[1], 0.5), (z_x, maps[2], 0.3), (z_y, maps[3], 0.3)):
         clean = z @ A
         scale = noise * clean.norm(dim=1, keepdim=True).mean() / math.sqrt(A.shape[1])
         out.append((clean + scale * torch.randn(n, A.shape[1], generator=gen)).contiguous())
@@ -98,18 +99,36 @@ def test_iterations(benchmark, n, eps, eps_scaling):
     fixed_value, fixed_grad = fixed_step(features, n, eps)
 
     benchmark.group = f"iterations n={n}"
-    value, grad = benchmark.pedantic(lambda: klot_step(features, eps, **options), rounds=5,
-                                     iterations=1, warmup_rounds=1)
+    value, grad = benchmark.pedantic(
+        lambda: klot_step(features, eps, **options), rounds=5, iterations=1, warmup_rounds=1
+    )
     benchmark.extra_info.update(
-        suite="iterations", provider=f"sotalign-{student.backend}", backend=student.backend,
-        path=student.path, n=n, m=n, d=DIM, d_teacher=DIM_TEACHER, eps=eps, eps_teacher=EPS_TEACHER,
-        eps_scaling=eps_scaling, tol=TOL, check_every=1, max_iters=MAX_ITERS, dtype="float32",
-        student_iters=student.n_iters, teacher_iters=teacher.n_iters,
+        suite="iterations",
+        provider=f"sotalign-{student.backend}",
+        backend=student.backend,
+        path=student.path,
+        n=n,
+        m=n,
+        d=DIM,
+        d_teacher=DIM_TEACHER,
+        eps=eps,
+        eps_teacher=EPS_TEACHER,
+        eps_scaling=eps_scaling,
+        tol=TOL,
+        check_every=1,
+        max_iters=MAX_ITERS,
+        dtype="float32",
+        student_iters=student.n_iters,
+        teacher_iters=teacher.n_iters,
         total_iters=student.n_iters + teacher.n_iters,
-        student_error=student.marginal_error, teacher_error=teacher.marginal_error,
-        fixed_iters=FIXED_ITERS, fixed_error=fixed_student.marginal_error,
+        student_error=student.marginal_error,
+        teacher_error=teacher.marginal_error,
+        fixed_iters=FIXED_ITERS,
+        fixed_error=fixed_student.marginal_error,
         fixed_error_teacher=fixed_teacher.marginal_error,
-        value_tol=float(value), value_fixed=float(fixed_value),
+        value_tol=float(value),
+        value_fixed=float(fixed_value),
         value_change=float((value - fixed_value).abs() / value.abs()),
-        grad_change=float((grad - fixed_grad).norm() / grad.norm()))
+        grad_change=float((grad - fixed_grad).norm() / grad.norm()),
+    )
     assert torch.isfinite(value) and torch.isfinite(grad).all()

@@ -24,9 +24,18 @@ def _setup(problem, klot_shape):
     data = problem(n, d, d_teacher)
     x = data.x.clone().requires_grad_()
     y = data.y.clone().requires_grad_()
-    meta = dict(suite="klot", group=f"klot n={n} d={d} teacher={d_teacher}",
-                n=n, m=n, d=d, d_teacher=d_teacher, eps=EPS, eps_teacher=EPS_TEACHER,
-                n_iters=N_ITERS, dtype="float32")
+    meta = dict(
+        suite="klot",
+        group=f"klot n={n} d={d} teacher={d_teacher}",
+        n=n,
+        m=n,
+        d=d,
+        d_teacher=d_teacher,
+        eps=EPS,
+        eps_teacher=EPS_TEACHER,
+        n_iters=N_ITERS,
+        dtype="float32",
+    )
     return x, y, data.x_teacher, data.y_teacher, meta
 
 
@@ -48,11 +57,18 @@ def test_sotalign(benchmark, bench, problem, klot_shape, variant):
     x, y, x_t, y_t, meta = _setup(problem, klot_shape)
 
     def loss_fn(*args):
-        return sotalign.klot(*args, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=N_ITERS,
-                             backend=backend, path=path)
+        return sotalign.klot(
+            *args, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=N_ITERS, backend=backend, path=path
+        )
 
-    value = bench(benchmark, lambda: step(loss_fn, x, y, x_t, y_t), provider=label,
-                  requested_backend=backend, requested_path=path, **meta)
+    value = bench(
+        benchmark,
+        lambda: step(loss_fn, x, y, x_t, y_t),
+        provider=label,
+        requested_backend=backend,
+        requested_path=path,
+        **meta,
+    )
     _check(value, x, y)
 
 
@@ -63,19 +79,27 @@ def test_paper_dense(benchmark, bench, problem, klot_shape):
     def loss_fn(*args):
         return paper_klot_features(*args, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=N_ITERS)
 
-    value = bench(benchmark, lambda: step(loss_fn, x, y, x_t, y_t), provider="paper-dense",
-                  backend="paper", path="dense", **meta)
+    value = bench(
+        benchmark,
+        lambda: step(loss_fn, x, y, x_t, y_t),
+        provider="paper-dense",
+        backend="paper",
+        path="dense",
+        **meta,
+    )
     _check(value, x, y)
 
 
 def test_sotalign_matches_paper(problem):
     """Not timed: sotalign's loss and gradients equal the paper's on a small instance."""
     x, y, x_t, y_t, _ = _setup(problem, (96, 16, 8))
-    ours = step(lambda *a: sotalign.klot(*a, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=N_ITERS),
-                x, y, x_t, y_t)
+    ours = step(
+        lambda *a: sotalign.klot(*a, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=N_ITERS), x, y, x_t, y_t
+    )
     grads = x.grad.clone(), y.grad.clone()
-    theirs = step(lambda *a: paper_klot_features(*a, eps=EPS, eps_teacher=EPS_TEACHER,
-                                                 n_iters=N_ITERS), x, y, x_t, y_t)
+    theirs = step(
+        lambda *a: paper_klot_features(*a, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=N_ITERS), x, y, x_t, y_t
+    )
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
     for mine, paper in zip(grads, (x.grad, y.grad)):
         torch.testing.assert_close(mine, paper, rtol=1e-2, atol=1e-3 * float(paper.abs().max()))

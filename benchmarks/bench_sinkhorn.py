@@ -39,8 +39,16 @@ GEOMLOSS_MAX_WORK = 2048 * 2048 * 64
 def _setup(problem, sinkhorn_shape):
     n, d = sinkhorn_shape
     data = problem(n, d)
-    meta = dict(suite="sinkhorn", group=f"sinkhorn n={n} d={d}", n=n, m=n, d=d,
-                eps=EPS, n_iters=N_ITERS, dtype="float32")
+    meta = dict(
+        suite="sinkhorn",
+        group=f"sinkhorn n={n} d={d}",
+        n=n,
+        m=n,
+        d=d,
+        eps=EPS,
+        n_iters=N_ITERS,
+        dtype="float32",
+    )
     return data, meta
 
 
@@ -48,17 +56,28 @@ def test_sotalign(benchmark, bench, problem, sinkhorn_shape, variant):
     """sotalign.sinkhorn with one backend/path (``auto`` is what users get)."""
     label, backend, path = variant
     data, meta = _setup(problem, sinkhorn_shape)
-    result = bench(benchmark, lambda: sotalign.sinkhorn(data.x, data.y, EPS, N_ITERS, backend=backend,
-                                                        path=path),
-                   provider=label, requested_backend=backend, requested_path=path, **meta)
+    result = bench(
+        benchmark,
+        lambda: sotalign.sinkhorn(data.x, data.y, EPS, N_ITERS, backend=backend, path=path),
+        provider=label,
+        requested_backend=backend,
+        requested_path=path,
+        **meta,
+    )
     assert torch.isfinite(result.f).all() and torch.isfinite(result.g).all()
 
 
 def test_paper_dense(benchmark, bench, problem, cosine, sinkhorn_shape):
     """The paper's dense torch loop (100 iterations plus its symmetric step)."""
     data, meta = _setup(problem, sinkhorn_shape)
-    log_plan, _, _ = bench(benchmark, lambda: paper_sinkhorn(cosine(data.x, data.y), EPS, N_ITERS),
-                           provider="paper-dense", backend="paper", path="dense", **meta)
+    log_plan, _, _ = bench(
+        benchmark,
+        lambda: paper_sinkhorn(cosine(data.x, data.y), EPS, N_ITERS),
+        provider="paper-dense",
+        backend="paper",
+        path="dense",
+        **meta,
+    )
     assert torch.isfinite(log_plan).all()
 
 
@@ -76,8 +95,14 @@ def test_pot(benchmark, bench, problem, cosine, sinkhorn_shape):
     """POT ``sinkhorn_log`` with torch tensors."""
     pytest.importorskip("ot")
     data, meta = _setup(problem, sinkhorn_shape)
-    plan = bench(benchmark, lambda: pot_sinkhorn_log(data.x, data.y, EPS, N_ITERS, cosine),
-                 provider="pot-sinkhorn_log", backend="pot", path="dense", **meta)
+    plan = bench(
+        benchmark,
+        lambda: pot_sinkhorn_log(data.x, data.y, EPS, N_ITERS, cosine),
+        provider="pot-sinkhorn_log",
+        backend="pot",
+        path="dense",
+        **meta,
+    )
     assert torch.isfinite(plan).all()
 
 
@@ -91,8 +116,16 @@ def geomloss_solver(eps: float, n_iters: int):
     pytest.importorskip("pykeops")
     blur, diameter = math.sqrt(eps), 2.0
     scaling = (blur / diameter) ** (1.0 / n_iters)
-    return geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, diameter=diameter, scaling=scaling,
-                                debias=False, potentials=True, backend="online")
+    return geomloss.SamplesLoss(
+        "sinkhorn",
+        p=2,
+        blur=blur,
+        diameter=diameter,
+        scaling=scaling,
+        debias=False,
+        potentials=True,
+        backend="online",
+    )
 
 
 def geomloss_plan(solver, x, y, eps):
@@ -113,9 +146,15 @@ def test_geomloss_keops(benchmark, bench, problem, sinkhorn_shape):
     unit = torch.nn.functional.normalize
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        F, G = bench(benchmark, lambda: solver(unit(data.x, dim=1), unit(data.y, dim=1)),
-                     provider="geomloss-keops", backend="keops", path="online",
-                     note="eps-scaling schedule, symmetric updates", **meta)
+        F, G = bench(
+            benchmark,
+            lambda: solver(unit(data.x, dim=1), unit(data.y, dim=1)),
+            provider="geomloss-keops",
+            backend="keops",
+            path="online",
+            note="eps-scaling schedule, symmetric updates",
+            **meta,
+        )
     assert torch.isfinite(F).all() and torch.isfinite(G).all()
 
 
@@ -127,12 +166,16 @@ def test_peers_solve_the_same_problem(problem, cosine):
     data = problem(128, 16)
     ours = sotalign.sinkhorn(data.x, data.y, EPS, N_ITERS).plan()
     log_plan, _, _ = paper_sinkhorn(cosine(data.x, data.y), EPS, N_ITERS)
-    plans = {"paper-dense": log_plan.exp(),
-             "pot-sinkhorn_log": pot_sinkhorn_log(data.x, data.y, EPS, N_ITERS, cosine)}
+    plans = {
+        "paper-dense": log_plan.exp(),
+        "pot-sinkhorn_log": pot_sinkhorn_log(data.x, data.y, EPS, N_ITERS, cosine),
+    }
     try:
         plans["geomloss-keops"] = geomloss_plan(geomloss_solver(EPS, N_ITERS), data.x, data.y, EPS)
     except pytest.skip.Exception:
         pass
     for name, plan in plans.items():
         error = float((plan - ours).abs().sum())  # L1 distance between plans of mass one
-        assert error < (0.1 if name == "geomloss-keops" else 1e-3), f"{name} solves a different problem (L1 plan distance {error:.3g})"
+        assert error < (0.1 if name == "geomloss-keops" else 1e-3), (
+            f"{name} solves a different problem (L1 plan distance {error:.3g})"
+        )

@@ -62,6 +62,7 @@ if SMOKE:
 
 # --------------------------------------------------------------------------- allocator
 
+
 def _tune_malloc() -> str:
     """Serve large allocations from a reused heap instead of fresh mmaps (fairer to the peers).
 
@@ -90,10 +91,12 @@ MALLOC = _tune_malloc()
 
 # --------------------------------------------------------------------------- collection
 
+
 def pytest_collect_file(file_path, parent):
     """Collect ``bench_*.py`` in this folder (pytest's default pattern is ``test_*.py``)."""
-    is_bench = (file_path.suffix == ".py" and file_path.name.startswith("bench_")
-                and file_path.parent == parent.path)
+    is_bench = (
+        file_path.suffix == ".py" and file_path.name.startswith("bench_") and file_path.parent == parent.path
+    )
     if is_bench and not parent.session.isinitpath(file_path):  # named files are collected anyway
         return pytest.Module.from_parent(parent, path=file_path)
     return None
@@ -130,11 +133,11 @@ def pytest_generate_tests(metafunc):
     """Parametrize the shape and variant fixtures the benchmark functions ask for."""
     names = metafunc.fixturenames
     if "sinkhorn_shape" in names:
-        metafunc.parametrize("sinkhorn_shape", SINKHORN_SHAPES,
-                             ids=[f"n{n}-d{d}" for n, d in SINKHORN_SHAPES])
+        metafunc.parametrize(
+            "sinkhorn_shape", SINKHORN_SHAPES, ids=[f"n{n}-d{d}" for n, d in SINKHORN_SHAPES]
+        )
     if "klot_shape" in names:
-        metafunc.parametrize("klot_shape", KLOT_SHAPES,
-                             ids=[f"n{n}-d{d}-t{t}" for n, d, t in KLOT_SHAPES])
+        metafunc.parametrize("klot_shape", KLOT_SHAPES, ids=[f"n{n}-d{d}-t{t}" for n, d, t in KLOT_SHAPES])
     if "crossover_dim" in names:
         metafunc.parametrize("crossover_dim", CROSSOVER_DIMS, ids=[f"d{d}" for d in CROSSOVER_DIMS])
     if "variant" in names:
@@ -143,6 +146,7 @@ def pytest_generate_tests(metafunc):
 
 
 # --------------------------------------------------------------------------- data
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -155,8 +159,9 @@ class Problem:
 
 
 @functools.lru_cache(maxsize=4)
-def make_problem(n: int, m: int, d: int, d_teacher: int, seed: int = 0,
-                 device: torch.device | str = "cpu") -> Problem:
+def make_problem(
+    n: int, m: int, d: int, d_teacher: int, seed: int = 0, device: torch.device | str = "cpu"
+) -> Problem:
     """Seeded fp32 features with some shared structure (row i of x resembles row i of y).
 
     Both sides mix a common latent code with independent noise, so the cosine affinities
@@ -181,8 +186,10 @@ def make_problem(n: int, m: int, d: int, d_teacher: int, seed: int = 0,
 @pytest.fixture(scope="session")
 def problem():
     """``problem(n, d, d_teacher=1)``: the cached features of one shape (n = m)."""
+
     def get(n: int, d: int, d_teacher: int = 1) -> Problem:
         return make_problem(n, n, d, d_teacher)
+
     return get
 
 
@@ -198,6 +205,7 @@ def cosine():
 
 
 # --------------------------------------------------------------------------- routes
+
 
 @functools.cache
 def _route_modules():
@@ -248,8 +256,7 @@ def rounds_for(probe_seconds: float) -> int:
     return max(MIN_ROUNDS, min(MAX_ROUNDS, int(TARGET_SECONDS / max(probe_seconds, 1e-9))))
 
 
-def run_benchmark(benchmark, fn, *, suite: str, provider: str, group: str,
-                  rounds: int | None = None, **info):
+def run_benchmark(benchmark, fn, *, suite: str, provider: str, group: str, rounds: int | None = None, **info):
     """Time ``fn()`` with pytest-benchmark and fill ``extra_info``; returns fn's result.
 
     One untimed warm-up call comes first; it doubles as the probe that measures the peak RSS
@@ -259,16 +266,22 @@ def run_benchmark(benchmark, fn, *, suite: str, provider: str, group: str,
     fn runs once, without the probe.
     """
     benchmark.group = group
-    benchmark.extra_info.update(suite=suite, provider=provider, threads=torch.get_num_threads(),
-                                load_avg_1min=os.getloadavg()[0], **info)
+    benchmark.extra_info.update(
+        suite=suite,
+        provider=provider,
+        threads=torch.get_num_threads(),
+        load_avg_1min=os.getloadavg()[0],
+        **info,
+    )
     if benchmark.disabled:
         return benchmark.pedantic(fn, rounds=1, iterations=1)
     with peak_memory() as memory, RouteSpy() as routes:
         start = time.perf_counter()
         fn()
         probe_seconds = time.perf_counter() - start
-    benchmark.extra_info.update(peak_rss_delta_mib=round(memory.mib, 2),
-                                warmup_seconds=round(probe_seconds, 4), **routes.info())
+    benchmark.extra_info.update(
+        peak_rss_delta_mib=round(memory.mib, 2), warmup_seconds=round(probe_seconds, 4), **routes.info()
+    )
     rounds = rounds_for(probe_seconds) if rounds is None else rounds
     return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
 
@@ -286,9 +299,14 @@ def smoke() -> bool:
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Record the CPU model and core count that report.py puts in its file names (and the GPU)."""
-    machine_info["sotalign"] = {**local_machine(), "torch_threads": torch.get_num_threads(),
-                                "torch": torch.__version__, "smoke": SMOKE, "malloc": MALLOC,
-                                **gpu_versions()}
+    machine_info["sotalign"] = {
+        **local_machine(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "smoke": SMOKE,
+        "malloc": MALLOC,
+        **gpu_versions(),
+    }
 
 
 # --------------------------------------------------------------------------- crossover summary
@@ -334,8 +352,10 @@ def pytest_terminal_summary(terminalreporter):
     for d in sorted({d for d, _ in CROSSOVER_RESULTS}):
         dense, online = CROSSOVER_RESULTS.get((d, "dense")), CROSSOVER_RESULTS.get((d, "online"))
         if dense and online:
-            write(f"d={d:4d}  dense {dense * 1e3:9.1f} ms  online {online * 1e3:9.1f} ms  "
-                  f"online/dense {online / dense:5.2f}  -> {'dense' if dense <= online else 'online'}")
+            write(
+                f"d={d:4d}  dense {dense * 1e3:9.1f} ms  online {online * 1e3:9.1f} ms  "
+                f"online/dense {online / dense:5.2f}  -> {'dense' if dense <= online else 'online'}"
+            )
     write(f"crossover d (dense wins from here on): {crossover_dim(CROSSOVER_RESULTS)}")
 
 
@@ -365,14 +385,18 @@ def gpu_versions() -> dict:
     info = {"device": str(GPU_DEVICE), "torch": torch.__version__}
     try:
         import triton
+
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
     if GPU_DEVICE.type == "cuda":
         props = torch.cuda.get_device_properties(GPU_DEVICE)
-        info.update(gpu_name=torch.cuda.get_device_name(GPU_DEVICE), cuda=torch.version.cuda,
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    compute_capability=f"{props.major}.{props.minor}")
+        info.update(
+            gpu_name=torch.cuda.get_device_name(GPU_DEVICE),
+            cuda=torch.version.cuda,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            compute_capability=f"{props.major}.{props.minor}",
+        )
     return info
 
 
@@ -381,8 +405,9 @@ def synchronize() -> None:
         torch.cuda.synchronize(GPU_DEVICE)
 
 
-def gpu_case_gate(*, memory_bytes: float, predicted_seconds: float,
-                  max_call_seconds: float | None = None) -> None:
+def gpu_case_gate(
+    *, memory_bytes: float, predicted_seconds: float, max_call_seconds: float | None = None
+) -> None:
     """Skip (with the reason) a case that cannot run here, would not fit, or is over budget.
 
     ``memory_bytes`` is the case's estimated peak allocation on top of its inputs and
@@ -399,17 +424,22 @@ def gpu_case_gate(*, memory_bytes: float, predicted_seconds: float,
         return
     limit = GPU_MEMORY_FRACTION * torch.cuda.get_device_properties(GPU_DEVICE).total_memory
     if memory_bytes > limit:
-        pytest.skip(f"estimated peak {memory_bytes / 2**30:.1f} GiB > {GPU_MEMORY_FRACTION:.0%} "
-                    f"of GPU memory ({limit / 2**30:.1f} GiB)")
+        pytest.skip(
+            f"estimated peak {memory_bytes / 2**30:.1f} GiB > {GPU_MEMORY_FRACTION:.0%} "
+            f"of GPU memory ({limit / 2**30:.1f} GiB)"
+        )
     if predicted_seconds > max_call_seconds:
-        pytest.skip(f"predicted {predicted_seconds:.1f} s per call > {max_call_seconds:g} s "
-                    "(time budget; roofline bound × assumed slowdown)")
+        pytest.skip(
+            f"predicted {predicted_seconds:.1f} s per call > {max_call_seconds:g} s "
+            "(time budget; roofline bound × assumed slowdown)"
+        )
     if time.perf_counter() - _SESSION_START > GPU_SESSION_BUDGET:
         pytest.skip(f"session time budget ({GPU_SESSION_BUDGET:.0f} s) spent")
 
 
-def run_gpu_benchmark(benchmark, fn, *, check, suite: str, provider: str, group: str,
-                      rounds: int | None = None, **info) -> None:
+def run_gpu_benchmark(
+    benchmark, fn, *, check, suite: str, provider: str, group: str, rounds: int | None = None, **info
+) -> None:
     """Time ``fn()`` (followed by a device synchronisation) with pytest-benchmark.
 
     The first call is untimed (it compiles, autotunes and JITs); its result goes to
@@ -453,7 +483,9 @@ def run_gpu_benchmark(benchmark, fn, *, check, suite: str, provider: str, group:
     benchmark.extra_info.update(
         peak_mem_delta_mib=round(memory.mib, 2),
         memory_kind="cuda max_memory_allocated" if GPU_DEVICE.type == "cuda" else "cpu peak RSS",
-        first_call_seconds=round(first, 4), **routes.info())
+        first_call_seconds=round(first, 4),
+        **routes.info(),
+    )
 
 
 #: Skipped benchmark cases and their reasons, written into the JSON (the GPU report lists them).
@@ -496,6 +528,7 @@ def device_problem():
 
     Only the latest shape is kept, so cached inputs never crowd the GPU for the next case.
     """
+
     def get(n: int, d: int, d_teacher: int = 1) -> Problem:
         key = (n, d, d_teacher)
         if key not in _DEVICE_PROBLEM:
@@ -504,4 +537,5 @@ def device_problem():
                 torch.cuda.empty_cache()
             _DEVICE_PROBLEM[key] = make_problem.__wrapped__(n, n, d, d_teacher, device=GPU_DEVICE)
         return _DEVICE_PROBLEM[key]
+
     return get

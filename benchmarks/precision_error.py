@@ -69,9 +69,11 @@ def dot_as_computed(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor
     truncated tf32 part and the tf32 of its remainder and drops the lo·lo product."""
     if mode != "tf32x3":
         return round_operands(a, mode) @ round_operands(b, mode).T
+
     def split(t):
         hi = round_operands(t.float(), "tf32-trunc").to(t.dtype)
         return hi, round_operands((t - hi).float(), "tf32-trunc").to(t.dtype)
+
     (a_hi, a_lo), (b_hi, b_lo) = split(a), split(b)
     return a_hi @ b_hi.T + (a_hi @ b_lo.T + a_lo @ b_hi.T)
 
@@ -82,7 +84,9 @@ def problem(n: int, d: int, device, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
 
     def unit(*shape):
-        return torch.nn.functional.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=1)
+        return torch.nn.functional.normalize(
+            torch.randn(*shape, generator=generator, dtype=torch.float64), dim=1
+        )
 
     def clouds(dim):
         centers = unit(32, dim)
@@ -120,8 +124,11 @@ def run(features, eps: float, iters: int, backend, mode: str | None):
         K_used = x @ y.T
     else:  # the K the run multiplied: the kernels round their operands like the emulation
         rounding = mode or KERNEL_ROUNDING[backend.precision]
-        K_used = dot_as_computed(x.double(), y.double(), rounding) if rounding == "tf32x3" else \
-            round_operands(x, rounding).double() @ round_operands(y, rounding).double().T
+        K_used = (
+            dot_as_computed(x.double(), y.double(), rounding)
+            if rounding == "tf32x3"
+            else round_operands(x, rounding).double() @ round_operands(y, rounding).double().T
+        )
     return f, g, K_used, value, grad_x, grad_y
 
 
@@ -141,11 +148,15 @@ def errors(result, expected, eps: float) -> dict:
 
 
 def table(rows: list[tuple[str, float, dict]]) -> list[str]:
-    lines = ["| precision | ε | max ‖Δf, Δg‖∞ / ε | plan (rel. F) | KLOT value (rel.) | KLOT gradient (rel.) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| precision | ε | max ‖Δf, Δg‖∞ / ε | plan (rel. F) | KLOT value (rel.) | KLOT gradient (rel.) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for label, eps, err in rows:
-        lines.append(f"| {label} | {eps} | {err['potentials']:.2e} | {err['plan']:.2e} | "
-                     f"{err['value']:.2e} | {err['gradient']:.2e} |")
+        lines.append(
+            f"| {label} | {eps} | {err['potentials']:.2e} | {err['plan']:.2e} | "
+            f"{err['value']:.2e} | {err['gradient']:.2e} |"
+        )
     return lines
 
 
@@ -181,29 +192,47 @@ def main() -> None:
     else:
         device = torch.device("cpu")
         where = "the flags emulated in torch on CPU (see below)"
-        modes = [("fp32", None, "fp32"), ("tf32x3", None, "tf32x3"), ("tf32 (RNE)", None, "tf32-rne"),
-                 ("tf32 (truncated)", None, "tf32-trunc"), ("fp16", None, "fp16")]
+        modes = [
+            ("fp32", None, "fp32"),
+            ("tf32x3", None, "tf32x3"),
+            ("tf32 (RNE)", None, "tf32-rne"),
+            ("tf32 (truncated)", None, "tf32-trunc"),
+            ("fp16", None, "fp16"),
+        ]
         main_rows = measure(args.n, args.d, args.iters, device, modes)
-        check = [("fp32 emulated", None, "fp32"), ("fp32 Triton (interpreter)", TritonBackend("fp32"), None),
-                 ("fp16 emulated", None, "fp16"), ("fp16 Triton (interpreter)", TritonBackend("fp16"), None)]
+        check = [
+            ("fp32 emulated", None, "fp32"),
+            ("fp32 Triton (interpreter)", TritonBackend("fp32"), None),
+            ("fp16 emulated", None, "fp16"),
+            ("fp16 Triton (interpreter)", TritonBackend("fp16"), None),
+        ]
         check_rows = measure(args.check_n, 32, 20, device, check)
         machine = machine_slug(local_machine())
 
-    lines = [f"# Precision flags of the `triton` backend vs float64 ({machine})", "",
-             f"n = m = {args.n}, d = {args.d} (teacher d = {args.d // 2}), unit-norm clustered features, "
-             f"{args.iters} Sinkhorn iterations + the symmetric step; KLOT with student ε and teacher "
-             f"ε* = {EPS_TEACHER}. Measured with {where}. Errors against the float64 reference on the same "
-             "features; the potentials' error is in units of log P.", ""]
+    lines = [
+        f"# Precision flags of the `triton` backend vs float64 ({machine})",
+        "",
+        f"n = m = {args.n}, d = {args.d} (teacher d = {args.d // 2}), unit-norm clustered features, "
+        f"{args.iters} Sinkhorn iterations + the symmetric step; KLOT with student ε and teacher "
+        f"ε* = {EPS_TEACHER}. Measured with {where}. Errors against the float64 reference on the same "
+        "features; the potentials' error is in units of log P.",
+        "",
+    ]
     lines += table(main_rows)
     if check_rows:
-        lines += ["", "How the flags were reproduced without a GPU: a tf32/fp16 dot multiplies "
-                  "operands rounded to 10 mantissa bits exactly and accumulates in fp32, so "
-                  "K = round(x̂)·round(ŷ)ᵀ in fp32 reproduces it up to summation order; the "
-                  "rest runs the reference formulas in fp32, gradient products on unrounded "
-                  "operands (as the kernels do). tf32 (truncated) is what tensor cores do with "
-                  "fp32 registers, the bound to quote; RNE is shown for comparison.", "",
-                  f"Cross-check, the actual kernels in Triton's interpreter next to the emulation "
-                  f"(n = m = {args.check_n}, d = 32, 20 iterations):", ""]
+        lines += [
+            "",
+            "How the flags were reproduced without a GPU: a tf32/fp16 dot multiplies "
+            "operands rounded to 10 mantissa bits exactly and accumulates in fp32, so "
+            "K = round(x̂)·round(ŷ)ᵀ in fp32 reproduces it up to summation order; the "
+            "rest runs the reference formulas in fp32, gradient products on unrounded "
+            "operands (as the kernels do). tf32 (truncated) is what tensor cores do with "
+            "fp32 registers, the bound to quote; RNE is shown for comparison.",
+            "",
+            f"Cross-check, the actual kernels in Triton's interpreter next to the emulation "
+            f"(n = m = {args.check_n}, d = 32, 20 iterations):",
+            "",
+        ]
         lines += table(check_rows)
     lines += ["", f"({time.time() - started:.0f} s; written by benchmarks/precision_error.py)", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -31,12 +31,12 @@ HEADLINE = {"sinkhorn": (4096, 64), "klot": (2048, 256)}
 
 # --------------------------------------------------------------------------- loading
 
+
 def local_machine() -> dict:
     model = "unknown-cpu"
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo
-                         if line.startswith("model name"))
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {"cpu_model": model, "cores": os.cpu_count()}
@@ -61,12 +61,20 @@ def load(path: Path) -> tuple[dict, dict[str, list[dict]]]:
         if info.get("suite") not in SUITES or not bench.get("stats"):
             continue  # the GPU and iteration suites have their own report, gpu_report.py
         stats = bench["stats"]
-        suites[info["suite"]].append({**info, "median": stats["median"], "min": stats["min"],
-                                      "rounds": stats["rounds"], "name": bench["name"]})
+        suites[info["suite"]].append(
+            {
+                **info,
+                "median": stats["median"],
+                "min": stats["min"],
+                "rounds": stats["rounds"],
+                "name": bench["name"],
+            }
+        )
     return machine, suites
 
 
 # --------------------------------------------------------------------------- tables
+
 
 def fmt_time(seconds: float) -> str:
     return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
@@ -102,19 +110,25 @@ def provider_table(suite: str, rows: list[dict]) -> list[str]:
     for key in sorted(by_shape):
         shape_rows = sorted(by_shape[key], key=lambda r: r["median"])
         ratio = speedups(shape_rows)
-        lines += [f"### {suite}: {shape_label(key)}", "",
-                  "| provider | backend / path | median | min | rounds | peak RSS Δ | "
-                  + " | ".join(f"× vs {b}" for b in baselines) + " |",
-                  "|---|---|---:|---:|---:|---:|" + "---:|" * len(baselines)]
+        lines += [
+            f"### {suite}: {shape_label(key)}",
+            "",
+            "| provider | backend / path | median | min | rounds | peak RSS Δ | "
+            + " | ".join(f"× vs {b}" for b in baselines)
+            + " |",
+            "|---|---|---:|---:|---:|---:|" + "---:|" * len(baselines),
+        ]
         for r in shape_rows:
             route = f"{r.get('backend', '?')} / {r.get('path', '?')}"
             memory = r.get("peak_rss_delta_mib")
             memory = f"{memory:.0f} MiB" if memory is not None else "–"
-            cells = [f"{ratio[r['provider']][b]:.2f}" if b in ratio[r["provider"]] else "–"
-                     for b in baselines]
-            lines.append(f"| {r['provider']} | {route} | {fmt_time(r['median'])} | "
-                         f"{fmt_time(r['min'])} | {r['rounds']} | {memory} | "
-                         + " | ".join(cells) + " |")
+            cells = [
+                f"{ratio[r['provider']][b]:.2f}" if b in ratio[r["provider"]] else "–" for b in baselines
+            ]
+            lines.append(
+                f"| {r['provider']} | {route} | {fmt_time(r['median'])} | "
+                f"{fmt_time(r['min'])} | {r['rounds']} | {memory} | " + " | ".join(cells) + " |"
+            )
         lines.append("")
     return lines
 
@@ -125,8 +139,10 @@ def headline(suite: str, rows: list[dict]) -> list[str]:
     for row in rows:
         by_shape[shape_key(row)].append(row)
     baselines = present_baselines(rows)
-    lines = ["| shape | sotalign-auto | " + " | ".join(f"× vs {b}" for b in baselines)
-             + " |", "|---|---:|" + "---:|" * len(baselines)]
+    lines = [
+        "| shape | sotalign-auto | " + " | ".join(f"× vs {b}" for b in baselines) + " |",
+        "|---|---:|" + "---:|" * len(baselines),
+    ]
     for key in sorted(by_shape):
         ratio = speedups(by_shape[key]).get("sotalign-auto")
         auto = [r for r in by_shape[key] if r["provider"] == "sotalign-auto"]
@@ -143,14 +159,18 @@ def headline(suite: str, rows: list[dict]) -> list[str]:
 def crossover_table(rows: list[dict]) -> tuple[list[str], int | None]:
     times = {(r["d"], r["path"]): r["median"] for r in rows}
     dims = sorted({d for d, _ in times})
-    lines = ["| d | dense (K once + reads) | online (K recomputed) | online / dense | faster |",
-             "|---:|---:|---:|---:|---|"]
+    lines = [
+        "| d | dense (K once + reads) | online (K recomputed) | online / dense | faster |",
+        "|---:|---:|---:|---:|---|",
+    ]
     for d in dims:
         dense, online = times.get((d, "dense")), times.get((d, "online"))
         if dense is None or online is None:
             continue
-        lines.append(f"| {d} | {fmt_time(dense)} | {fmt_time(online)} | {online / dense:.2f} | "
-                     f"{'dense' if dense <= online else 'online'} |")
+        lines.append(
+            f"| {d} | {fmt_time(dense)} | {fmt_time(online)} | {online / dense:.2f} | "
+            f"{'dense' if dense <= online else 'online'} |"
+        )
     crossover = None  # smallest d from which dense is never slower
     for d in reversed(dims):
         dense, online = times.get((d, "dense")), times.get((d, "online"))
@@ -162,6 +182,7 @@ def crossover_table(rows: list[dict]) -> tuple[list[str], int | None]:
 
 # --------------------------------------------------------------------------- plots
 
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display here)."""
     import matplotlib
@@ -172,8 +193,16 @@ def pyplot():
     return plt
 
 
-def plot_lines(ax, curves: dict[str, list[tuple[float, float]]], dashed, *, xlabel: str,
-               ylabel: str, title: str = "", legend_size: int = 7) -> None:
+def plot_lines(
+    ax,
+    curves: dict[str, list[tuple[float, float]]],
+    dashed,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    legend_size: int = 7,
+) -> None:
     """One marked line per label on log–log axes (x in powers of two); ``dashed(label)``
     marks the peers."""
     for label, points in sorted(curves.items()):
@@ -205,21 +234,32 @@ def plot(suite: str, rows: list[dict], title: str, path: Path) -> None:
     if suite == "crossover":
         fig, ax = plt.subplots(figsize=(6, 4))
         paths = curves(rows, "path", "d", lambda r: r["median"])
-        plot_lines(ax, {f"cpu {path}": points for path, points in paths.items()}, lambda label: False,
-                   xlabel="feature dimension d", ylabel="median time (s)", legend_size=10)
+        plot_lines(
+            ax,
+            {f"cpu {path}": points for path, points in paths.items()},
+            lambda label: False,
+            xlabel="feature dimension d",
+            ylabel="median time (s)",
+            legend_size=10,
+        )
     else:
         panels = sorted({(r["d"], r.get("d_teacher", 0)) for r in rows})
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
         for ax, (d, d_teacher) in zip(axes[0], panels):
             panel = [r for r in rows if r["d"] == d and r.get("d_teacher", 0) == d_teacher]
-            plot_lines(ax, curves(panel, "provider", "n", lambda r: r["median"]),
-                       lambda provider: provider in BASELINES, xlabel="n = m",
-                       ylabel="median time (s)",
-                       title=f"d={d}" + (f", teacher {d_teacher}" if d_teacher else ""))
+            plot_lines(
+                ax,
+                curves(panel, "provider", "n", lambda r: r["median"]),
+                lambda provider: provider in BASELINES,
+                xlabel="n = m",
+                ylabel="median time (s)",
+                title=f"d={d}" + (f", teacher {d_teacher}" if d_teacher else ""),
+            )
     save_figure(plt, fig, title, path)
 
 
 # --------------------------------------------------------------------------- main
+
 
 def report(json_path: Path, out: Path) -> list[Path]:
     machine, suites = load(json_path)
@@ -228,23 +268,41 @@ def report(json_path: Path, out: Path) -> list[Path]:
     written = []
     for suite, rows in suites.items():
         threads = rows[0].get("threads")
-        title = (f"sotalign {suite} benchmark — {machine['cpu_model']}, {machine['cores']} cores "
-                 f"(torch threads {threads}), torch {machine.get('torch', '?')}")
-        lines = [f"# {title}", "", f"Source: `{json_path.name}` ({machine.get('datetime', '')}); "
-                 f"allocator: {machine.get('malloc', '?')}. "
-                 "Times are medians over the timed rounds (one warm-up round first, which also "
-                 "measures the peak RSS increase). ×: the baseline's median / this median "
-                 "(> 1 is faster).", ""]
+        title = (
+            f"sotalign {suite} benchmark — {machine['cpu_model']}, {machine['cores']} cores "
+            f"(torch threads {threads}), torch {machine.get('torch', '?')}"
+        )
+        lines = [
+            f"# {title}",
+            "",
+            f"Source: `{json_path.name}` ({machine.get('datetime', '')}); "
+            f"allocator: {machine.get('malloc', '?')}. "
+            "Times are medians over the timed rounds (one warm-up round first, which also "
+            "measures the peak RSS increase). ×: the baseline's median / this median "
+            "(> 1 is faster).",
+            "",
+        ]
         if suite == "crossover":
             table, crossover = crossover_table(rows)
             n = rows[0]["n"]
-            lines += [f"One {rows[0]['n_iters']}-iteration Sinkhorn solve at n = m = {n} on the "
-                      "cpu backend; the dense time includes computing K once.", "", *table,
-                      f"**Crossover d = {crossover}** (dense is never slower from this d on).", ""]
+            lines += [
+                f"One {rows[0]['n_iters']}-iteration Sinkhorn solve at n = m = {n} on the "
+                "cpu backend; the dense time includes computing K once.",
+                "",
+                *table,
+                f"**Crossover d = {crossover}** (dense is never slower from this d on).",
+                "",
+            ]
             print(f"{suite}: crossover d = {crossover}")
         else:
-            lines += ["## sotalign-auto against the baselines", "", *headline(suite, rows),
-                      "## All providers", "", *provider_table(suite, rows)]
+            lines += [
+                "## sotalign-auto against the baselines",
+                "",
+                *headline(suite, rows),
+                "## All providers",
+                "",
+                *provider_table(suite, rows),
+            ]
             for line in headline(suite, rows):
                 if line.startswith("| **"):
                     print(f"{suite} headline: {line}")
@@ -261,8 +319,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="*", type=Path, help="pytest-benchmark --benchmark-json files")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
-    parser.add_argument("--machine", action="store_true",
-                        help="print this machine's name for result files (e.g. cpu-amd-epyc-2core) and exit")
+    parser.add_argument(
+        "--machine",
+        action="store_true",
+        help="print this machine's name for result files (e.g. cpu-amd-epyc-2core) and exit",
+    )
     args = parser.parse_args()
     if args.machine:
         print(machine_slug(local_machine()))

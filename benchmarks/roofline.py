@@ -82,8 +82,12 @@ class GPU:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
         # tf32x3: three tf32 tensor-core products per fp32 product (hi·hi + hi·lo + lo·hi)
-        return {"fp32": self.fp32_flops, "tf32x3": self.tf32_flops / 3, "tf32": self.tf32_flops,
-                "fp16": self.fp16_flops}[precision]
+        return {
+            "fp32": self.fp32_flops,
+            "tf32x3": self.tf32_flops / 3,
+            "tf32": self.tf32_flops,
+            "fp16": self.fp16_flops,
+        }[precision]
 
 
 GPUS = {
@@ -115,8 +119,9 @@ def _gpu(gpu: str | GPU) -> GPU:
     return gpu if isinstance(gpu, GPU) else GPUS[gpu]
 
 
-def sinkhorn_iteration_bound(n: int, m: int, d: int, path: str, gpu: str | GPU = "h100-sxm",
-                             precision: str = "fp32") -> float:
+def sinkhorn_iteration_bound(
+    n: int, m: int, d: int, path: str, gpu: str | GPU = "h100-sxm", precision: str = "fp32"
+) -> float:
     """Lower bound in seconds of one Sinkhorn iteration (two half-steps) on ``path``.
 
     online: max(4·n·m·d / F(precision), 2·n·m / E); dense: max(2·n·m·4 B / B_HBM, 2·n·m / E)
@@ -133,12 +138,15 @@ def sinkhorn_iteration_bound(n: int, m: int, d: int, path: str, gpu: str | GPU =
 
 def best_iteration_bound(n: int, m: int, d: int, gpu: str | GPU = "h100-sxm") -> float:
     """The smaller of the fp16-online and the fp32-dense bound (DESIGN.md's roofline)."""
-    return min(sinkhorn_iteration_bound(n, m, d, "online", gpu, "fp16"),
-               sinkhorn_iteration_bound(n, m, d, "dense", gpu))
+    return min(
+        sinkhorn_iteration_bound(n, m, d, "online", gpu, "fp16"),
+        sinkhorn_iteration_bound(n, m, d, "dense", gpu),
+    )
 
 
-def _pass_bound(n: int, m: int, dims: tuple[int, ...], path: str, spec: GPU, precision: str,
-                products: int = 0) -> float:
+def _pass_bound(
+    n: int, m: int, dims: tuple[int, ...], path: str, spec: GPU, precision: str, products: int = 0
+) -> float:
     """One streaming pass over the affinities of ``dims`` (K recomputed or read once each),
     plus ``products`` n×m×d plan-times-features products of the student dimension dims[0]."""
     flops = 2 * n * m * dims[0] * products
@@ -149,9 +157,16 @@ def _pass_bound(n: int, m: int, dims: tuple[int, ...], path: str, spec: GPU, pre
     return max(read, flops / spec.flops(precision), len(dims) * n * m / spec.exp_rate)
 
 
-def klot_step_bound(n: int, m: int, d: int, d_teacher: int, path: str,
-                    gpu: str | GPU = "h100-sxm", precision: str = "fp32",
-                    n_iters: int = 100) -> float:
+def klot_step_bound(
+    n: int,
+    m: int,
+    d: int,
+    d_teacher: int,
+    path: str,
+    gpu: str | GPU = "h100-sxm",
+    precision: str = "fp32",
+    n_iters: int = 100,
+) -> float:
     """Lower bound in seconds of one KLOT step (forward + backward) from features.
 
     * dense only: build K and K* once (2nm(d + d*) flops, 8nm bytes written);
@@ -163,8 +178,10 @@ def klot_step_bound(n: int, m: int, d: int, d_teacher: int, path: str,
     The symmetric half-steps are left out (they add < 1 %).
     """
     spec = _gpu(gpu)
-    total = n_iters * (sinkhorn_iteration_bound(n, m, d, path, spec, precision)
-                       + sinkhorn_iteration_bound(n, m, d_teacher, path, spec, precision))
+    total = n_iters * (
+        sinkhorn_iteration_bound(n, m, d, path, spec, precision)
+        + sinkhorn_iteration_bound(n, m, d_teacher, path, spec, precision)
+    )
     if path == "dense":
         build = 2 * n * m * (d + d_teacher) / spec.flops(precision)
         total += max(build, 2 * n * m * 4 / spec.hbm_bytes)
@@ -176,7 +193,9 @@ def klot_step_bound(n: int, m: int, d: int, d_teacher: int, path: str,
 if __name__ == "__main__":
     n, d = 16384, 512
     for key, spec in GPUS.items():
-        online = ", ".join(f"online {p} {sinkhorn_iteration_bound(n, n, d, 'online', key, p) * 1e3:.3f} ms"
-                           for p in PRECISIONS)
+        online = ", ".join(
+            f"online {p} {sinkhorn_iteration_bound(n, n, d, 'online', key, p) * 1e3:.3f} ms"
+            for p in PRECISIONS
+        )
         dense = sinkhorn_iteration_bound(n, n, d, "dense", key) * 1e3
         print(f"{spec.name}: n = m = {n}, d = {d} per iteration: dense fp32 K {dense:.3f} ms, {online}")

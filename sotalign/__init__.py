@@ -1,26 +1,71 @@
 """sotalign: fast, memory-lean kernels for SOTAlign's optimal-transport loss (KLOT).
 
+Example::
+
     import sotalign
     r = sotalign.sinkhorn(x, y, eps=0.05)             # potentials r.f, r.g of the plan
     loss = sotalign.klot(x, y, x_teacher, y_teacher)  # KL(P* ‖ P), exact gradient (P − P*)/ε
     model = sotalign.load("runs/sotalign")            # a trained alignment (sotalign fit)
+
+``import sotalign`` loads the OT front and the kernels only (torch and numpy). The trainer's
+names (``fit``, ``compare``, ``load``, ``AlignedModel``, ``TrainConfig``...) are imported on
+first use and need the ``train`` extra: ``pip install 'sotalign[train]'``.
 """
 
-import os as _os
-import sys as _sys
+from importlib import import_module
 
-# The C++ backend shares torch's OpenMP runtime, which reads its wait policy once, when torch
-# loads. Its idle threads spin by default and then fight other processes for the cores
-# (measured in benchmarks/bench_contention.py), so ask for passive waiting unless the user chose.
-if "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .ot import (DEFAULT_MEMORY_BUDGET, KLOTLoss, SinkhornResult, available_backends, klot,
-                 klot_dense, sinkhorn, sinkhorn_dense)
-from .align import AlignmentData, DataSpec, TrainConfig, compare, fit  # before .model, which it imports
-from .model import AlignedModel, load
+from . import _openmp  # noqa: F401  (first: before anything loads torch)
+from .ot import (
+    DEFAULT_MEMORY_BUDGET,
+    KLOTLoss,
+    SinkhornResult,
+    SolverOptions,
+    available_backends,
+    klot,
+    klot_dense,
+    sinkhorn,
+    sinkhorn_dense,
+)
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_MEMORY_BUDGET", "AlignedModel", "AlignmentData", "DataSpec", "KLOTLoss", "SinkhornResult",
-           "TrainConfig", "available_backends", "compare", "fit", "klot", "klot_dense", "load", "sinkhorn",
-           "sinkhorn_dense"]
+
+#: Names loaded on first access, and the module that defines each.
+_LAZY = {
+    "AlignedModel": "sotalign.align",
+    "AlignmentData": "sotalign.data",
+    "DataSpec": "sotalign.data",
+    "TrainConfig": "sotalign.align",
+    "compare": "sotalign.align",
+    "fit": "sotalign.align",
+    "load": "sotalign.align",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sotalign' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "AlignedModel",
+    "AlignmentData",
+    "DataSpec",
+    "KLOTLoss",
+    "SinkhornResult",
+    "SolverOptions",
+    "TrainConfig",
+    "available_backends",
+    "compare",
+    "fit",
+    "klot",
+    "klot_dense",
+    "load",
+    "sinkhorn",
+    "sinkhorn_dense",
+]

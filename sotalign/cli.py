@@ -26,9 +26,13 @@ from rich.measure import Measurement
 from rich.table import Table
 
 # rich_markup_mode=None: help text is plain text, so "[1000]" defaults and brackets survive.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
-                  help="Align frozen vision and text encoders from few pairs and unpaired pools (SOTAlign).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Align frozen vision and text encoders from few pairs and unpaired pools (SOTAlign).",
+)
 console = Console()
 errors = Console(stderr=True)
 
@@ -95,32 +99,72 @@ def _base_config(config_file: Path | None) -> tuple[dict, str]:
 
 
 # Options shared by `fit` and `compare` (typer needs them spelled out in each signature).
-ImagesOpt = Annotated[Optional[str], Opt("--images", help="Aligned image store (row i ↔ texts row i).", rich_help_panel=DATA)]
+ImagesOpt = Annotated[
+    Optional[str], Opt("--images", help="Aligned image store (row i ↔ texts row i).", rich_help_panel=DATA)
+]
 TextsOpt = Annotated[Optional[str], Opt("--texts", help="Aligned text store.", rich_help_panel=DATA)]
-PairsOpt = Annotated[Optional[int], Opt("--pairs", help="Pairs to keep from the aligned stores.", rich_help_panel=DATA)]
-ValOpt = Annotated[Optional[int], Opt("--val", help="Validation pairs (model selection) [1000].", rich_help_panel=DATA)]
-TestOpt = Annotated[Optional[int], Opt("--test", help="Held-out test pairs for reporting [0].", rich_help_panel=DATA)]
-UnpairedOpt = Annotated[Optional[int], Opt("--unpaired", help="Unpaired images and texts each [all the rest].", rich_help_panel=DATA)]
-SplitSeedOpt = Annotated[Optional[int], Opt("--split-seed", help="Seed of the split [0].", rich_help_panel=DATA)]
-KeyOpt = Annotated[Optional[str], Opt("--key", help="Array name inside .safetensors/.h5 stores.", rich_help_panel=DATA)]
-MethodOpt = Annotated[Optional[str], Opt("--method", help="Recipe (see `sotalign info`) [sotalign].", rich_help_panel=TRAIN)]
+PairsOpt = Annotated[
+    Optional[int], Opt("--pairs", help="Pairs to keep from the aligned stores.", rich_help_panel=DATA)
+]
+ValOpt = Annotated[
+    Optional[int], Opt("--val", help="Validation pairs (model selection) [1000].", rich_help_panel=DATA)
+]
+TestOpt = Annotated[
+    Optional[int], Opt("--test", help="Held-out test pairs for reporting [0].", rich_help_panel=DATA)
+]
+UnpairedOpt = Annotated[
+    Optional[int],
+    Opt("--unpaired", help="Unpaired images and texts each [all the rest].", rich_help_panel=DATA),
+]
+SplitSeedOpt = Annotated[
+    Optional[int], Opt("--split-seed", help="Seed of the split [0].", rich_help_panel=DATA)
+]
+KeyOpt = Annotated[
+    Optional[str], Opt("--key", help="Array name inside .safetensors/.h5 stores.", rich_help_panel=DATA)
+]
+MethodOpt = Annotated[
+    Optional[str], Opt("--method", help="Recipe (see `sotalign info`) [sotalign].", rich_help_panel=TRAIN)
+]
 StepsOpt = Annotated[Optional[int], Opt("--steps", help="Training steps [2000].", rich_help_panel=TRAIN)]
-LrOpt = Annotated[Optional[float], Opt("--lr", help="Peak learning rate of Lion [1e-4].", rich_help_panel=TRAIN)]
+LrOpt = Annotated[
+    Optional[float], Opt("--lr", help="Peak learning rate of Lion [1e-4].", rich_help_panel=TRAIN)
+]
 WdOpt = Annotated[Optional[float], Opt("--weight-decay", help="[1e-5]", rich_help_panel=TRAIN)]
 WarmupOpt = Annotated[Optional[int], Opt("--warmup", help="Linear warm-up steps [0].", rich_help_panel=TRAIN)]
-BatchPairsOpt = Annotated[Optional[int], Opt("--batch-pairs", help="Pairs per step [10000].", rich_help_panel=TRAIN)]
-BatchUnpairedOpt = Annotated[Optional[int], Opt("--batch-unpaired", help="Unpaired images and texts per step, each [11000].", rich_help_panel=TRAIN)]
-AlphaOpt = Annotated[Optional[float], Opt("--alpha", help="Weight of the teacher divergence [1e-4].", rich_help_panel=TRAIN)]
+BatchPairsOpt = Annotated[
+    Optional[int], Opt("--batch-pairs", help="Pairs per step [10000].", rich_help_panel=TRAIN)
+]
+BatchUnpairedOpt = Annotated[
+    Optional[int],
+    Opt("--batch-unpaired", help="Unpaired images and texts per step, each [11000].", rich_help_panel=TRAIN),
+]
+AlphaOpt = Annotated[
+    Optional[float], Opt("--alpha", help="Weight of the teacher divergence [1e-4].", rich_help_panel=TRAIN)
+]
 EpsOpt = Annotated[Optional[float], Opt("--eps", help="Student entropic ε [0.05].", rich_help_panel=TRAIN)]
-EpsTeacherOpt = Annotated[Optional[float], Opt("--eps-teacher", help="Teacher entropic ε* [0.01].", rich_help_panel=TRAIN)]
-ItersOpt = Annotated[Optional[int], Opt("--n-iters", help="Sinkhorn iterations [100].", rich_help_panel=TRAIN)]
+EpsTeacherOpt = Annotated[
+    Optional[float], Opt("--eps-teacher", help="Teacher entropic ε* [0.01].", rich_help_panel=TRAIN)
+]
+ItersOpt = Annotated[
+    Optional[int], Opt("--n-iters", help="Sinkhorn iterations [100].", rich_help_panel=TRAIN)
+]
 BackendOpt = Annotated[Optional[str], Opt("--backend", help="OT backend [auto].", rich_help_panel=TRAIN)]
-OutDimOpt = Annotated[Optional[int], Opt("--out-dim", help="Shared-space dimension [1024].", rich_help_panel=TRAIN)]
-HeadOpt = Annotated[Optional[str], Opt("--head", help="Head kind: linear or mlp [linear].", rich_help_panel=TRAIN)]
-EvalEveryOpt = Annotated[Optional[int], Opt("--eval-every", help="Validate every N steps [100].", rich_help_panel=TRAIN)]
-CkptEveryOpt = Annotated[Optional[int], Opt("--checkpoint-every", help="Checkpoint every N steps [100].", rich_help_panel=TRAIN)]
+OutDimOpt = Annotated[
+    Optional[int], Opt("--out-dim", help="Shared-space dimension [1024].", rich_help_panel=TRAIN)
+]
+HeadOpt = Annotated[
+    Optional[str], Opt("--head", help="Head kind: linear or mlp [linear].", rich_help_panel=TRAIN)
+]
+EvalEveryOpt = Annotated[
+    Optional[int], Opt("--eval-every", help="Validate every N steps [100].", rich_help_panel=TRAIN)
+]
+CkptEveryOpt = Annotated[
+    Optional[int], Opt("--checkpoint-every", help="Checkpoint every N steps [100].", rich_help_panel=TRAIN)
+]
 DeviceOpt = Annotated[Optional[str], Opt("--device", help="auto, cpu or cuda [auto].", rich_help_panel=TRAIN)]
-ConfigOpt = Annotated[Optional[Path], Opt("--config", help="TOML/JSON run configuration (command-line values override it).")]
+ConfigOpt = Annotated[
+    Optional[Path], Opt("--config", help="TOML/JSON run configuration (command-line values override it).")
+]
 QuietOpt = Annotated[bool, Opt("--quiet", help="No progress bar.")]
 
 
@@ -128,56 +172,123 @@ QuietOpt = Annotated[bool, Opt("--quiet", help="No progress bar.")]
 def fit(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to create (or resume).")],
     config_file: ConfigOpt = None,
-    resume: Annotated[bool, Opt("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")] = False,
-    images: ImagesOpt = None, texts: TextsOpt = None, pairs: PairsOpt = None, val: ValOpt = None,
-    test: TestOpt = None, unpaired: UnpairedOpt = None, split_seed: SplitSeedOpt = None, key: KeyOpt = None,
-    paired_images: Annotated[Optional[str], Opt(help="Explicit paired image store.", rich_help_panel=DATA)] = None,
-    paired_texts: Annotated[Optional[str], Opt(help="Explicit paired text store.", rich_help_panel=DATA)] = None,
+    resume: Annotated[
+        bool, Opt("--resume", help="Continue the run in RUN_DIR from its last checkpoint.")
+    ] = False,
+    images: ImagesOpt = None,
+    texts: TextsOpt = None,
+    pairs: PairsOpt = None,
+    val: ValOpt = None,
+    test: TestOpt = None,
+    unpaired: UnpairedOpt = None,
+    split_seed: SplitSeedOpt = None,
+    key: KeyOpt = None,
+    paired_images: Annotated[
+        Optional[str], Opt(help="Explicit paired image store.", rich_help_panel=DATA)
+    ] = None,
+    paired_texts: Annotated[
+        Optional[str], Opt(help="Explicit paired text store.", rich_help_panel=DATA)
+    ] = None,
     unpaired_images: Annotated[Optional[str], Opt(help="Unpaired image store.", rich_help_panel=DATA)] = None,
     unpaired_texts: Annotated[Optional[str], Opt(help="Unpaired text store.", rich_help_panel=DATA)] = None,
     val_images: Annotated[Optional[str], Opt(help="Validation image store.", rich_help_panel=DATA)] = None,
     val_texts: Annotated[Optional[str], Opt(help="Validation text store.", rich_help_panel=DATA)] = None,
     test_images: Annotated[Optional[str], Opt(help="Test image store.", rich_help_panel=DATA)] = None,
     test_texts: Annotated[Optional[str], Opt(help="Test text store.", rich_help_panel=DATA)] = None,
-    method: MethodOpt = None, steps: StepsOpt = None, lr: LrOpt = None, weight_decay: WdOpt = None,
-    warmup: WarmupOpt = None, batch_pairs: BatchPairsOpt = None, batch_unpaired: BatchUnpairedOpt = None,
-    alpha: AlphaOpt = None, eps: EpsOpt = None, eps_teacher: EpsTeacherOpt = None, n_iters: ItersOpt = None,
-    backend: BackendOpt = None, out_dim: OutDimOpt = None, head: HeadOpt = None, eval_every: EvalEveryOpt = None,
-    checkpoint_every: CkptEveryOpt = None, device: DeviceOpt = None,
+    method: MethodOpt = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = None,
+    weight_decay: WdOpt = None,
+    warmup: WarmupOpt = None,
+    batch_pairs: BatchPairsOpt = None,
+    batch_unpaired: BatchUnpairedOpt = None,
+    alpha: AlphaOpt = None,
+    eps: EpsOpt = None,
+    eps_teacher: EpsTeacherOpt = None,
+    n_iters: ItersOpt = None,
+    backend: BackendOpt = None,
+    out_dim: OutDimOpt = None,
+    head: HeadOpt = None,
+    eval_every: EvalEveryOpt = None,
+    checkpoint_every: CkptEveryOpt = None,
+    device: DeviceOpt = None,
     seed: Annotated[Optional[int], Opt(help="Training seed [0].", rich_help_panel=TRAIN)] = None,
-    option: Annotated[Optional[list[str]], Opt("--option", help="Recipe option key=value (repeatable).", rich_help_panel=TRAIN)] = None,
-    teacher_option: Annotated[Optional[list[str]], Opt("--teacher-option", help="Teacher option key=value (repeatable).", rich_help_panel=TRAIN)] = None,
+    option: Annotated[
+        Optional[list[str]],
+        Opt("--option", help="Recipe option key=value (repeatable).", rich_help_panel=TRAIN),
+    ] = None,
+    teacher_option: Annotated[
+        Optional[list[str]],
+        Opt("--teacher-option", help="Teacher option key=value (repeatable).", rich_help_panel=TRAIN),
+    ] = None,
     quiet: QuietOpt = False,
 ):
     """Train an alignment (stage 1 teacher + stage 2 heads) and write RUN_DIR."""
     with _one_line_errors():
-        from .align import AlignmentData, fit as fit_run
+        from .align import AlignmentData
+        from .align import fit as fit_run
         from .align.config import config_dict, load_config
 
         if resume and config_file is None and (run_dir / "config.json").exists():
             base, source = config_dict(*load_config(run_dir / "config.json")), str(run_dir / "config.json")
         else:
             base, source = _base_config(config_file)
-        train = dict(method=method, steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup,
-                     paired_batch_size=batch_pairs, unpaired_batch_size=batch_unpaired, alpha=alpha, eps=eps,
-                     eps_teacher=eps_teacher, n_iters=n_iters, backend=backend, out_dim=out_dim, head_kind=head,
-                     eval_every=eval_every, checkpoint_every=checkpoint_every, device=device, seed=seed,
-                     method_options=_parse_options(option, "--option") or None,
-                     teacher_options=_parse_options(teacher_option, "--teacher-option") or None)
-        data = dict(images=images, texts=texts, n_pairs=pairs, n_val=val, n_test=test, n_unpaired=unpaired,
-                    split_seed=split_seed, key=key, paired_images=paired_images, paired_texts=paired_texts,
-                    unpaired_images=unpaired_images, unpaired_texts=unpaired_texts, val_images=val_images,
-                    val_texts=val_texts, test_images=test_images, test_texts=test_texts)
+        train = dict(
+            method=method,
+            steps=steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup,
+            paired_batch_size=batch_pairs,
+            unpaired_batch_size=batch_unpaired,
+            alpha=alpha,
+            eps=eps,
+            eps_teacher=eps_teacher,
+            n_iters=n_iters,
+            backend=backend,
+            out_dim=out_dim,
+            head_kind=head,
+            eval_every=eval_every,
+            checkpoint_every=checkpoint_every,
+            device=device,
+            seed=seed,
+            method_options=_parse_options(option, "--option") or None,
+            teacher_options=_parse_options(teacher_option, "--teacher-option") or None,
+        )
+        data = dict(
+            images=images,
+            texts=texts,
+            n_pairs=pairs,
+            n_val=val,
+            n_test=test,
+            n_unpaired=unpaired,
+            split_seed=split_seed,
+            key=key,
+            paired_images=paired_images,
+            paired_texts=paired_texts,
+            unpaired_images=unpaired_images,
+            unpaired_texts=unpaired_texts,
+            val_images=val_images,
+            val_texts=val_texts,
+            test_images=test_images,
+            test_texts=test_texts,
+        )
         config, spec = _configs(base, source, train, data)
         if spec is None:
-            raise ValueError("no data: give --images/--texts/--pairs or --paired-images/--paired-texts (or --config)")
+            raise ValueError(
+                "no data: give --images/--texts/--pairs or --paired-images/--paired-texts (or --config)"
+            )
         alignment = AlignmentData.from_spec(spec)
-        console.print(f"[bold]{escape(config.method)}[/] on "
-                      + escape(", ".join(f"{k} {v}" for k, v in alignment.sizes().items())))
+        console.print(
+            f"[bold]{escape(config.method)}[/] on "
+            + escape(", ".join(f"{k} {v}" for k, v in alignment.sizes().items()))
+        )
         fit_run(config, alignment, run_dir, resume=resume, progress=not quiet)
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        _print_metrics(f"{config.method} (best step {metrics['best_step']})",
-                       {split: metrics[split] for split in ("val", "test") if metrics[split]})
+        _print_metrics(
+            f"{config.method} (best step {metrics['best_step']})",
+            {split: metrics[split] for split in ("val", "test") if metrics[split]},
+        )
         console.print(f"wrote {run_dir}", markup=False)
 
 
@@ -190,8 +301,12 @@ def _show_table(title: str | None, header: list[str] | None, rows: list[list[str
         table.add_column("")
     else:
         for i, name in enumerate(header):
-            table.add_column(escape(name), justify="right" if i else "left", no_wrap=True,
-                             min_width=max(len(cell) for cell in [name, *(row[i] for row in rows)]))
+            table.add_column(
+                escape(name),
+                justify="right" if i else "left",
+                no_wrap=True,
+                min_width=max(len(cell) for cell in [name, *(row[i] for row in rows)]),
+            )
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))
     width = Measurement.get(console, console.options, table).maximum if header else console.width
@@ -202,40 +317,54 @@ def _print_metrics(title: str, tables: dict[str, dict]) -> None:
     if not tables:
         return
     columns = list(next(iter(tables.values())))
-    _show_table(title, ["split", *columns],
-                [[split, *(f"{metrics[c]:.2f}" for c in columns)] for split, metrics in tables.items()])
+    _show_table(
+        title,
+        ["split", *columns],
+        [[split, *(f"{metrics[c]:.2f}" for c in columns)] for split, metrics in tables.items()],
+    )
 
 
 @app.command("eval")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `sotalign fit`.")],
-    images: Annotated[Optional[str], Opt(help="Image store (retrieval with --texts; zero-shot with --labels).")] = None,
+    images: Annotated[
+        Optional[str], Opt(help="Image store (retrieval with --texts; zero-shot with --labels).")
+    ] = None,
     texts: Annotated[Optional[str], Opt(help="Text store aligned with --images (retrieval).")] = None,
     key: KeyOpt = None,
     split: Annotated[str, Opt(help="Without --images: the run's own split to score, val or test.")] = "test",
     labels: Annotated[Optional[Path], Opt(help="Class index per image (.npy), for zero-shot.")] = None,
-    classes: Annotated[Optional[Path], Opt(help="Class names: a JSON list, or an object with concept_names.")] = None,
-    text_encoder: Annotated[Optional[str], Opt(help="platonic:<dir> or sentence-transformers:<name>.")] = None,
-    template: Annotated[Optional[list[str]], Opt(help="Prompt template with {} (repeatable) ['a photo of a {}.'].")] = None,
-    json_out: Annotated[Optional[Path], Opt("--json", help="Also write the metrics to this JSON file.")] = None,
+    classes: Annotated[
+        Optional[Path], Opt(help="Class names: a JSON list, or an object with concept_names.")
+    ] = None,
+    text_encoder: Annotated[
+        Optional[str], Opt(help="platonic:<dir> or sentence-transformers:<name>.")
+    ] = None,
+    template: Annotated[
+        Optional[list[str]], Opt(help="Prompt template with {} (repeatable) ['a photo of a {}.'].")
+    ] = None,
+    json_out: Annotated[
+        Optional[Path], Opt("--json", help="Also write the metrics to this JSON file.")
+    ] = None,
 ):
     """Score a trained alignment: retrieval R@k and/or zero-shot top-1/top-5 accuracy."""
     with _one_line_errors():
         import numpy as np
 
-        from .align import AlignmentData
+        from .align import AlignmentData, load
         from .align.config import load_config
         from .data import check_aligned, open_store
         from .eval import retrieval_metrics, zero_shot_accuracy
-        from .model import load
 
         model = load(run_dir)
         results = {}
         if images is not None and texts is not None:
             image_store, text_store = open_store(images, key=key), open_store(texts, key=key)
             check_aligned(image_store, text_store)
-            results["retrieval"] = retrieval_metrics(model.embed_images(image_store.read(0, len(image_store))),
-                                                     model.embed_texts(text_store.read(0, len(text_store))))
+            results["retrieval"] = retrieval_metrics(
+                model.embed_images(image_store.read(0, len(image_store))),
+                model.embed_texts(text_store.read(0, len(text_store))),
+            )
         elif images is None and texts is None and labels is None:
             if split not in ("val", "test"):
                 raise ValueError(f"--split must be val or test, got {split!r}")
@@ -246,8 +375,9 @@ def evaluate(
             rows_images, rows_texts = getattr(data, f"{split}_images"), getattr(data, f"{split}_texts")
             if rows_images is None:
                 raise ValueError(f"the run has no {split} split; give --images and --texts or --split val")
-            results[f"retrieval ({split})"] = retrieval_metrics(model.embed_images(rows_images.all()),
-                                                                model.embed_texts(rows_texts.all()))
+            results[f"retrieval ({split})"] = retrieval_metrics(
+                model.embed_images(rows_images.all()), model.embed_texts(rows_texts.all())
+            )
         elif texts is not None:
             raise ValueError("--texts needs --images (aligned row by row)")
         if labels is not None:
@@ -260,13 +390,18 @@ def evaluate(
             except (OSError, ValueError) as error:
                 raise ValueError(f"{labels}: cannot read labels ({error})") from None
             if label_array.shape != (len(store),):
-                raise ValueError(f"{labels}: {label_array.shape[0] if label_array.ndim else 0} labels for "
-                                 f"{len(store)} images in {store.path}")
+                raise ValueError(
+                    f"{labels}: {label_array.shape[0] if label_array.ndim else 0} labels for "
+                    f"{len(store)} images in {store.path}"
+                )
             weights = model.zero_shot_classifier(names, template or ["a photo of a {}."], text_encoder)
-            results["zero-shot"] = zero_shot_accuracy(model.embed_images(store.read(0, len(store))),
-                                                      label_array, weights)
+            results["zero-shot"] = zero_shot_accuracy(
+                model.embed_images(store.read(0, len(store))), label_array, weights
+            )
         if not results:
-            raise ValueError("nothing to evaluate: give --images and --texts, --labels, or neither (the run's split)")
+            raise ValueError(
+                "nothing to evaluate: give --images and --texts, --labels, or neither (the run's split)"
+            )
         _print_metrics(f"{run_dir} ({model.method})", results)
         if json_out is not None:
             json_out.write_text(json.dumps(results, indent=2) + "\n")
@@ -291,24 +426,53 @@ def compare(
     methods: Annotated[str, Opt(help="Comma-separated recipes.")] = "sail,structure,sotalign",
     seeds: Annotated[str, Opt(help="Comma-separated seeds (split and training).")] = "0,1,2",
     config_file: ConfigOpt = None,
-    images: ImagesOpt = None, texts: TextsOpt = None, pairs: PairsOpt = None, val: ValOpt = None,
-    test: TestOpt = None, unpaired: UnpairedOpt = None, key: KeyOpt = None,
-    steps: StepsOpt = None, lr: LrOpt = None, warmup: WarmupOpt = None, batch_pairs: BatchPairsOpt = None,
-    batch_unpaired: BatchUnpairedOpt = None, alpha: AlphaOpt = None, eps: EpsOpt = None,
-    eps_teacher: EpsTeacherOpt = None, n_iters: ItersOpt = None, backend: BackendOpt = None,
-    out_dim: OutDimOpt = None, eval_every: EvalEveryOpt = None, checkpoint_every: CkptEveryOpt = None,
-    device: DeviceOpt = None, quiet: QuietOpt = False,
+    images: ImagesOpt = None,
+    texts: TextsOpt = None,
+    pairs: PairsOpt = None,
+    val: ValOpt = None,
+    test: TestOpt = None,
+    unpaired: UnpairedOpt = None,
+    key: KeyOpt = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = None,
+    warmup: WarmupOpt = None,
+    batch_pairs: BatchPairsOpt = None,
+    batch_unpaired: BatchUnpairedOpt = None,
+    alpha: AlphaOpt = None,
+    eps: EpsOpt = None,
+    eps_teacher: EpsTeacherOpt = None,
+    n_iters: ItersOpt = None,
+    backend: BackendOpt = None,
+    out_dim: OutDimOpt = None,
+    eval_every: EvalEveryOpt = None,
+    checkpoint_every: CkptEveryOpt = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
 ):
     """Train several methods on the same data and seeds; table of held-out mean R@1 ± std."""
     with _one_line_errors():
         from .align import compare as compare_runs
 
         base, source = _base_config(config_file)
-        train = dict(steps=steps, lr=lr, warmup_steps=warmup, paired_batch_size=batch_pairs,
-                     unpaired_batch_size=batch_unpaired, alpha=alpha, eps=eps, eps_teacher=eps_teacher,
-                     n_iters=n_iters, backend=backend, out_dim=out_dim, eval_every=eval_every,
-                     checkpoint_every=checkpoint_every, device=device)
-        data = dict(images=images, texts=texts, n_pairs=pairs, n_val=val, n_test=test, n_unpaired=unpaired, key=key)
+        train = dict(
+            steps=steps,
+            lr=lr,
+            warmup_steps=warmup,
+            paired_batch_size=batch_pairs,
+            unpaired_batch_size=batch_unpaired,
+            alpha=alpha,
+            eps=eps,
+            eps_teacher=eps_teacher,
+            n_iters=n_iters,
+            backend=backend,
+            out_dim=out_dim,
+            eval_every=eval_every,
+            checkpoint_every=checkpoint_every,
+            device=device,
+        )
+        data = dict(
+            images=images, texts=texts, n_pairs=pairs, n_val=val, n_test=test, n_unpaired=unpaired, key=key
+        )
         config, spec = _configs(base, source, train, data)
         if spec is None:
             raise ValueError("no data: give --images/--texts/--pairs (or --config with a [data] table)")
@@ -320,6 +484,7 @@ def compare(
             if repeated:
                 raise ValueError(f"{flag} lists {', '.join(repeated)} more than once")
         from .align import get_method
+
         for name in method_list:
             get_method(name)
         result = compare_runs(config, spec, method_list, seed_list, out_dir, progress=not quiet)
@@ -329,10 +494,14 @@ def compare(
 
 def print_comparison(result: dict) -> None:
     split = result["runs"][0]["split"] if result["runs"] else "val"
-    _show_table(f"held-out ({split}) mean R@1 over seeds {result['seeds']}",
-                ["method", "mean R@1 (%)", "± std"],
-                [[method, f"{summary['mean_R@1']:.2f}", f"{summary['std']:.2f}"]
-                 for method, summary in result["summary"].items()])
+    _show_table(
+        f"held-out ({split}) mean R@1 over seeds {result['seeds']}",
+        ["method", "mean R@1 (%)", "± std"],
+        [
+            [method, f"{summary['mean_R@1']:.2f}", f"{summary['std']:.2f}"]
+            for method, summary in result["summary"].items()
+        ],
+    )
 
 
 @app.command()
@@ -342,7 +511,9 @@ def distance(
     unpaired_images: Annotated[str, Opt(help="Candidate unpaired image store.")],
     unpaired_texts: Annotated[str, Opt(help="Candidate unpaired text store.")],
     n_projections: Annotated[int, Opt(help="Random directions of the sliced distance.")] = 256,
-    max_rows: Annotated[int, Opt(help="Rows sampled from each store (POT's circle solver takes ~25 s per modality at 5000).")] = 5000,
+    max_rows: Annotated[
+        int, Opt(help="Rows sampled from each store (POT's circle solver takes ~25 s per modality at 5000).")
+    ] = 5000,
     seed: Annotated[int, Opt(help="Seed of projections and subsamples.")] = 0,
     key: KeyOpt = None,
 ):
@@ -351,13 +522,20 @@ def distance(
         from .data import open_store
         from .eval import selection_distance
 
-        stores = [open_store(p, key=key) for p in (paired_images, paired_texts, unpaired_images, unpaired_texts)]
+        stores = [
+            open_store(p, key=key) for p in (paired_images, paired_texts, unpaired_images, unpaired_texts)
+        ]
         for a, b in ((0, 2), (1, 3)):
             if stores[a].dim != stores[b].dim:
-                raise ValueError(f"{stores[b].path} has dimension {stores[b].dim}, {stores[a].path} has {stores[a].dim}")
+                raise ValueError(
+                    f"{stores[b].path} has dimension {stores[b].dim}, {stores[a].path} has {stores[a].dim}"
+                )
         result = selection_distance(*stores, n_projections=n_projections, seed=seed, max_rows=max_rows)
-        _show_table("SSW₂ distance to the paired data (smaller = closer)", list(result),
-                    [[f"{v:.4f}" for v in result.values()]])
+        _show_table(
+            "SSW₂ distance to the paired data (smaller = closer)",
+            list(result),
+            [[f"{v:.4f}" for v in result.values()]],
+        )
 
 
 @app.command()
@@ -368,15 +546,23 @@ def info():
     import torch
 
     import sotalign
+
     from .align import METHODS
 
     devices = [f"cpu ({torch.get_num_threads()} threads)"]
     devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
-    rows = [["sotalign", sotalign.__version__], ["python", platform.python_version()],
-            ["torch", torch.__version__], ["backends", ", ".join(sotalign.available_backends())],
-            ["devices", ", ".join(devices)], ["methods", ", ".join(METHODS)]]
-    rows += [[package, "installed" if importlib.util.find_spec(package) else "not installed"]
-             for package in ("h5py", "triton", "pykeops", "sentence_transformers", "ot", "lion_pytorch")]
+    rows = [
+        ["sotalign", sotalign.__version__],
+        ["python", platform.python_version()],
+        ["torch", torch.__version__],
+        ["backends", ", ".join(sotalign.available_backends())],
+        ["devices", ", ".join(devices)],
+        ["methods", ", ".join(METHODS)],
+    ]
+    rows += [
+        [package, "installed" if importlib.util.find_spec(package) else "not installed"]
+        for package in ("h5py", "triton", "pykeops", "sentence_transformers", "ot", "lion_pytorch")
+    ]
     _show_table(None, None, rows)
 
 

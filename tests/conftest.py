@@ -15,8 +15,13 @@ if not torch.cuda.is_available():
 import sotalign  # noqa: E402
 
 #: (backend, path) pairs; "reference" is dense by construction.
-ALL_ROUTES = [("reference", "auto"), ("torch", "dense"), ("torch", "online"),
-              ("cpu", "dense"), ("cpu", "online")]
+ALL_ROUTES = [
+    ("reference", "auto"),
+    ("torch", "dense"),
+    ("torch", "online"),
+    ("cpu", "dense"),
+    ("cpu", "online"),
+]
 ROUTES = [route for route in ALL_ROUTES if route[0] in sotalign.available_backends()]
 #: The routes that must agree with the reference (everything but the reference itself).
 FAST_ROUTES = [route for route in ROUTES if route[0] != "reference"]
@@ -40,8 +45,12 @@ def features(n: int, m: int, d: int, dtype=torch.float64, seed: int = 0) -> tupl
     """Two clouds with shared structure (so plans are far from uniform) and some noise."""
     generator = torch.Generator().manual_seed(seed)
     centers = torch.randn(5, d, generator=generator, dtype=torch.float64)
-    x = centers[torch.randint(0, 5, (n,), generator=generator)] + 0.7 * torch.randn(n, d, generator=generator, dtype=torch.float64)
-    y = centers[torch.randint(0, 5, (m,), generator=generator)] + 0.7 * torch.randn(m, d, generator=generator, dtype=torch.float64)
+    x = centers[torch.randint(0, 5, (n,), generator=generator)] + 0.7 * torch.randn(
+        n, d, generator=generator, dtype=torch.float64
+    )
+    y = centers[torch.randint(0, 5, (m,), generator=generator)] + 0.7 * torch.randn(
+        m, d, generator=generator, dtype=torch.float64
+    )
     return x.to(dtype), y.to(dtype)
 
 

@@ -21,8 +21,25 @@ from sotalign.data import open_store, write_platonic
 from sotalign.eval import retrieval_metrics, selection_distance
 
 runner = CliRunner()
-FAST = ["--out-dim", "12", "--lr", "1e-2", "--batch-pairs", "48", "--batch-unpaired", "64", "--n-iters", "10",
-        "--eval-every", "5", "--checkpoint-every", "5", "--device", "cpu", "--quiet"]
+FAST = [
+    "--out-dim",
+    "12",
+    "--lr",
+    "1e-2",
+    "--batch-pairs",
+    "48",
+    "--batch-unpaired",
+    "64",
+    "--n-iters",
+    "10",
+    "--eval-every",
+    "5",
+    "--checkpoint-every",
+    "5",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,8 +53,18 @@ def store(tmp_path_factory):
 
 
 def data_args(store, pairs=48):
-    return ["--images", str(store / "images.npy"), "--texts", str(store / "texts.npy"), "--pairs", str(pairs),
-            "--val", "100", "--test", "150"]
+    return [
+        "--images",
+        str(store / "images.npy"),
+        "--texts",
+        str(store / "texts.npy"),
+        "--pairs",
+        str(pairs),
+        "--val",
+        "100",
+        "--test",
+        "150",
+    ]
 
 
 def invoke(*args):
@@ -47,10 +74,19 @@ def invoke(*args):
 
 def test_fit_then_eval_retrieval_and_zero_shot(store, tmp_path):
     run = tmp_path / "run"
-    result = invoke("fit", run, *data_args(store), "--method", "sotalign", "--steps", "10", "--alpha", "0.1", *FAST)
+    result = invoke(
+        "fit", run, *data_args(store), "--method", "sotalign", "--steps", "10", "--alpha", "0.1", *FAST
+    )
     assert result.exit_code == 0, result.output
-    for name in ("config.json", "heads.safetensors", "heads.json", "metrics.json", "log.jsonl",
-                 "teacher/teacher.json", "checkpoints/last.pt"):
+    for name in (
+        "config.json",
+        "heads.safetensors",
+        "heads.json",
+        "metrics.json",
+        "log.jsonl",
+        "teacher/teacher.json",
+        "checkpoints/last.pt",
+    ):
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
 
@@ -63,14 +99,31 @@ def test_fit_then_eval_retrieval_and_zero_shot(store, tmp_path):
     # on explicit stores: the same numbers as embedding them with sotalign.load
     images, texts = open_store(store / "images.npy"), open_store(store / "texts.npy")
     model = sotalign.load(run)
-    expected = retrieval_metrics(model.embed_images(images.read(0, 700)), model.embed_texts(texts.read(0, 700)))
-    result = invoke("eval", run, "--images", store / "images.npy", "--texts", store / "texts.npy", "--json", out)
+    expected = retrieval_metrics(
+        model.embed_images(images.read(0, 700)), model.embed_texts(texts.read(0, 700))
+    )
+    result = invoke(
+        "eval", run, "--images", store / "images.npy", "--texts", store / "texts.npy", "--json", out
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["retrieval"] == pytest.approx(expected)
 
-    result = invoke("eval", run, "--images", store / "images.npy", "--labels", store / "labels.npy",
-                    "--classes", store / "classes.json", "--text-encoder", f"platonic:{store}",
-                    "--template", "a photo of a {}.", "--json", out)
+    result = invoke(
+        "eval",
+        run,
+        "--images",
+        store / "images.npy",
+        "--labels",
+        store / "labels.npy",
+        "--classes",
+        store / "classes.json",
+        "--text-encoder",
+        f"platonic:{store}",
+        "--template",
+        "a photo of a {}.",
+        "--json",
+        out,
+    )
     assert result.exit_code == 0, result.output
     zero_shot = json.loads(out.read_text())["zero-shot"]
     assert 100 / 5 < zero_shot["top1"] <= 100  # above chance over 5 concepts
@@ -78,10 +131,12 @@ def test_fit_then_eval_retrieval_and_zero_shot(store, tmp_path):
 
 def test_fit_from_toml_and_resume_after_sigkill(store, tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text(f'method = "sail"\nsteps = 60\nout_dim = 12\nlr = 1e-2\npaired_batch_size = 16\n'
-                      f'eval_every = 2\ncheckpoint_every = 2\ndevice = "cpu"\n'
-                      f'[data]\nimages = "{store / "images.npy"}"\ntexts = "{store / "texts.npy"}"\n'
-                      f'n_pairs = 48\nn_val = 100\n')
+    config.write_text(
+        f'method = "sail"\nsteps = 60\nout_dim = 12\nlr = 1e-2\npaired_batch_size = 16\n'
+        f'eval_every = 2\ncheckpoint_every = 2\ndevice = "cpu"\n'
+        f'[data]\nimages = "{store / "images.npy"}"\ntexts = "{store / "texts.npy"}"\n'
+        f"n_pairs = 48\nn_val = 100\n"
+    )
     whole = invoke("fit", tmp_path / "whole", "--config", config, "--quiet")
     assert whole.exit_code == 0, whole.output
 
@@ -91,7 +146,9 @@ def test_fit_from_toml_and_resume_after_sigkill(store, tmp_path):
     command = [sys.executable, "-m", "sotalign.cli", "fit", str(run), "--config", str(config), "--quiet"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (run / "checkpoints" / "last.pt").exists() and process.poll() is None and time.time() < deadline:
+    while (
+        not (run / "checkpoints" / "last.pt").exists() and process.poll() is None and time.time() < deadline
+    ):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -104,13 +161,27 @@ def test_fit_from_toml_and_resume_after_sigkill(store, tmp_path):
 
 
 def test_compare_summarises_mean_and_std_over_seeds(store, tmp_path):
-    result = invoke("compare", tmp_path / "cmp", *data_args(store), "--methods", "sail,cca+none", "--seeds", "0,1",
-                    "--steps", "6", *FAST)
+    result = invoke(
+        "compare",
+        tmp_path / "cmp",
+        *data_args(store),
+        "--methods",
+        "sail,cca+none",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "6",
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     for method in ("sail", "cca+none"):
-        scores = [json.loads((tmp_path / "cmp" / method / f"seed{s}" / "metrics.json").read_text())["test"]["mean_R@1"]
-                  for s in (0, 1)]
+        scores = [
+            json.loads((tmp_path / "cmp" / method / f"seed{s}" / "metrics.json").read_text())["test"][
+                "mean_R@1"
+            ]
+            for s in (0, 1)
+        ]
         assert summary["summary"][method]["mean_R@1"] == pytest.approx(np.mean(scores))
         assert summary["summary"][method]["std"] == pytest.approx(np.std(scores, ddof=1))
     assert "| sail |" in (tmp_path / "cmp" / "compare.md").read_text()
@@ -118,12 +189,27 @@ def test_compare_summarises_mean_and_std_over_seeds(store, tmp_path):
 
 
 def test_distance_matches_the_library(store):
-    result = invoke("distance", "--paired-images", store / "images.npy", "--paired-texts", store / "texts.npy",
-                    "--unpaired-images", store / "images.npy", "--unpaired-texts", store / "texts.npy",
-                    "--max-rows", "300", "--n-projections", "64")
+    result = invoke(
+        "distance",
+        "--paired-images",
+        store / "images.npy",
+        "--paired-texts",
+        store / "texts.npy",
+        "--unpaired-images",
+        store / "images.npy",
+        "--unpaired-texts",
+        store / "texts.npy",
+        "--max-rows",
+        "300",
+        "--n-projections",
+        "64",
+    )
     assert result.exit_code == 0, result.output
-    expected = selection_distance(*(open_store(store / f"{m}.npy") for m in ("images", "texts", "images", "texts")),
-                                  n_projections=64, max_rows=300)
+    expected = selection_distance(
+        *(open_store(store / f"{m}.npy") for m in ("images", "texts", "images", "texts")),
+        n_projections=64,
+        max_rows=300,
+    )
     assert f"{expected['mean']:.4f}" in result.output
 
 
@@ -134,12 +220,15 @@ def test_info_lists_backends_and_methods():
     assert "sail-semi" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "sotalgn"], "unknown method 'sotalgn'"),
-    (["--lr", "-1"], "lr must be > 0"),
-    (["--alpha", "-1"], "alpha must be >= 0"),
-    (["--option", "weight"], "--option expects key=value"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "sotalgn"], "unknown method 'sotalgn'"),
+        (["--lr", "-1"], "lr must be > 0"),
+        (["--alpha", "-1"], "alpha must be >= 0"),
+        (["--option", "weight"], "--option expects key=value"),
+    ],
+)
 def test_bad_options_fail_with_one_line(store, tmp_path, args, message):
     result = invoke("fit", tmp_path / "r", *data_args(store), *args, "--quiet")
     assert result.exit_code == 1
@@ -149,8 +238,17 @@ def test_bad_options_fail_with_one_line(store, tmp_path, args, message):
 
 def test_bad_stores_and_configs_fail_with_one_line(store, tmp_path):
     np.save(tmp_path / "short.npy", np.zeros((10, 16), np.float32))
-    result = invoke("fit", tmp_path / "r", "--images", store / "images.npy", "--texts", tmp_path / "short.npy",
-                    "--pairs", "5", "--quiet")
+    result = invoke(
+        "fit",
+        tmp_path / "r",
+        "--images",
+        store / "images.npy",
+        "--texts",
+        tmp_path / "short.npy",
+        "--pairs",
+        "5",
+        "--quiet",
+    )
     assert result.exit_code == 1 and "short.npy has 10" in result.output
     config = tmp_path / "bad.toml"
     config.write_text("method = 'sail'\nlearning_rate = 3\n")
@@ -159,8 +257,23 @@ def test_bad_stores_and_configs_fail_with_one_line(store, tmp_path):
     result = invoke("eval", tmp_path / "no-run")
     assert result.exit_code == 1 and "no-run: no such run directory" in result.output
     # through the console entry point in a fresh process: one line on stderr, no traceback
-    process = subprocess.run([sys.executable, "-m", "sotalign.cli", "fit", str(tmp_path / "r"), "--images",
-                              str(tmp_path / "missing.npy"), "--texts", str(tmp_path / "short.npy"), "--pairs", "5"],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sotalign.cli",
+            "fit",
+            str(tmp_path / "r"),
+            "--images",
+            str(tmp_path / "missing.npy"),
+            "--texts",
+            str(tmp_path / "short.npy"),
+            "--pairs",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert process.returncode == 1
     assert "missing.npy: no such file" in process.stderr and "Traceback" not in process.stderr

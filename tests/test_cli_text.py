@@ -4,7 +4,6 @@ written (issue 10, items 5, 6, 11 and 14)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -49,8 +48,16 @@ def test_error_messages_keep_brackets(tmp_path):
 
 
 def test_a_path_with_markup_is_printed_verbatim(tmp_path):
-    result = invoke("fit", tmp_path / "r[/b]x", "--images", tmp_path / "[/b]missing.npy",
-                    "--texts", tmp_path / "t.npy", "--pairs", "3")
+    result = invoke(
+        "fit",
+        tmp_path / "r[/b]x",
+        "--images",
+        tmp_path / "[/b]missing.npy",
+        "--texts",
+        tmp_path / "t.npy",
+        "--pairs",
+        "3",
+    )
     assert result.exit_code == 1
     assert "[/b]missing.npy" in result.output
     assert "Traceback" not in result.output and "MarkupError" not in result.output
@@ -58,9 +65,12 @@ def test_a_path_with_markup_is_printed_verbatim(tmp_path):
 
 def test_tables_are_not_cut_when_piped():
     """A child process writes to a pipe, where rich assumes 80 columns."""
-    script = ("from sotalign.cli import _print_metrics\n"
-              "row = {k: 12.5 for k in ('i2t_R@1','i2t_R@5','i2t_R@10','t2i_R@1','t2i_R@5','t2i_R@10','mean_R@1')}\n"
-              "_print_metrics('[/b] title', {'val': row, 'test': row})\n")
+    script = (
+        "from sotalign.cli import _print_metrics\n"
+        "keys = ('i2t_R@1', 'i2t_R@5', 'i2t_R@10', 't2i_R@1', 't2i_R@5', 't2i_R@10', 'mean_R@1')\n"
+        "row = {k: 12.5 for k in keys}\n"
+        "_print_metrics('[/b] title', {'val': row, 'test': row})\n"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert "[/b] title" in out
     for header in ("i2t_R@10", "t2i_R@10", "mean_R@1"):
@@ -71,18 +81,23 @@ def test_tables_are_not_cut_when_piped():
 def test_json_config_that_is_not_a_table(tmp_path):
     path = tmp_path / "c.json"
     path.write_text("[1, 2]")
-    with pytest.raises(ConfigError, match=r"c\.json: expected a table of options at the top level, got a list"):
+    with pytest.raises(
+        ConfigError, match=r"c\.json: expected a table of options at the top level, got a list"
+    ):
         load_config(path)
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [
-    ("lr", float("inf"), "TrainConfig.lr must be a finite number"),
-    ("eps", float("nan"), "TrainConfig.eps must be a finite number"),
-    ("alpha", float("inf"), "TrainConfig.alpha must be a finite number"),
-    ("backend", "nope", "TrainConfig.backend must be 'auto' or one of"),
-    ("head_kind", "nope", "TrainConfig.head_kind must be one of linear, mlp"),
-    ("teacher_options", {"foo": 1}, "TrainConfig.teacher_options: .*foo"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("lr", float("inf"), "TrainConfig.lr must be a finite number"),
+        ("eps", float("nan"), "TrainConfig.eps must be a finite number"),
+        ("alpha", float("inf"), "TrainConfig.alpha must be a finite number"),
+        ("backend", "nope", "TrainConfig.backend must be 'auto' or one of"),
+        ("head_kind", "nope", "TrainConfig.head_kind must be one of linear, mlp"),
+        ("teacher_options", {"foo": 1}, "TrainConfig.teacher_options: .*foo"),
+    ],
+)
 def test_train_config_refuses_bad_values(option, value, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{option: value})
@@ -95,23 +110,54 @@ def test_teacher_options_of_a_method_without_teacher():
 
 def test_a_typo_writes_nothing(store, tmp_path):
     run = tmp_path / "run"
-    for typo in (["--backend", "nope"], ["--head", "nope"], ["--eps", "-1"], ["--lr", "inf"],
-                 ["--teacher-option", "foo=1"]):
-        result = invoke("fit", run, "--images", store / "images.npy", "--texts", store / "texts.npy",
-                        "--pairs", "20", "--val", "20", *typo)
+    for typo in (
+        ["--backend", "nope"],
+        ["--head", "nope"],
+        ["--eps", "-1"],
+        ["--lr", "inf"],
+        ["--teacher-option", "foo=1"],
+    ):
+        result = invoke(
+            "fit",
+            run,
+            "--images",
+            store / "images.npy",
+            "--texts",
+            store / "texts.npy",
+            "--pairs",
+            "20",
+            "--val",
+            "20",
+            *typo,
+        )
         assert result.exit_code == 1, typo
         assert not run.exists(), typo
 
 
-@pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--seeds", "0,0", "--seeds lists 0 more than once"),
-    ("--seeds", ",", "--seeds is empty"),
-    ("--methods", ",", "--methods is empty"),
-    ("--methods", "sail,sail", "--methods lists sail more than once"),
-])
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--seeds", "0,0", "--seeds lists 0 more than once"),
+        ("--seeds", ",", "--seeds is empty"),
+        ("--methods", ",", "--methods is empty"),
+        ("--methods", "sail,sail", "--methods lists sail more than once"),
+    ],
+)
 def test_compare_refuses_empty_or_repeated_lists(store, tmp_path, flag, value, message):
-    result = invoke("compare", tmp_path / "cmp", "--images", store / "images.npy",
-                    "--texts", store / "texts.npy", "--pairs", "20", "--val", "20", flag, value)
+    result = invoke(
+        "compare",
+        tmp_path / "cmp",
+        "--images",
+        store / "images.npy",
+        "--texts",
+        store / "texts.npy",
+        "--pairs",
+        "20",
+        "--val",
+        "20",
+        flag,
+        value,
+    )
     assert result.exit_code == 1
     assert message in result.output
     assert not (tmp_path / "cmp").exists()
@@ -120,4 +166,3 @@ def test_compare_refuses_empty_or_repeated_lists(store, tmp_path, flag, value, m
 def test_print_metrics_reads_no_markup(capsys):
     _print_metrics("[bold]x[/bold]", {"val": {"mean_R@1": 1.0}})
     assert "[bold]x[/bold]" in capsys.readouterr().out
-

@@ -1,4 +1,5 @@
-"""What a training run is made of: its settings (`TrainConfig`) and its data (`DataSpec`).
+"""What a training run is made of: its settings (`TrainConfig`) and its data
+(:class:`~sotalign.data.spec.DataSpec`, defined with the data layer).
 
 Both are frozen dataclasses that validate every value when built, so a bad value fails
 before any work starts, with one line naming the option. `load_config` reads them from a
@@ -19,60 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
+from ..data.spec import ConfigError, DataSpec, check_fields, non_negative, positive
 from ..ot import BACKEND_NAMES
 from .heads import HEAD_KINDS
 from .methods import get_method
 from .teachers import make_teacher
-
-
-class ConfigError(ValueError):
-    """A bad option value, an unknown option or an unreadable configuration file."""
-
-
-def _check_type(owner: str, name: str, value: Any, kind: str) -> None:
-    """`kind` is the annotation text of the field: int, float, str, bool, dict, optional forms."""
-    if value is None:
-        if "None" in kind:
-            return
-        raise ConfigError(f"{owner}.{name} must be set (got None)")
-    base = kind.replace(" | None", "")
-    valid = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-        "bool": isinstance(value, bool),
-        "dict[str, Any]": isinstance(value, dict),
-    }[base]
-    if not valid:
-        raise ConfigError(f"{owner}.{name} must be {base} (got {value!r})")
-
-
-def _check_fields(instance) -> None:
-    owner = type(instance).__name__
-    for f in dataclasses.fields(instance):
-        _check_type(owner, f.name, getattr(instance, f.name), str(f.type))
-
-
-def _positive(owner: str, **values) -> None:
-    for name, value in values.items():
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"{owner}.{name} must be a finite number (got {value})")
-        if value is not None and value <= 0:
-            raise ConfigError(f"{owner}.{name} must be > 0 (got {value})")
-
-
-def _non_negative(owner: str, **values) -> None:
-    for name, value in values.items():
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"{owner}.{name} must be a finite number (got {value})")
-        if value is not None and value < 0:
-            raise ConfigError(f"{owner}.{name} must be >= 0 (got {value})")
 
 
 @dataclass(frozen=True)
@@ -108,24 +66,41 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        _check_fields(self)
+        check_fields(self)
         owner = "TrainConfig"
-        _positive(owner, out_dim=self.out_dim, lr=self.lr, steps=self.steps,
-                  paired_batch_size=self.paired_batch_size, unpaired_batch_size=self.unpaired_batch_size,
-                  eps=self.eps, eps_teacher=self.eps_teacher, n_iters=self.n_iters,
-                  eval_every=self.eval_every, checkpoint_every=self.checkpoint_every,
-                  head_hidden_dim=self.head_hidden_dim)
-        _non_negative(owner, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
-                      alpha=self.alpha, seed=self.seed)
+        positive(
+            owner,
+            out_dim=self.out_dim,
+            lr=self.lr,
+            steps=self.steps,
+            paired_batch_size=self.paired_batch_size,
+            unpaired_batch_size=self.unpaired_batch_size,
+            eps=self.eps,
+            eps_teacher=self.eps_teacher,
+            n_iters=self.n_iters,
+            eval_every=self.eval_every,
+            checkpoint_every=self.checkpoint_every,
+            head_hidden_dim=self.head_hidden_dim,
+        )
+        non_negative(
+            owner,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            alpha=self.alpha,
+            seed=self.seed,
+        )
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"{owner}.warmup_steps must be < steps ({self.warmup_steps} >= {self.steps})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{owner}.device must be 'auto', 'cpu' or 'cuda[:N]' (got {self.device!r})")
         if self.backend != "auto" and self.backend not in BACKEND_NAMES:
-            raise ConfigError(f"{owner}.backend must be 'auto' or one of {', '.join(BACKEND_NAMES)} "
-                              f"(got {self.backend!r})")
+            raise ConfigError(
+                f"{owner}.backend must be 'auto' or one of {', '.join(BACKEND_NAMES)} (got {self.backend!r})"
+            )
         if self.head_kind not in HEAD_KINDS:
-            raise ConfigError(f"{owner}.head_kind must be one of {', '.join(HEAD_KINDS)} (got {self.head_kind!r})")
+            raise ConfigError(
+                f"{owner}.head_kind must be one of {', '.join(HEAD_KINDS)} (got {self.head_kind!r})"
+            )
         try:
             recipe = get_method(self.method, **self.method_options)
         except (KeyError, TypeError, ValueError) as error:
@@ -143,69 +118,13 @@ class TrainConfig:
         return get_method(self.method, **self.method_options)
 
 
-@dataclass(frozen=True)
-class DataSpec:
-    """Where the embeddings come from: one aligned dataset split into roles, or explicit stores.
-
-    Aligned dataset: `images`/`texts` hold the same items row by row; `make_split` draws
-    `n_pairs` pairs, `n_val + n_test` held-out pairs (the first `n_val` validate, the rest
-    test) and unpaired images and texts from disjoint rows (`n_unpaired` each, or all that
-    remain). Explicit: `paired_*` (required), `unpaired_*`, `val_*`, `test_*` stores.
-    Paths are embedding stores (.npy, .safetensors, .h5, a directory or shards); `key`
-    names the array inside .safetensors/.h5 files.
-    """
-
-    images: str | None = None
-    texts: str | None = None
-    n_pairs: int | None = None
-    n_val: int = 1000
-    n_test: int = 0
-    n_unpaired: int | None = None
-    split_seed: int = 0
-    paired_images: str | None = None
-    paired_texts: str | None = None
-    unpaired_images: str | None = None
-    unpaired_texts: str | None = None
-    val_images: str | None = None
-    val_texts: str | None = None
-    test_images: str | None = None
-    test_texts: str | None = None
-    key: str | None = None
-
-    def __post_init__(self):
-        _check_fields(self)
-        owner = "DataSpec"
-        _positive(owner, n_pairs=self.n_pairs, n_unpaired=self.n_unpaired)
-        _non_negative(owner, n_val=self.n_val, n_test=self.n_test, split_seed=self.split_seed)
-        explicit = [name for name in ("paired_images", "paired_texts", "unpaired_images", "unpaired_texts",
-                                      "val_images", "val_texts", "test_images", "test_texts")
-                    if getattr(self, name) is not None]
-        if self.aligned:
-            if self.images is None or self.texts is None:
-                raise ConfigError("data: give both images and texts for an aligned dataset")
-            if explicit:
-                raise ConfigError(f"data: give either images/texts or explicit stores, not both ({explicit[0]})")
-            if self.n_pairs is None:
-                raise ConfigError("data: n_pairs is required with images/texts (how many pairs to keep)")
-        else:
-            if self.paired_images is None or self.paired_texts is None:
-                raise ConfigError("data: give images and texts, or paired_images and paired_texts")
-            for role in ("unpaired", "val", "test"):
-                if (getattr(self, f"{role}_images") is None) != (getattr(self, f"{role}_texts") is None):
-                    present = f"{role}_images" if getattr(self, f"{role}_images") else f"{role}_texts"
-                    raise ConfigError(f"data: {present} is given without its other modality")
-
-    @property
-    def aligned(self) -> bool:
-        return self.images is not None or self.texts is not None
-
-
 def _build(cls, values: dict, source: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"{source}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
     try:
         return cls(**values)
     except ConfigError as error:
@@ -232,9 +151,13 @@ def load_config(path: str | Path) -> tuple[TrainConfig, DataSpec | None]:
     try:
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})") from None
+        raise ConfigError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})"
+        ) from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a table of options at the top level, got a {type(values).__name__}")
+        raise ConfigError(
+            f"{path}: expected a table of options at the top level, got a {type(values).__name__}"
+        )
     return build_configs(values, str(path))
 
 

@@ -7,7 +7,6 @@ Embeddings are the L2-normalised outputs, so K = cos(f(X), g(Y)) = f̂(X) ĝ(Y)�
 
 from __future__ import annotations
 
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -16,8 +15,9 @@ from ..ot.validation import check_count
 HEAD_KINDS = ("linear", "mlp")
 
 
-def make_head(in_dim: int, out_dim: int = 1024, kind: str = "linear",
-              hidden_dim: int | None = None) -> nn.Module:
+def make_head(
+    in_dim: int, out_dim: int = 1024, kind: str = "linear", hidden_dim: int | None = None
+) -> nn.Module:
     """One head: ``"linear"`` = nn.Linear(in_dim, out_dim) (the paper's default), or
     ``"mlp"`` = Linear(in_dim, h) → GELU → Linear(h, out_dim), h = ``hidden_dim`` or
     max(in_dim, out_dim)."""
@@ -39,8 +39,14 @@ class AlignmentHeads(nn.Module):
     returns the keyword arguments that rebuild an identical (untrained) module.
     """
 
-    def __init__(self, image_dim: int, text_dim: int, out_dim: int = 1024, kind: str = "linear",
-                 hidden_dim: int | None = None):
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        out_dim: int = 1024,
+        kind: str = "linear",
+        hidden_dim: int | None = None,
+    ):
         super().__init__()
         self.image = make_head(image_dim, out_dim, kind, hidden_dim)
         self.text = make_head(text_dim, out_dim, kind, hidden_dim)
@@ -62,8 +68,13 @@ class AlignmentHeads(nn.Module):
         return self._embed(self.text, y, "texts", self.text_dim)
 
     def config(self) -> dict:
-        return {"image_dim": self.image_dim, "text_dim": self.text_dim, "out_dim": self.out_dim,
-                "kind": self.kind, "hidden_dim": self.hidden_dim}
+        return {
+            "image_dim": self.image_dim,
+            "text_dim": self.text_dim,
+            "out_dim": self.out_dim,
+            "kind": self.kind,
+            "hidden_dim": self.hidden_dim,
+        }
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())

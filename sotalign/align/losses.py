@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import sotalign
-from sotalign.ot.validation import check_count, check_matrices, check_positive, check_real
+from ..ot import klot, sinkhorn
+from ..ot.validation import check_count, check_matrices, check_positive, check_real
 
 DIVERGENCES = ("none", "cka", "infonce", "klot")
 
@@ -38,14 +38,16 @@ def _check_matrices(**tensors: Tensor | None) -> None:
 
 def _same_dim(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{a_name} and {b_name} must have the same feature dimension, "
-                         f"got {a.shape[1]} and {b.shape[1]}")
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same feature dimension, got {a.shape[1]} and {b.shape[1]}"
+        )
 
 
 def _same_rows(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"{a_name} and {b_name} must have the same number of rows, "
-                         f"got {a.shape[0]} and {b.shape[0]}")
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same number of rows, got {a.shape[0]} and {b.shape[0]}"
+        )
 
 
 def _check_divergence_inputs(img, txt, teacher_img, teacher_txt) -> None:
@@ -58,8 +60,16 @@ def _check_divergence_inputs(img, txt, teacher_img, teacher_txt) -> None:
 
 # --------------------------------------------------------------------------- paired losses
 
-def siglip_loss(img: Tensor, txt: Tensor, scale, bias, *, extra_texts: Tensor | None = None,
-                extra_images: Tensor | None = None) -> Tensor:
+
+def siglip_loss(
+    img: Tensor,
+    txt: Tensor,
+    scale,
+    bias,
+    *,
+    extra_texts: Tensor | None = None,
+    extra_images: Tensor | None = None,
+) -> Tensor:
     r"""Sigmoid loss of SigLIP (Zhai et al. 2023) on n pairs, with optional extra negatives.
 
     With logits l_ij = t ⟨x̂_i, ŷ_j⟩ + b (t = ``scale``, b = ``bias``) and labels z_ij = +1 on the
@@ -108,10 +118,17 @@ class SigLIPLoss(nn.Module):
     def scale(self) -> Tensor:
         return self.log_scale.exp()
 
-    def forward(self, img: Tensor, txt: Tensor, *, extra_texts: Tensor | None = None,
-                extra_images: Tensor | None = None) -> Tensor:
-        return siglip_loss(img, txt, self.scale, self.bias, extra_texts=extra_texts,
-                           extra_images=extra_images)
+    def forward(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        *,
+        extra_texts: Tensor | None = None,
+        extra_images: Tensor | None = None,
+    ) -> Tensor:
+        return siglip_loss(
+            img, txt, self.scale, self.bias, extra_texts=extra_texts, extra_images=extra_images
+        )
 
 
 def infonce_loss(img: Tensor, txt: Tensor, temperature=0.07) -> Tensor:
@@ -153,16 +170,36 @@ class InfoNCELoss(nn.Module):
 
 # --------------------------------------------------------------------------- divergences
 
-def klot_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor, *,
-                    eps: float = 0.05, eps_teacher: float = 0.01, n_iters: int = 100,
-                    backend: str = "auto", **options) -> Tensor:
+
+def klot_divergence(
+    img: Tensor,
+    txt: Tensor,
+    teacher_img: Tensor,
+    teacher_txt: Tensor,
+    *,
+    eps: float = 0.05,
+    eps_teacher: float = 0.01,
+    n_iters: int = 100,
+    backend: str = "auto",
+    **options,
+) -> Tensor:
     r"""KLOT(K ‖ K*) = KL(OT_ε*(K*) ‖ OT_ε(K)) (paper Eq. 12) with cosine affinities.
 
     Exactly :func:`sotalign.klot` with ``affinity="cosine"``; gradient (P − P*)/ε
     (Theorem 5.1/C.4). Further keyword ``options`` (``path``, ``tol``, ...) go to it.
     """
-    return sotalign.klot(img, txt, teacher_img, teacher_txt, eps=eps, eps_teacher=eps_teacher,
-                         n_iters=n_iters, affinity="cosine", backend=backend, **options)
+    return klot(
+        img,
+        txt,
+        teacher_img,
+        teacher_txt,
+        eps=eps,
+        eps_teacher=eps_teacher,
+        n_iters=n_iters,
+        affinity="cosine",
+        backend=backend,
+        **options,
+    )
 
 
 def cka_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor) -> Tensor:
@@ -179,8 +216,9 @@ def cka_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: T
     """
     _check_divergence_inputs(img, txt, teacher_img, teacher_txt)
     if img.shape[0] < 2 or txt.shape[0] < 2:
-        raise ValueError(f"CKA needs at least 2 rows and 2 columns, got K of shape "
-                         f"{(img.shape[0], txt.shape[0])}")
+        raise ValueError(
+            f"CKA needs at least 2 rows and 2 columns, got K of shape {(img.shape[0], txt.shape[0])}"
+        )
     x = F.normalize(img, dim=1)
     y = F.normalize(txt, dim=1)
     xt = F.normalize(teacher_img.detach(), dim=1).to(x.dtype)
@@ -194,9 +232,16 @@ def cka_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: T
     return 1.0 - cross / (norm_student * norm_teacher).clamp_min(tiny).sqrt()
 
 
-def generalized_infonce_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor,
-                                   teacher_txt: Tensor, *, eps_teacher: float = 0.01,
-                                   temperature: float = 0.05, symmetric: bool = False) -> Tensor:
+def generalized_infonce_divergence(
+    img: Tensor,
+    txt: Tensor,
+    teacher_img: Tensor,
+    teacher_txt: Tensor,
+    *,
+    eps_teacher: float = 0.01,
+    temperature: float = 0.05,
+    symmetric: bool = False,
+) -> Tensor:
     r"""Generalised InfoNCE (Shi et al. 2024; paper Eq. 10), a row-wise KL of softmaxes.
 
         D(K ‖ K*) = (1/n) Σ_i KL( Softmax_ε*(K*)_i ‖ Softmax_τ(K)_i ),
@@ -211,7 +256,7 @@ def generalized_infonce_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor
     eps_teacher = check_positive("eps_teacher", eps_teacher)
     temperature = check_positive("temperature", temperature)
     K = F.normalize(img, dim=1) @ F.normalize(txt, dim=1).T
-    K_t = (F.normalize(teacher_img.detach(), dim=1) @ F.normalize(teacher_txt.detach(), dim=1).T)
+    K_t = F.normalize(teacher_img.detach(), dim=1) @ F.normalize(teacher_txt.detach(), dim=1).T
     K_t = K_t.to(K.dtype)
 
     def rows(student: Tensor, teacher: Tensor) -> Tensor:
@@ -225,8 +270,9 @@ def generalized_infonce_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor
     return value
 
 
-def divergence(name: str, img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor,
-               **options) -> Tensor:
+def divergence(
+    name: str, img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor, **options
+) -> Tensor:
     """Dispatch DIV(K ‖ K*) by name: ``"none"`` (a constant 0), ``"cka"``, ``"infonce"``
     (generalised InfoNCE) or ``"klot"``; ``options`` go to the chosen function."""
     if name not in DIVERGENCES:
@@ -234,15 +280,16 @@ def divergence(name: str, img: Tensor, txt: Tensor, teacher_img: Tensor, teacher
     if name == "none":
         _check_divergence_inputs(img, txt, teacher_img, teacher_txt)
         return img.new_zeros(())
-    function = {"cka": cka_divergence, "infonce": generalized_infonce_divergence,
-                "klot": klot_divergence}[name]
+    function = {"cka": cka_divergence, "infonce": generalized_infonce_divergence, "klot": klot_divergence}[
+        name
+    ]
     return function(img, txt, teacher_img, teacher_txt, **options)
 
 
 # --------------------------------------------------------------------------- baselines
 
-def structure_regularizer(raw: Tensor, emb: Tensor, *, levels: int = 1,
-                          temperature: float = 0.07) -> Tensor:
+
+def structure_regularizer(raw: Tensor, emb: Tensor, *, levels: int = 1, temperature: float = 0.07) -> Tensor:
     r"""The STRUCTURE regulariser (Gröger et al. 2025), as we read it.
 
     It keeps the neighbourhood structure of the frozen unimodal features ``raw`` (n×d_raw) in
@@ -282,8 +329,15 @@ def structure_regularizer(raw: Tensor, emb: Tensor, *, levels: int = 1,
     return total / levels
 
 
-def s_clip_targets(unpaired: Tensor, paired: Tensor, *, eps: float = 0.05, n_iters: int = 100,
-                   hard: bool = False, backend: str = "auto") -> Tensor:
+def s_clip_targets(
+    unpaired: Tensor,
+    paired: Tensor,
+    *,
+    eps: float = 0.05,
+    n_iters: int = 100,
+    hard: bool = False,
+    backend: str = "auto",
+) -> Tensor:
     r"""S-CLIP pseudo-labels (Mo et al. 2023): soft targets of each unpaired sample over the pairs.
 
     P = OT_ε(cos(unpaired, paired)) is the entropic plan with uniform marginals (via
@@ -293,17 +347,27 @@ def s_clip_targets(unpaired: Tensor, paired: Tensor, *, eps: float = 0.05, n_ite
     """
     _check_matrices(unpaired=unpaired, paired=paired)
     _same_dim("unpaired", unpaired, "paired", paired)
-    plan = sotalign.sinkhorn(unpaired.detach(), paired.detach(), eps=eps, n_iters=n_iters,
-                             affinity="cosine", backend=backend).plan()
+    plan = sinkhorn(
+        unpaired.detach(), paired.detach(), eps=eps, n_iters=n_iters, affinity="cosine", backend=backend
+    ).plan()
     if hard:
         return F.one_hot(plan.argmax(1), paired.shape[0]).to(plan.dtype)
     return plan / plan.sum(1, keepdim=True)
 
 
-def s_clip_loss(unpaired_img: Tensor, paired_img: Tensor, paired_txt: Tensor, *,
-                eps: float = 0.05, scale: float = 1.0 / 0.07, n_iters: int = 100,
-                hard: bool = False, unpaired_img_raw: Tensor | None = None,
-                paired_img_raw: Tensor | None = None, backend: str = "auto") -> Tensor:
+def s_clip_loss(
+    unpaired_img: Tensor,
+    paired_img: Tensor,
+    paired_txt: Tensor,
+    *,
+    eps: float = 0.05,
+    scale: float = 1.0 / 0.07,
+    n_iters: int = 100,
+    hard: bool = False,
+    unpaired_img_raw: Tensor | None = None,
+    paired_img_raw: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
     r"""S-CLIP caption-level pseudo-labelling loss (Mo et al. 2023; paper §5).
 
     Targets T = :func:`s_clip_targets` of the unpaired images over the paired images (in the
@@ -327,14 +391,14 @@ def s_clip_loss(unpaired_img: Tensor, paired_img: Tensor, paired_txt: Tensor, *,
         _check_matrices(unpaired_img_raw=unpaired_img_raw, paired_img_raw=paired_img_raw)
         _same_rows("unpaired_img_raw", unpaired_img_raw, "unpaired_img", unpaired_img)
         _same_rows("paired_img_raw", paired_img_raw, "paired_img", paired_img)
-    targets = s_clip_targets(unpaired_img_raw, paired_img_raw, eps=eps, n_iters=n_iters,
-                             hard=hard, backend=backend)
+    targets = s_clip_targets(
+        unpaired_img_raw, paired_img_raw, eps=eps, n_iters=n_iters, hard=hard, backend=backend
+    )
     log_q = torch.log_softmax(scale * (unpaired_img @ paired_txt.T), dim=1)
     return -(targets.to(log_q.dtype) * log_q).sum(1).mean()
 
 
-def nnclr_positives(query_raw: Tensor, pool_raw: Tensor, k: int = 1, *,
-                    chunk_size: int = 4096) -> Tensor:
+def nnclr_positives(query_raw: Tensor, pool_raw: Tensor, k: int = 1, *, chunk_size: int = 4096) -> Tensor:
     r"""Indices (n_q × k, int64) of the k nearest pool rows of each query by cosine similarity.
 
     Used by the NNCLR baseline in a frozen unimodal space: an unpaired image gets the caption of
@@ -354,11 +418,11 @@ def nnclr_positives(query_raw: Tensor, pool_raw: Tensor, k: int = 1, *,
         pool = F.normalize(pool_raw.float(), dim=1)
         out = []
         for q0 in range(0, queries.shape[0], chunk_size):
-            q = queries[q0:q0 + chunk_size]
+            q = queries[q0 : q0 + chunk_size]
             best = q.new_full((q.shape[0], 0), -math.inf)
             best_idx = torch.empty((q.shape[0], 0), dtype=torch.long, device=q.device)
             for p0 in range(0, pool.shape[0], chunk_size):
-                sims = q @ pool[p0:p0 + chunk_size].T
+                sims = q @ pool[p0 : p0 + chunk_size].T
                 values, idx = sims.topk(min(k, sims.shape[1]), dim=1)
                 merged = torch.cat([best, values], dim=1)
                 merged_idx = torch.cat([best_idx, idx + p0], dim=1)
@@ -372,6 +436,11 @@ def sample_neighbors(indices: Tensor, generator: torch.Generator | None = None) 
     """One of the k neighbours per row of :func:`nnclr_positives`, uniformly at random (n_q,)."""
     if not isinstance(indices, Tensor) or indices.dim() != 2 or indices.dtype != torch.long:
         raise TypeError("indices must be the (n_q, k) int64 tensor of nnclr_positives")
-    pick = torch.randint(0, indices.shape[1], (indices.shape[0], 1), generator=generator,
-                         device=generator.device if generator is not None else indices.device)
+    pick = torch.randint(
+        0,
+        indices.shape[1],
+        (indices.shape[0], 1),
+        generator=generator,
+        device=generator.device if generator is not None else indices.device,
+    )
     return indices.gather(1, pick.to(indices.device)).squeeze(1)

@@ -27,23 +27,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..data.spec import role_fields
 from .losses import DIVERGENCES, SigLIPLoss, divergence, s_clip_loss, structure_regularizer
 
 TEACHERS = ("procrustes", "cca", "contrastive")
 
 
 @dataclass(frozen=True)
+@role_fields("Tensor", roles=("paired", "unpaired"), required=("paired",))
 class Batch:
-    """One step's inputs (raw frozen-encoder features, on the training device).
+    """One step's inputs (raw frozen-encoder features, on the training device): the pairs and
+    the unpaired rows (fields as in :func:`~sotalign.data.spec.role_fields`).
 
     `teacher_*` are the stage-1 teacher's features of the unpaired rows; `neighbour_*` the
     NNCLR positives (paired captions of the unpaired images, paired images of the unpaired texts).
     """
 
-    paired_images: Tensor
-    paired_texts: Tensor
-    unpaired_images: Tensor | None = None
-    unpaired_texts: Tensor | None = None
     teacher_images: Tensor | None = None
     teacher_texts: Tensor | None = None
     neighbour_texts: Tensor | None = None
@@ -140,7 +139,9 @@ class TeacherDivergence(Recipe):
         if self.teacher not in TEACHERS:
             raise ValueError(f"unknown teacher {self.teacher!r}; expected one of {', '.join(TEACHERS)}")
         if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.divergence!r}; expected one of {', '.join(DIVERGENCES)}")
+            raise ValueError(
+                f"unknown divergence {self.divergence!r}; expected one of {', '.join(DIVERGENCES)}"
+            )
 
     @property
     def trains_heads(self):
@@ -165,7 +166,9 @@ def _registry() -> dict[str, Recipe]:
     }
     for teacher in TEACHERS:
         for name in DIVERGENCES:
-            methods[f"{teacher}+{name}"] = TeacherDivergence(f"{teacher}+{name}", teacher=teacher, divergence=name)
+            methods[f"{teacher}+{name}"] = TeacherDivergence(
+                f"{teacher}+{name}", teacher=teacher, divergence=name
+            )
     return methods
 
 
@@ -180,13 +183,24 @@ def get_method(name: str, **options) -> Recipe:
     fields = {f.name for f in dataclasses.fields(recipe)} - {"name"}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise TypeError(f"method {name!r} has no option(s) {', '.join(unknown)}"
-                        f" (options: {', '.join(sorted(fields)) or 'none'})")
+        raise TypeError(
+            f"method {name!r} has no option(s) {', '.join(unknown)}"
+            f" (options: {', '.join(sorted(fields)) or 'none'})"
+        )
     return dataclasses.replace(recipe, **options)
 
 
-def loss_terms(recipe: Recipe, batch: Batch, heads, losses: nn.ModuleDict, *, eps: float = 0.05,
-               eps_teacher: float = 0.01, n_iters: int = 100, backend: str = "auto") -> dict[str, Tensor]:
+def loss_terms(
+    recipe: Recipe,
+    batch: Batch,
+    heads,
+    losses: nn.ModuleDict,
+    *,
+    eps: float = 0.05,
+    eps_teacher: float = 0.01,
+    n_iters: int = 100,
+    backend: str = "auto",
+) -> dict[str, Tensor]:
     """The raw loss terms of one step of `recipe` (keys as in `recipe.weights`).
 
     `heads` is an :class:`AlignmentHeads`; `losses` the recipe's :meth:`Recipe.loss_modules`.
@@ -204,11 +218,19 @@ def loss_terms(recipe: Recipe, batch: Batch, heads, losses: nn.ModuleDict, *, ep
     if isinstance(recipe, TeacherDivergence):
         if recipe.divergence == "none":
             raise ValueError(f"method {recipe.name!r} is the stage-1 teacher alone: it trains no heads")
-        options = {"cka": {},
-                   "infonce": dict(eps_teacher=eps_teacher, temperature=eps),
-                   "klot": dict(eps=eps, eps_teacher=eps_teacher, n_iters=n_iters, backend=backend)}
-        terms[recipe.divergence] = divergence(recipe.divergence, u_img, u_txt, batch.teacher_images,
-                                              batch.teacher_texts, **options[recipe.divergence])
+        options = {
+            "cka": {},
+            "infonce": dict(eps_teacher=eps_teacher, temperature=eps),
+            "klot": dict(eps=eps, eps_teacher=eps_teacher, n_iters=n_iters, backend=backend),
+        }
+        terms[recipe.divergence] = divergence(
+            recipe.divergence,
+            u_img,
+            u_txt,
+            batch.teacher_images,
+            batch.teacher_texts,
+            **options[recipe.divergence],
+        )
     elif isinstance(recipe, Structure):
         raw_images, raw_texts, emb_images, emb_texts = batch.paired_images, batch.paired_texts, img, txt
         if recipe.semi:
@@ -216,12 +238,13 @@ def loss_terms(recipe: Recipe, batch: Batch, heads, losses: nn.ModuleDict, *, ep
             raw_texts = torch.cat([raw_texts, batch.unpaired_texts])
             emb_images, emb_texts = torch.cat([img, u_img]), torch.cat([txt, u_txt])
         options = dict(levels=recipe.levels, temperature=recipe.temperature)
-        terms["structure"] = (structure_regularizer(raw_images, emb_images, **options)
-                              + structure_regularizer(raw_texts, emb_texts, **options))
+        terms["structure"] = structure_regularizer(raw_images, emb_images, **options) + structure_regularizer(
+            raw_texts, emb_texts, **options
+        )
     elif isinstance(recipe, NNCLR):
         terms["nn_images"] = siglip(u_img, heads.embed_texts(batch.neighbour_texts))
         terms["nn_texts"] = siglip(heads.embed_images(batch.neighbour_images), u_txt)
     elif isinstance(recipe, SClip):
         options = dict(eps=recipe.eps, scale=1.0 / recipe.temperature, n_iters=n_iters, backend=backend)
-        terms["s_clip"] = (s_clip_loss(u_img, img, txt, **options) + s_clip_loss(u_txt, txt, img, **options))
+        terms["s_clip"] = s_clip_loss(u_img, img, txt, **options) + s_clip_loss(u_txt, txt, img, **options)
     return terms

@@ -27,8 +27,6 @@ import abc
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -40,8 +38,8 @@ from lion_pytorch import Lion
 from safetensors import SafetensorError
 from torch import Tensor
 
-from ..ot.validation import check_count, check_positive, check_real
-
+from ..ot.validation import as_matrix, check_count, check_positive, check_real
+from ..rundir import atomic_write
 from .losses import InfoNCELoss, SigLIPLoss
 
 TEACHER_NAMES = ("cca", "procrustes", "contrastive")
@@ -53,34 +51,14 @@ TENSOR_FILE = "teacher.safetensors"
 FIT_BLOCK_ROWS = 16384
 
 
-def _as_matrix(name: str, value, dtype: torch.dtype | None = torch.float64) -> Tensor:
-    """A 2-D, non-empty, finite real matrix (torch or numpy) as a detached ``dtype`` tensor
-    (``dtype=None`` keeps a floating dtype and turns integers into float64)."""
-    if isinstance(value, np.ndarray):
-        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
-            raise TypeError(f"{name} must hold real numbers, got numpy dtype {value.dtype}")
-        value = torch.from_numpy(np.ascontiguousarray(value))
-    elif not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
-    if value.dtype.is_complex or value.dtype == torch.bool:
-        raise TypeError(f"{name} must hold real numbers, got {value.dtype}")
-    if value.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows × features), got shape {tuple(value.shape)}")
-    if value.shape[0] == 0 or value.shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(value.shape)}")
-    if dtype is None:
-        dtype = value.dtype if value.dtype.is_floating_point else torch.float64
-    value = value.detach().to(dtype)
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return value
-
-
 def _as_pair(images, texts, dtype: torch.dtype | None = torch.float64) -> tuple[Tensor, Tensor]:
-    A, B = _as_matrix("images", images, dtype), _as_matrix("texts", texts, dtype)
+    """Pairs as matrices of ``dtype`` (None: :func:`~sotalign.ot.validation.compute_dtype`'s rule)."""
+    A = as_matrix("images", images, dtype, integers=True)
+    B = as_matrix("texts", texts, dtype, integers=True)
     if A.shape[0] != B.shape[0]:
-        raise ValueError(f"images and texts must have the same number of rows (pairs), "
-                         f"got {A.shape[0]} and {B.shape[0]}")
+        raise ValueError(
+            f"images and texts must have the same number of rows (pairs), got {A.shape[0]} and {B.shape[0]}"
+        )
     return A, B
 
 
@@ -112,8 +90,10 @@ class CovarianceAccumulator:
     def update(self, A: Tensor, B: Tensor) -> None:
         """Add a batch of pairs (float64 tensors of equal row count)."""
         if self.n and (A.shape[1] != self.mean_x.shape[0] or B.shape[1] != self.mean_y.shape[0]):
-            raise ValueError(f"batch dimensions ({A.shape[1]}, {B.shape[1]}) differ from the "
-                             f"first batch's ({self.mean_x.shape[0]}, {self.mean_y.shape[0]})")
+            raise ValueError(
+                f"batch dimensions ({A.shape[1]}, {B.shape[1]}) differ from the "
+                f"first batch's ({self.mean_x.shape[0]}, {self.mean_y.shape[0]})"
+            )
         n_b = A.shape[0]
         mean_x, mean_y = A.mean(0), B.mean(0)
         Ac, Bc = A - mean_x, B - mean_y
@@ -183,8 +163,9 @@ class Teacher(abc.ABC):
         if not self.fitted:
             raise RuntimeError(f"this {type(self).__name__} is not fitted; call fit() or load()")
 
-    def _set_maps(self, image_mean: Tensor, text_mean: Tensor, image_map: Tensor,
-                  text_map: Tensor, n_pairs: int) -> None:
+    def _set_maps(
+        self, image_mean: Tensor, text_mean: Tensor, image_map: Tensor, text_map: Tensor, n_pairs: int
+    ) -> None:
         # Contiguous, so a loaded teacher (contiguous by construction) reproduces it bit for bit.
         self.image_mean, self.text_mean = image_mean.contiguous(), text_mean.contiguous()
         self.image_map, self.text_map = image_map.contiguous(), text_map.contiguous()
@@ -197,11 +178,12 @@ class Teacher(abc.ABC):
 
     def _transform(self, X, name: str, mean: Tensor, W: Tensor) -> Tensor:
         self._require_fitted()
-        X = _as_matrix(name, X, torch.float32)
+        X = as_matrix(name, X, torch.float32, integers=True)
         device = X.device
         if X.shape[1] != W.shape[1]:
-            raise ValueError(f"{name} must have {W.shape[1]} features (the fitted dimension), "
-                             f"got {X.shape[1]}")
+            raise ValueError(
+                f"{name} must have {W.shape[1]} features (the fitted dimension), got {X.shape[1]}"
+            )
         X = self._prepare(X)
         return (X - mean.to(device, torch.float32)) @ W.to(device, torch.float32).T
 
@@ -225,16 +207,29 @@ class Teacher(abc.ABC):
         self._require_fitted()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"image_mean": self.image_mean, "text_mean": self.text_mean,
-                   "image_map": self.image_map, "text_map": self.text_map, **self.extra_tensors()}
+        tensors = {
+            "image_mean": self.image_mean,
+            "text_mean": self.text_mean,
+            "image_map": self.image_map,
+            "text_map": self.text_map,
+            **self.extra_tensors(),
+        }
         tensors = {k: v.detach().to("cpu", torch.float64).contiguous() for k, v in tensors.items()}
         blob = safetensors.torch.save(tensors)
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name,
-                "options": self.options(), "image_dim": self.image_dim,
-                "text_dim": self.text_dim, "out_dim": self.out_dim, "n_pairs": self.n_pairs,
-                "tensors": sorted(tensors), "sha256": hashlib.sha256(blob).hexdigest()}
-        _atomic_write(directory / TENSOR_FILE, blob)
-        _atomic_write(directory / JSON_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "options": self.options(),
+            "image_dim": self.image_dim,
+            "text_dim": self.text_dim,
+            "out_dim": self.out_dim,
+            "n_pairs": self.n_pairs,
+            "tensors": sorted(tensors),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+        }
+        atomic_write(directory / TENSOR_FILE, blob)
+        atomic_write(directory / JSON_FILE, (json.dumps(meta, indent=2) + "\n").encode())
 
     @staticmethod
     def load(directory) -> "Teacher":
@@ -246,24 +241,33 @@ class Teacher(abc.ABC):
             raise FileNotFoundError(f"teacher tensor file {tensor_path} not found")
         blob = tensor_path.read_bytes()
         if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-            raise ValueError(f"{tensor_path} does not match {json_path}: SHA-256 differs "
-                             "(modified, truncated, or from another save)")
+            raise ValueError(
+                f"{tensor_path} does not match {json_path}: SHA-256 differs "
+                "(modified, truncated, or from another save)"
+            )
         try:
             tensors = safetensors.torch.load(blob)
         except SafetensorError as error:
             raise ValueError(f"{tensor_path} is not a valid safetensors file: {error}") from None
         if sorted(tensors) != meta["tensors"]:
-            raise ValueError(f"{tensor_path} holds tensors {sorted(tensors)}, but {json_path} "
-                             f"lists {meta['tensors']}")
+            raise ValueError(
+                f"{tensor_path} holds tensors {sorted(tensors)}, but {json_path} lists {meta['tensors']}"
+            )
         d_x, d_y, d_out = meta["image_dim"], meta["text_dim"], meta["out_dim"]
-        expected = {"image_mean": (d_x,), "text_mean": (d_y,), "image_map": (d_out, d_x),
-                    "text_map": (d_out, d_y)}
+        expected = {
+            "image_mean": (d_x,),
+            "text_mean": (d_y,),
+            "image_map": (d_out, d_x),
+            "text_map": (d_out, d_y),
+        }
         for key, shape in expected.items():
             if key not in tensors:
                 raise ValueError(f"{tensor_path} lacks the tensor {key!r}")
             if tuple(tensors[key].shape) != shape:
-                raise ValueError(f"{tensor_path}: {key} has shape {tuple(tensors[key].shape)}, "
-                                 f"expected {shape} from {json_path}")
+                raise ValueError(
+                    f"{tensor_path}: {key} has shape {tuple(tensors[key].shape)}, "
+                    f"expected {shape} from {json_path}"
+                )
         for key, value in tensors.items():
             if not value.dtype.is_floating_point or not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{tensor_path}: tensor {key!r} is not finite floating point")
@@ -272,8 +276,13 @@ class Teacher(abc.ABC):
             teacher = cls(**meta["options"])
         except (TypeError, ValueError) as error:
             raise ValueError(f"{json_path}: invalid options for {meta['name']!r}: {error}") from None
-        teacher._set_maps(tensors.pop("image_mean"), tensors.pop("text_mean"),
-                          tensors.pop("image_map"), tensors.pop("text_map"), meta["n_pairs"])
+        teacher._set_maps(
+            tensors.pop("image_mean"),
+            tensors.pop("text_mean"),
+            tensors.pop("image_map"),
+            tensors.pop("text_map"),
+            meta["n_pairs"],
+        )
         teacher._load_extras(tensors)
         return teacher
 
@@ -286,19 +295,6 @@ class Teacher(abc.ABC):
         return f"{type(self).__name__}({opts}{dims})"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _read_meta(json_path: Path) -> dict:
     if not json_path.is_file():
         raise FileNotFoundError(f"teacher file {json_path} not found")
@@ -309,11 +305,14 @@ def _read_meta(json_path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{json_path} is not a sotalign teacher file (format {FORMAT!r} expected)")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{json_path} has format version {meta.get('format_version')!r}; "
-                         f"this sotalign reads version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{json_path} has format version {meta.get('format_version')!r}; "
+            f"this sotalign reads version {FORMAT_VERSION}"
+        )
     if meta.get("name") not in _REGISTRY:
-        raise ValueError(f"{json_path}: unknown teacher name {meta.get('name')!r}; "
-                         f"expected one of {TEACHER_NAMES}")
+        raise ValueError(
+            f"{json_path}: unknown teacher name {meta.get('name')!r}; expected one of {TEACHER_NAMES}"
+        )
     for key in ("image_dim", "text_dim", "out_dim", "n_pairs"):
         value = meta.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -332,8 +331,10 @@ class _StreamedTeacher(Teacher):
 
     def fit(self, images, texts) -> "Teacher":
         A, B = _as_pair(images, texts, None)
-        return self.fit_stream((A[i:i + FIT_BLOCK_ROWS], B[i:i + FIT_BLOCK_ROWS])
-                               for i in range(0, A.shape[0], FIT_BLOCK_ROWS))
+        return self.fit_stream(
+            (A[i : i + FIT_BLOCK_ROWS], B[i : i + FIT_BLOCK_ROWS])
+            for i in range(0, A.shape[0], FIT_BLOCK_ROWS)
+        )
 
     def fit_stream(self, batches: Iterable[tuple]) -> "Teacher":
         """Fit from an iterable of ``(images_batch, texts_batch)`` pairs in one pass.
@@ -345,8 +346,7 @@ class _StreamedTeacher(Teacher):
         accumulator = CovarianceAccumulator(cross_only=self.cross_only)
         for index, batch in enumerate(batches):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError(f"batch {index} must be an (images, texts) pair, "
-                                f"got {type(batch).__name__}")
+                raise TypeError(f"batch {index} must be an (images, texts) pair, got {type(batch).__name__}")
             A, B = _as_pair(*batch)
             accumulator.update(self._prepare(A), self._prepare(B))
         if accumulator.n == 0:
@@ -405,8 +405,7 @@ class CCATeacher(_StreamedTeacher):
 
     name = "cca"
 
-    def __init__(self, out_dim: int | None = None, reg: float = 0.1,
-                 normalize_inputs: bool = False):
+    def __init__(self, out_dim: int | None = None, reg: float = 0.1, normalize_inputs: bool = False):
         super().__init__(out_dim)
         if check_real("reg", reg) < 0:
             raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
@@ -415,8 +414,7 @@ class CCATeacher(_StreamedTeacher):
         self.correlations: Tensor | None = None
 
     def options(self) -> dict:
-        return {"out_dim": self.requested_out_dim, "reg": self.reg,
-                "normalize_inputs": self.normalize_inputs}
+        return {"out_dim": self.requested_out_dim, "reg": self.reg, "normalize_inputs": self.normalize_inputs}
 
     def _solve(self, acc: CovarianceAccumulator) -> None:
         d_x, d_y = acc.mean_x.shape[0], acc.mean_y.shape[0]
@@ -494,9 +492,17 @@ class ContrastiveTeacher(Teacher):
     LOSSES = ("siglip", "infonce")
     OPTIMIZERS = ("adam", "lion")
 
-    def __init__(self, out_dim: int = 512, loss: str = "siglip", steps: int = 2000,
-                 lr: float = 1e-3, batch_size: int | None = None, seed: int = 0,
-                 optimizer: str = "adam", weight_decay: float = 0.0):
+    def __init__(
+        self,
+        out_dim: int = 512,
+        loss: str = "siglip",
+        steps: int = 2000,
+        lr: float = 1e-3,
+        batch_size: int | None = None,
+        seed: int = 0,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+    ):
         if out_dim is None:
             raise ValueError("ContrastiveTeacher needs an explicit out_dim")
         super().__init__(out_dim)
@@ -515,9 +521,16 @@ class ContrastiveTeacher(Teacher):
         self.loss_history: list[float] = []
 
     def options(self) -> dict:
-        return {"out_dim": self.out_dim, "loss": self.loss, "steps": self.steps, "lr": self.lr,
-                "batch_size": self.batch_size, "seed": self.seed, "optimizer": self.optimizer,
-                "weight_decay": self.weight_decay}
+        return {
+            "out_dim": self.out_dim,
+            "loss": self.loss,
+            "steps": self.steps,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "optimizer": self.optimizer,
+            "weight_decay": self.weight_decay,
+        }
 
     def fit(self, images, texts) -> "ContrastiveTeacher":
         device = images.device if isinstance(images, Tensor) else torch.device("cpu")
@@ -550,13 +563,21 @@ class ContrastiveTeacher(Teacher):
             value.backward()
             opt.step()
             self.loss_history.append(float(value.detach()))
-        self._set_maps(torch.zeros(d_x, dtype=torch.float64), torch.zeros(d_y, dtype=torch.float64),
-                       W_x.detach().cpu().double(), W_y.detach().cpu().double(), n)
+        self._set_maps(
+            torch.zeros(d_x, dtype=torch.float64),
+            torch.zeros(d_y, dtype=torch.float64),
+            W_x.detach().cpu().double(),
+            W_y.detach().cpu().double(),
+            n,
+        )
         return self
 
 
-_REGISTRY: dict[str, type[Teacher]] = {"cca": CCATeacher, "procrustes": ProcrustesTeacher,
-                                       "contrastive": ContrastiveTeacher}
+_REGISTRY: dict[str, type[Teacher]] = {
+    "cca": CCATeacher,
+    "procrustes": ProcrustesTeacher,
+    "contrastive": ContrastiveTeacher,
+}
 
 
 def make_teacher(name: str, **options) -> Teacher:

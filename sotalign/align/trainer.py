@@ -15,12 +15,8 @@ are written atomically, so `resume=True` continues a killed run to bitwise the s
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,129 +25,57 @@ from lion_pytorch import Lion
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..data import BatchSampler, EmbeddingStore, check_aligned, make_split, open_store
+from ..data import AlignmentData, BatchSampler, Rows
+from ..data.views import READ_ROWS
 from ..eval import retrieval_metrics
-from ..model import AlignedModel, atomic_write_bytes, read_json, write_json
-from .config import ConfigError, DataSpec, TrainConfig, config_dict
+from ..rundir import (
+    CHECKPOINT,
+    CONFIG_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    TEACHER_DIR,
+    append_line,
+    load_checkpoint,
+    read_json,
+    read_log,
+    rewrite_log,
+    save_checkpoint,
+    write_json,
+)
+from .config import ConfigError, TrainConfig, config_dict
 from .heads import AlignmentHeads
 from .losses import nnclr_positives, sample_neighbors
 from .methods import Batch, Recipe, loss_terms
+from .model import AlignedModel
+from .teachers import JSON_FILE as TEACHER_JSON
 from .teachers import Teacher, make_teacher
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
-READ_ROWS = 65536  # rows read at once when a whole pool is needed (NNCLR neighbours, stage 1)
-
-
-# ----------------------------------------------------------------------------- data
-
-@dataclass(frozen=True)
-class Rows:
-    """Some rows of an embedding store: row p of this view is `store` row `indices[p]`."""
-
-    store: EmbeddingStore
-    indices: np.ndarray
-
-    @classmethod
-    def whole(cls, store: EmbeddingStore) -> "Rows":
-        return cls(store, np.arange(len(store), dtype=np.int64))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    @property
-    def dim(self) -> int:
-        return self.store.dim
-
-    def get(self, positions) -> torch.Tensor:
-        return self.store.rows(self.indices[np.asarray(positions)])
-
-    def all(self) -> torch.Tensor:
-        return torch.cat([self.get(np.arange(s, min(s + READ_ROWS, len(self))))
-                          for s in range(0, len(self), READ_ROWS)])
-
-
-@dataclass(frozen=True)
-class AlignmentData:
-    """Paired, unpaired, validation and test rows of a run, and the spec they came from."""
-
-    paired_images: Rows
-    paired_texts: Rows
-    unpaired_images: Rows | None = None
-    unpaired_texts: Rows | None = None
-    val_images: Rows | None = None
-    val_texts: Rows | None = None
-    test_images: Rows | None = None
-    test_texts: Rows | None = None
-    spec: DataSpec | None = None
-
-    def __post_init__(self):
-        for modality, dim in (("images", self.paired_images.dim), ("texts", self.paired_texts.dim)):
-            for role in ("unpaired", "val", "test"):
-                rows = getattr(self, f"{role}_{modality}")
-                if rows is not None and rows.dim != dim:
-                    raise ValueError(f"{rows.store.path}: {role} {modality} have dimension {rows.dim}, "
-                                     f"but the paired {modality} ({getattr(self, f'paired_{modality}').store.path}) "
-                                     f"have {dim}")
-        for role in ("paired", "val", "test"):
-            images, texts = getattr(self, f"{role}_images"), getattr(self, f"{role}_texts")
-            if images is not None and len(images) != len(texts):
-                raise ValueError(f"{role} stores are not aligned: {images.store.path} gives {len(images)} rows, "
-                                 f"{texts.store.path} gives {len(texts)}")
-        if len(self.paired_images) < 2:
-            raise ValueError(f"{self.paired_images.store.path}: need at least 2 pairs, got {len(self.paired_images)}")
-
-    @property
-    def image_dim(self) -> int:
-        return self.paired_images.dim
-
-    @property
-    def text_dim(self) -> int:
-        return self.paired_texts.dim
-
-    def sizes(self) -> dict[str, int]:
-        return {f"{role}_{m}": len(getattr(self, f"{role}_{m}")) for role in ("paired", "unpaired", "val", "test")
-                for m in ("images", "texts") if getattr(self, f"{role}_{m}") is not None}
-
-    @classmethod
-    def from_spec(cls, spec: DataSpec) -> "AlignmentData":
-        """Open the stores of `spec` (lazily) and split an aligned dataset into its roles."""
-        if not spec.aligned:
-            def pair(role):
-                images, texts = getattr(spec, f"{role}_images"), getattr(spec, f"{role}_texts")
-                if images is None:
-                    return None, None
-                return Rows.whole(open_store(images, key=spec.key)), Rows.whole(open_store(texts, key=spec.key))
-
-            (pi, pt), (ui, ut), (vi, vt), (ti, tt) = (pair(r) for r in ("paired", "unpaired", "val", "test"))
-            return cls(pi, pt, ui, ut, vi, vt, ti, tt, spec=spec)
-        images, texts = open_store(spec.images, key=spec.key), open_store(spec.texts, key=spec.key)
-        check_aligned(images, texts)
-        held_out = spec.n_val + spec.n_test
-        split = make_split(len(images), spec.n_pairs, held_out, n_unpaired=spec.n_unpaired, seed=spec.split_seed)
-        # make_split returns sorted rows; shuffle before cutting validation from test so that
-        # neither is biased towards one end of the store.
-        order = np.random.default_rng([spec.split_seed, 4]).permutation(split.val)
-        val, test = np.sort(order[:spec.n_val]), np.sort(order[spec.n_val:])
-
-        def rows(store, indices):
-            return Rows(store, indices) if len(indices) else None
-
-        return cls(Rows(images, split.paired), Rows(texts, split.paired),
-                   rows(images, split.unpaired_images), rows(texts, split.unpaired_texts),
-                   rows(images, val), rows(texts, val), rows(images, test), rows(texts, test), spec=spec)
-
-
 # ----------------------------------------------------------------------------- batches
+
 
 class BatchSource:
     """The inputs of step t: pairs, unpaired images and unpaired texts drawn independently."""
 
-    def __init__(self, recipe: Recipe, config: TrainConfig, data: AlignmentData, teacher: Teacher | None,
-                 device: torch.device):
-        self.recipe, self.data, self.teacher, self.device, self.seed = recipe, data, teacher, device, config.seed
+    def __init__(
+        self,
+        recipe: Recipe,
+        config: TrainConfig,
+        data: AlignmentData,
+        teacher: Teacher | None,
+        device: torch.device,
+    ):
+        self.recipe, self.data, self.teacher, self.device, self.seed = (
+            recipe,
+            data,
+            teacher,
+            device,
+            config.seed,
+        )
 
         def sampler(rows: Rows, batch_size: int, stream: str) -> BatchSampler:
-            return BatchSampler(np.arange(len(rows)), min(batch_size, len(rows)), seed=config.seed, stream=stream)
+            return BatchSampler(
+                np.arange(len(rows)), min(batch_size, len(rows)), seed=config.seed, stream=stream
+            )
 
         self.paired = sampler(data.paired_images, config.paired_batch_size, "paired")
         if "unpaired" in recipe.needs:
@@ -165,9 +89,16 @@ class BatchSource:
 
     def _neighbours(self, queries: Rows, pool: Rows) -> torch.Tensor:
         pool_features = pool.all()
-        return torch.cat([nnclr_positives(queries.get(np.arange(s, min(s + READ_ROWS, len(queries)))),
-                                          pool_features, k=self.recipe.k)
-                          for s in range(0, len(queries), READ_ROWS)])
+        return torch.cat(
+            [
+                nnclr_positives(
+                    queries.get(np.arange(s, min(s + READ_ROWS, len(queries)))),
+                    pool_features,
+                    k=self.recipe.k,
+                )
+                for s in range(0, len(queries), READ_ROWS)
+            ]
+        )
 
     def _to(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, non_blocking=True)
@@ -175,10 +106,16 @@ class BatchSource:
     def batch(self, step: int) -> Batch:
         data, parts = self.data, {}
         pairs = self.paired.batch(step)
-        parts["paired_images"], parts["paired_texts"] = data.paired_images.get(pairs), data.paired_texts.get(pairs)
+        parts["paired_images"], parts["paired_texts"] = (
+            data.paired_images.get(pairs),
+            data.paired_texts.get(pairs),
+        )
         if "unpaired" in self.recipe.needs:
             images, texts = self.images.batch(step), self.texts.batch(step)
-            parts["unpaired_images"], parts["unpaired_texts"] = data.unpaired_images.get(images), data.unpaired_texts.get(texts)
+            parts["unpaired_images"], parts["unpaired_texts"] = (
+                data.unpaired_images.get(images),
+                data.unpaired_texts.get(texts),
+            )
         if "teacher" in self.recipe.needs:
             parts["teacher_images"] = self.teacher.transform_images(parts["unpaired_images"])
             parts["teacher_texts"] = self.teacher.transform_texts(parts["unpaired_texts"])
@@ -194,6 +131,7 @@ class BatchSource:
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,10 +142,12 @@ def resolve_device(name: str) -> torch.device:
 
 def cosine_schedule(warmup_steps: int, steps: int):
     """LR factor of step t: linear warm-up over `warmup_steps`, then ½(1 + cos(π·progress))."""
+
     def factor(t: int) -> float:
         if t < warmup_steps:
             return (t + 1) / warmup_steps
         return 0.5 * (1.0 + math.cos(math.pi * (t - warmup_steps) / (steps - warmup_steps)))
+
     return factor
 
 
@@ -222,36 +162,25 @@ def _clone(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, device: torch.device) -> dict:
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # torch raises many types for a corrupt file; all mean the same
-        raise ValueError(f"{path}: cannot read the checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
-
-
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, data: AlignmentData, resume: bool) -> None:
     """Create the run directory and record its configuration; on resume, insist it is the same."""
     stored = config_dict(config, data.spec)
-    config_path = run_dir / "config.json"
+    config_path = run_dir / CONFIG_FILE
     if resume:
         if not config_path.exists():
             raise ValueError(f"{config_path}: no such file; nothing to resume in {run_dir}")
         previous = read_json(config_path)
         changed = sorted(k for k in set(previous) | set(stored) if previous.get(k) != stored.get(k))
         if changed:
-            raise ConfigError(f"{config_path}: --resume needs the same configuration; changed: {', '.join(changed)}")
+            raise ConfigError(
+                f"{config_path}: --resume needs the same configuration; changed: {', '.join(changed)}"
+            )
         return
     if (run_dir / CHECKPOINT).exists() or config_path.exists():
-        raise ValueError(f"{run_dir} already holds a run ({config_path.name}); pass resume=True / --resume "
-                         "to continue it, or choose a new directory")
+        raise ValueError(
+            f"{run_dir} already holds a run ({config_path.name}); pass resume=True / --resume "
+            "to continue it, or choose a new directory"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(config_path, stored)
 
@@ -261,8 +190,8 @@ def _stage1(recipe: Recipe, config: TrainConfig, data: AlignmentData, run_dir: P
     fresh and a resumed run use bit-identical teacher maps."""
     if recipe.teacher is None:
         return None
-    teacher_dir = run_dir / "teacher"
-    if not (teacher_dir / "teacher.json").exists():
+    teacher_dir = run_dir / TEACHER_DIR
+    if not (teacher_dir / TEACHER_JSON).exists():
         teacher = make_teacher(recipe.teacher, **config.teacher_options)
         teacher.fit(data.paired_images.all(), data.paired_texts.all())
         teacher.save(teacher_dir)
@@ -271,30 +200,36 @@ def _stage1(recipe: Recipe, config: TrainConfig, data: AlignmentData, run_dir: P
 
 def _check_data(recipe: Recipe, data: AlignmentData) -> None:
     if "unpaired" in recipe.needs and (data.unpaired_images is None or data.unpaired_texts is None):
-        raise ValueError(f"method {recipe.name!r} needs unpaired images and texts "
-                         "(give --unpaired-images/--unpaired-texts, or an aligned dataset with rows to spare)")
+        raise ValueError(
+            f"method {recipe.name!r} needs unpaired images and texts "
+            "(give --unpaired-images/--unpaired-texts, or an aligned dataset with rows to spare)"
+        )
 
 
 def _finish(run_dir: Path, model: AlignedModel, data: AlignmentData, best_step: int | None, seconds: float):
     model.save_heads(run_dir)
-    metrics = {"method": model.method, "best_step": best_step, "seconds": round(seconds, 3),
-               "val": evaluate(model, data.val_images, data.val_texts),
-               "test": evaluate(model, data.test_images, data.test_texts)}
-    write_json(run_dir / "metrics.json", metrics)
-
-
-def _restart_log(path: Path, step: int) -> None:
-    """Keep the log lines up to the checkpointed step (later ones will be written again)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    metrics = {
+        "method": model.method,
+        "best_step": best_step,
+        "seconds": round(seconds, 3),
+        "val": evaluate(model, data.val_images, data.val_texts),
+        "test": evaluate(model, data.test_images, data.test_texts),
+    }
+    write_json(run_dir / METRICS_FILE, metrics)
 
 
 # ----------------------------------------------------------------------------- fit
 
-def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = False, progress: bool = True,
-        on_step=None) -> AlignedModel:
+
+def fit(
+    config: TrainConfig,
+    data: AlignmentData,
+    run_dir,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step=None,
+) -> AlignedModel:
     """Train `config.method` on `data`, writing the run directory; returns the selected model.
 
     `resume=True` continues the run recorded in `run_dir/config.json` (the configuration must
@@ -316,21 +251,25 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
         return model
 
     torch.manual_seed(config.seed)  # the heads' initialisation; everything else is seeded statelessly
-    heads = AlignmentHeads(data.image_dim, data.text_dim, config.out_dim, config.head_kind,
-                           config.head_hidden_dim).to(device)
+    heads = AlignmentHeads(
+        data.image_dim, data.text_dim, config.out_dim, config.head_kind, config.head_hidden_dim
+    ).to(device)
     losses = recipe.loss_modules().to(device)
     weights = recipe.weights(config.alpha)
-    optimizer = Lion([*heads.parameters(), *losses.parameters()], lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = Lion(
+        [*heads.parameters(), *losses.parameters()], lr=config.lr, weight_decay=config.weight_decay
+    )
     scheduler = LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
     batches = BatchSource(recipe, config, data, teacher, device)
     model = AlignedModel(heads=heads, teacher=teacher, method=recipe.name)
-    divergence_options = dict(eps=config.eps, eps_teacher=config.eps_teacher, n_iters=config.n_iters,
-                              backend=config.backend)
+    divergence_options = dict(
+        eps=config.eps, eps_teacher=config.eps_teacher, n_iters=config.n_iters, backend=config.backend
+    )
 
     start, best = 0, {"step": None, "metric": -math.inf, "heads": None, "losses": None}
-    checkpoint_path, log_path = run_dir / CHECKPOINT, run_dir / "log.jsonl"
+    checkpoint_path, log_path = run_dir / CHECKPOINT, run_dir / LOG_FILE
     if resume and checkpoint_path.exists():
-        state = _load_checkpoint(checkpoint_path, device)
+        state = load_checkpoint(checkpoint_path, device)
         heads.load_state_dict(state["heads"])
         losses.load_state_dict(state["losses"])
         optimizer.load_state_dict(state["optimizer"])
@@ -339,12 +278,20 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start, best = state["step"], state["best"]
-    _restart_log(log_path, start)
+    if log_path.exists():
+        rewrite_log(log_path, read_log(log_path, start))
 
-    bar = Progress(TextColumn(f"[bold]{recipe.name}[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"),
-                   disable=not progress, transient=False)
-    with bar, log_path.open("a") as log:
+    bar = Progress(
+        TextColumn(f"[bold]{recipe.name}[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        disable=not progress,
+        transient=False,
+    )
+    with bar:
         task = bar.add_task("", total=config.steps, completed=start)
         for step in range(start, config.steps):
             terms = loss_terms(recipe, batches.batch(step), heads, losses, **divergence_options)
@@ -355,79 +302,55 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
             scheduler.step()
 
             done = step + 1
-            record = {"step": done, "lr": scheduler.get_last_lr()[0], "loss": float(loss.detach()),
-                      **{name: float(value.detach()) for name, value in terms.items()}}
+            record = {
+                "step": done,
+                "lr": scheduler.get_last_lr()[0],
+                "loss": float(loss.detach()),
+                **{name: float(value.detach()) for name, value in terms.items()},
+            }
             if data.val_images is not None and (done % config.eval_every == 0 or done == config.steps):
                 record["val"] = evaluate(model, data.val_images, data.val_texts)
                 if record["val"]["mean_R@1"] > best["metric"]:
-                    best = {"step": done, "metric": record["val"]["mean_R@1"],
-                            "heads": _clone(heads.state_dict()), "losses": _clone(losses.state_dict())}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                _save_checkpoint(checkpoint_path, {
-                    "step": done, "heads": heads.state_dict(), "losses": losses.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
-                    "best": best})
-            bar.update(task, completed=done, description=" ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "val")))
+                    best = {
+                        "step": done,
+                        "metric": record["val"]["mean_R@1"],
+                        "heads": _clone(heads.state_dict()),
+                        "losses": _clone(losses.state_dict()),
+                    }
+            checkpoint = done % config.checkpoint_every == 0 or done == config.steps
+            append_line(log_path, record, durable=checkpoint)
+            if checkpoint:
+                save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "step": done,
+                        "heads": heads.state_dict(),
+                        "losses": losses.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device)
+                        if device.type == "cuda"
+                        else torch.zeros(0),
+                        "best": best,
+                    },
+                )
+            bar.update(
+                task,
+                completed=done,
+                description=" ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "val")),
+            )
             if on_step is not None:
                 on_step(done)
 
     if best["heads"] is not None:  # model selection on the validation split
         heads.load_state_dict(best["heads"])
         losses.load_state_dict(best["losses"])
-    _finish(run_dir, model, data, best["step"] if best["heads"] is not None else config.steps,
-            time.perf_counter() - started)
+    _finish(
+        run_dir,
+        model,
+        data,
+        best["step"] if best["heads"] is not None else config.steps,
+        time.perf_counter() - started,
+    )
     return model
-
-
-# ----------------------------------------------------------------------------- compare
-
-def compare(config: TrainConfig, spec: DataSpec, methods: list[str], seeds: list[int], out_dir, *,
-            progress: bool = True) -> dict:
-    """Train each method for each seed on the same data; summarise held-out mean R@1.
-
-    Seed s sets both the training seed and, for an aligned dataset, the split (which pairs
-    are kept), so every method sees the same rows for a given seed. The score is the test
-    split's mean R@1 when there is one, else the validation split's. Finished runs under
-    `out_dir/<method>/seed<s>` are reused (their checkpoints resume), so a killed comparison
-    can be restarted. Writes `out_dir/compare.json` and `out_dir/compare.md`.
-    """
-    out_dir = Path(out_dir)
-    runs = []
-    for seed in seeds:
-        seed_spec = dataclasses.replace(spec, split_seed=seed) if spec.aligned else spec
-        data = AlignmentData.from_spec(seed_spec)
-        for method in methods:
-            run_config = dataclasses.replace(config, method=method, seed=seed,
-                                             method_options=config.method_options if method == config.method else {})
-            run_dir = out_dir / method / f"seed{seed}"
-            fit(run_config, data, run_dir, resume=(run_dir / "config.json").exists(), progress=progress)
-            metrics = read_json(run_dir / "metrics.json")
-            split = "test" if metrics["test"] is not None else "val"
-            runs.append({"method": method, "seed": seed, "split": split, "best_step": metrics["best_step"],
-                         "seconds": metrics["seconds"], **(metrics[split] or {})})
-    summary = {}
-    for method in methods:
-        scores = [r["mean_R@1"] for r in runs if r["method"] == method and "mean_R@1" in r]
-        summary[method] = {"mean_R@1": float(np.mean(scores)) if scores else None,
-                           "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
-                           "n": len(scores)}
-    result = {"config": config_dict(config, spec), "methods": methods, "seeds": seeds,
-              "runs": runs, "summary": summary}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "compare.json", result)
-    atomic_write_bytes(out_dir / "compare.md", comparison_markdown(result).encode())
-    return result
-
-
-def comparison_markdown(result: dict) -> str:
-    """A Markdown table of mean R@1 ± std (over seeds) per method."""
-    split = result["runs"][0]["split"] if result["runs"] else "val"
-    lines = [f"| method | {split} mean R@1 (%) | seeds |", "|---|---:|---:|"]
-    for method, s in result["summary"].items():
-        lines.append(f"| {method} | {s['mean_R@1']:.2f} ± {s['std']:.2f} | {s['n']} |")
-    return "\n".join(lines) + "\n"

@@ -25,8 +25,9 @@ def load_text_encoder(spec: str) -> Callable[[list[str]], np.ndarray]:
         raise TypeError(f"text encoder spec must be a str, got {type(spec).__name__}")
     scheme, sep, target = spec.partition(":")
     if not sep or scheme not in SCHEMES or not target:
-        raise ValueError(f"unknown text encoder {spec!r}; expected one of "
-                         + ", ".join(f"'{s}:<...>'" for s in SCHEMES))
+        raise ValueError(
+            f"unknown text encoder {spec!r}; expected one of " + ", ".join(f"'{s}:<...>'" for s in SCHEMES)
+        )
     if scheme == "platonic":
         return load_platonic_encoder(target)
     return _sentence_transformer(target)
@@ -36,8 +37,10 @@ def _sentence_transformer(name: str) -> Callable[[list[str]], np.ndarray]:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise ImportError(f"text encoder 'sentence-transformers:{name}' needs the sentence-transformers "
-                          "package: pip install sentence-transformers") from None
+        raise ImportError(
+            f"text encoder 'sentence-transformers:{name}' needs the sentence-transformers "
+            "package: pip install sentence-transformers"
+        ) from None
     expanded = os.path.expanduser(name)
     if name.startswith(("/", "./", "../", "~")) and not os.path.exists(expanded):
         raise FileNotFoundError(f"{name}: no such sentence-transformers model directory")

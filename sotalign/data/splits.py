@@ -29,8 +29,16 @@ class Split:
     val: np.ndarray
 
 
-def make_split(n_total: int, n_pairs: int, n_val: int, *, n_unpaired: int | None = None,
-               overlap: bool = False, disjoint_unpaired: bool = False, seed: int = 0) -> Split:
+def make_split(
+    n_total: int,
+    n_pairs: int,
+    n_val: int,
+    *,
+    n_unpaired: int | None = None,
+    overlap: bool = False,
+    disjoint_unpaired: bool = False,
+    seed: int = 0,
+) -> Split:
     """Split N aligned rows into pairs, unpaired image/text pools and a validation set.
 
     1. A random permutation of the N rows (seeded by `seed`): the first `n_val` rows are `val`,
@@ -52,12 +60,12 @@ def make_split(n_total: int, n_pairs: int, n_val: int, *, n_unpaired: int | None
         raise ValueError(f"n_val + n_pairs = {n_val} + {n_pairs} exceeds n_total = {n_total}")
     rng = np.random.default_rng([seed, 0])
     perm = rng.permutation(n_total)
-    val, paired = perm[:n_val], perm[n_val:n_val + n_pairs]
-    pool = perm[n_val:] if overlap else perm[n_val + n_pairs:]
+    val, paired = perm[:n_val], perm[n_val : n_val + n_pairs]
+    pool = perm[n_val:] if overlap else perm[n_val + n_pairs :]
     if disjoint_unpaired:
         shuffled = np.random.default_rng([seed, 1]).permutation(pool)
         half = len(pool) // 2
-        image_pool, text_pool = shuffled[:half], shuffled[half:2 * half]
+        image_pool, text_pool = shuffled[:half], shuffled[half : 2 * half]
     else:
         image_pool = text_pool = pool
     available = len(image_pool)
@@ -65,10 +73,13 @@ def make_split(n_total: int, n_pairs: int, n_val: int, *, n_unpaired: int | None
         n_unpaired = available
     n_unpaired = check_count("n_unpaired", n_unpaired, 0)
     if n_unpaired > available:
-        raise ValueError(f"n_unpaired = {n_unpaired} but only {available} rows are available per modality "
-                         f"(n_total {n_total} − n_val {n_val}"
-                         + ("" if overlap else f" − n_pairs {n_pairs}")
-                         + (", halved by disjoint_unpaired" if disjoint_unpaired else "") + ")")
+        raise ValueError(
+            f"n_unpaired = {n_unpaired} but only {available} rows are available per modality "
+            f"(n_total {n_total} − n_val {n_val}"
+            + ("" if overlap else f" − n_pairs {n_pairs}")
+            + (", halved by disjoint_unpaired" if disjoint_unpaired else "")
+            + ")"
+        )
     images = np.random.default_rng([seed, 2]).choice(image_pool, size=n_unpaired, replace=False)
     texts = np.random.default_rng([seed, 3]).choice(text_pool, size=n_unpaired, replace=False)
 
@@ -104,8 +115,10 @@ class BatchSampler:
     def __init__(self, indices, batch_size: int, *, seed: int, stream: str):
         self.indices = np.asarray(indices)
         if self.indices.ndim != 1 or (self.indices.size and self.indices.dtype.kind not in "iu"):
-            raise ValueError(f"indices must be a 1-D integer array, got shape {self.indices.shape} "
-                             f"and dtype {self.indices.dtype}")
+            raise ValueError(
+                f"indices must be a 1-D integer array, got shape {self.indices.shape} "
+                f"and dtype {self.indices.dtype}"
+            )
         self.indices = self.indices.astype(np.int64, copy=False)
         self.batch_size = check_count("batch_size", batch_size)
         self.seed = check_count("seed", seed, 0)
@@ -114,8 +127,10 @@ class BatchSampler:
         self.stream = stream
         n = len(self.indices)
         if self.batch_size > n:
-            raise ValueError(f"batch_size {self.batch_size} exceeds the {n} indices of stream {stream!r}; "
-                             f"use batch_size=min(batch_size, {n})")
+            raise ValueError(
+                f"batch_size {self.batch_size} exceeds the {n} indices of stream {stream!r}; "
+                f"use batch_size=min(batch_size, {n})"
+            )
         self.batches_per_epoch = n // self.batch_size
         self._cached: tuple[int, np.ndarray] | None = None
 
@@ -133,4 +148,4 @@ class BatchSampler:
         """The int64 row indices of step `step` (see the class docstring for the rule)."""
         epoch = self.epoch(step)
         b = step % self.batches_per_epoch
-        return self.indices[self.permutation(epoch)[b * self.batch_size:(b + 1) * self.batch_size]]
+        return self.indices[self.permutation(epoch)[b * self.batch_size : (b + 1) * self.batch_size]]

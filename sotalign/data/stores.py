@@ -26,13 +26,14 @@ import glob as globlib
 import json
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Union
 
 import numpy as np
 import torch
+
+from ..rundir import atomic_output
 
 SUFFIXES = (".npy", ".safetensors", ".h5", ".hdf5")
 PathLike = Union[str, os.PathLike]
@@ -112,7 +113,9 @@ class NpyStore(EmbeddingStore):
         with open(self.path, "rb") as file:
             # np.load reads anything else as a pickle and then suggests allow_pickle
             if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
-                raise ValueError(f"{self.path}: not a .npy file (it does not start with the .npy magic bytes)")
+                raise ValueError(
+                    f"{self.path}: not a .npy file (it does not start with the .npy magic bytes)"
+                )
         try:
             array = np.load(self.path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
@@ -144,8 +147,9 @@ class SafetensorsStore(EmbeddingStore):
         self.key = _choose_key(self.path, keys, key)
         self._source = self._file.get_slice(self.key)
         dtype = self._source.get_dtype()
-        _check_shape_dtype(self.path, tuple(self._source.get_shape()), dtype in _SAFETENSORS_FLOAT, dtype,
-                           self.key)
+        _check_shape_dtype(
+            self.path, tuple(self._source.get_shape()), dtype in _SAFETENSORS_FLOAT, dtype, self.key
+        )
         self._n, self.dim = (int(s) for s in self._source.get_shape())
         self._array = _safetensors_memmap(self.path, self.key, dtype, (self._n, self.dim))
 
@@ -172,8 +176,9 @@ class HDF5Store(EmbeddingStore):
             raise ValueError(f"{self.path}: not a readable HDF5 file ({exc})") from None
         self.key = _choose_key(self.path, keys, key)
         self._source = self._file[self.key]
-        _check_shape_dtype(self.path, self._source.shape, self._source.dtype.kind == "f",
-                           str(self._source.dtype), self.key)
+        _check_shape_dtype(
+            self.path, self._source.shape, self._source.dtype.kind == "f", str(self._source.dtype), self.key
+        )
         self._n, self.dim = (int(s) for s in self._source.shape)
 
     def _read(self, selection, what: str):
@@ -199,8 +204,10 @@ class ShardedStore(EmbeddingStore):
         dims = {s.dim for s in shards}
         if len(dims) > 1:
             odd = next(s for s in shards if s.dim != shards[0].dim)
-            raise ValueError(f"{odd.path}: shard has dim {odd.dim}, but {shards[0].path} has dim "
-                             f"{shards[0].dim}; all shards must have the same dim")
+            raise ValueError(
+                f"{odd.path}: shard has dim {odd.dim}, but {shards[0].path} has dim "
+                f"{shards[0].dim}; all shards must have the same dim"
+            )
         self.shards = list(shards)
         self.path = path
         self.dim = shards[0].dim
@@ -233,8 +240,10 @@ class ShardedStore(EmbeddingStore):
         for s, shard in enumerate(self.shards):
             row = shard.first_nonfinite(chunk_rows)
             if row is not None:
-                raise ValueError(f"{shard.path}: row {row} contains NaN or Inf "
-                                 f"(row {int(self.offsets[s]) + row} of the sharded store {self.path})")
+                raise ValueError(
+                    f"{shard.path}: row {row} contains NaN or Inf "
+                    f"(row {int(self.offsets[s]) + row} of the sharded store {self.path})"
+                )
 
 
 def open_store(source, *, key: str | None = None) -> EmbeddingStore:
@@ -272,8 +281,8 @@ def open_store(source, *, key: str | None = None) -> EmbeddingStore:
 def save_store(path: PathLike, array, *, key: str = "embeddings") -> None:
     """Write a 2-D float matrix to `path` by its suffix (.npy, .safetensors, .h5/.hdf5), atomically.
 
-    The data goes to a temporary file in the same directory, which then replaces `path`
-    (`os.replace`), so a reader never sees a half-written store.
+    The write is atomic and durable (:func:`sotalign.rundir.atomic_output`): a reader never
+    sees a half-written store.
     """
     path = os.fspath(path)
     suffix = _suffix(path)
@@ -285,9 +294,7 @@ def save_store(path: PathLike, array, *, key: str = "embeddings") -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         if suffix == ".npy":
             np.save(tmp, _to_numpy(data), allow_pickle=False)
         elif suffix == ".safetensors":
@@ -299,17 +306,15 @@ def save_store(path: PathLike, array, *, key: str = "embeddings") -> None:
             h5py = _import_h5py(path)
             with h5py.File(tmp, "w") as f:
                 f.create_dataset(key, data=_to_numpy(data))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def check_aligned(images: EmbeddingStore, texts: EmbeddingStore) -> None:
     """Paired stores are aligned by row (image i ↔ text i): their lengths must agree."""
     if len(images) != len(texts):
-        raise ValueError(f"paired stores are not aligned: {images.path} has {len(images)} rows but "
-                         f"{texts.path} has {len(texts)} (row i of the images pairs with row i of the texts)")
+        raise ValueError(
+            f"paired stores are not aligned: {images.path} has {len(images)} rows but "
+            f"{texts.path} has {len(texts)} (row i of the images pairs with row i of the texts)"
+        )
 
 
 def _open_file(path: str, key: str | None) -> EmbeddingStore:
@@ -341,8 +346,9 @@ def _safetensors_memmap(path: str, key: str, dtype: str, shape: tuple[int, int])
 def _suffix(path: str) -> str:
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: unknown embedding file suffix {suffix!r}; "
-                         f"expected one of {', '.join(SUFFIXES)}")
+        raise ValueError(
+            f"{path}: unknown embedding file suffix {suffix!r}; expected one of {', '.join(SUFFIXES)}"
+        )
     return suffix
 
 
@@ -355,8 +361,11 @@ def _choose_key(path: str, keys: list[str], key: str | None) -> str:
         return keys[0]
     if "embeddings" in keys:
         return "embeddings"
-    raise ValueError(f"{path}: holds {sorted(keys)}; name one with key=... (none is called 'embeddings')"
-                     if keys else f"{path}: holds no tensors")
+    raise ValueError(
+        f"{path}: holds {sorted(keys)}; name one with key=... (none is called 'embeddings')"
+        if keys
+        else f"{path}: holds no tensors"
+    )
 
 
 def _check_shape_dtype(path: str, shape, is_float: bool, dtype: str, key: str | None = None) -> None:
@@ -409,7 +418,7 @@ def _import_h5py(path):
     try:
         import h5py
     except ImportError:
-        raise ImportError(f"{os.fspath(path)}: reading or writing HDF5 needs h5py: "
-                          "pip install sotalign[hdf5]") from None
+        raise ImportError(
+            f"{os.fspath(path)}: reading or writing HDF5 needs h5py: pip install sotalign[hdf5]"
+        ) from None
     return h5py
-

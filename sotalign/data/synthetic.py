@@ -23,11 +23,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from ..rundir import atomic_output, atomic_write
 from .stores import save_store
 
 FORMATS = {"npy": ".npy", "safetensors": ".safetensors", "h5": ".h5", "hdf5": ".hdf5"}
@@ -36,7 +36,7 @@ _VOWELS = "aeiou"
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,16 @@ class PlatonicGenerator:
 
     def concept_of(self, prompt: str) -> tuple[int, str]:
         """(concept id, template): the longest concept name found as a whole word in `prompt`."""
-        found = [(len(name), c) for c, name in enumerate(self.concept_names)
-                 if re.search(rf"\b{re.escape(name)}\b", prompt, flags=re.IGNORECASE)]
+        found = [
+            (len(name), c)
+            for c, name in enumerate(self.concept_names)
+            if re.search(rf"\b{re.escape(name)}\b", prompt, flags=re.IGNORECASE)
+        ]
         if not found:
-            raise ValueError(f"prompt {prompt!r} names none of the {self.n_concepts} concepts "
-                             f"(e.g. {self.concept_names[0]!r})")
+            raise ValueError(
+                f"prompt {prompt!r} names none of the {self.n_concepts} concepts "
+                f"(e.g. {self.concept_names[0]!r})"
+            )
         c = max(found)[1]
         template = re.sub(rf"\b{re.escape(self.concept_names[c])}\b", "{}", prompt, flags=re.IGNORECASE)
         return c, template
@@ -138,8 +143,10 @@ def _make_names(n: int, seed: int) -> list[str]:
     seen = set()
     while len(names) < n:
         syllables = rng.integers(2, 4)
-        word = "".join(_CONSONANTS[rng.integers(len(_CONSONANTS))] + _VOWELS[rng.integers(len(_VOWELS))]
-                       for _ in range(syllables))
+        word = "".join(
+            _CONSONANTS[rng.integers(len(_CONSONANTS))] + _VOWELS[rng.integers(len(_VOWELS))]
+            for _ in range(syllables)
+        )
         if word not in seen:
             seen.add(word)
             names.append(word)
@@ -160,15 +167,32 @@ class PlatonicData:
         return self.generator.encode_text(prompts)
 
 
-def make_platonic(n: int, *, image_dim: int = 384, text_dim: int = 256, latent_dim: int = 32,
-                  n_concepts: int = 20, noise: float = 0.1, seed: int = 0, spread: float = 0.5,
-                  hidden: int = 128) -> PlatonicData:
+def make_platonic(
+    n: int,
+    *,
+    image_dim: int = 384,
+    text_dim: int = 256,
+    latent_dim: int = 32,
+    n_concepts: int = 20,
+    noise: float = 0.1,
+    seed: int = 0,
+    spread: float = 0.5,
+    hidden: int = 128,
+) -> PlatonicData:
     """n aligned (image, text) rows of the platonic toy (see the module docstring for the model).
 
     Concepts, maps and names depend on `seed` only; the rows are seeded by (seed, n).
     """
-    gen = PlatonicGenerator(image_dim=image_dim, text_dim=text_dim, latent_dim=latent_dim,
-                            n_concepts=n_concepts, noise=noise, spread=spread, hidden=hidden, seed=seed)
+    gen = PlatonicGenerator(
+        image_dim=image_dim,
+        text_dim=text_dim,
+        latent_dim=latent_dim,
+        n_concepts=n_concepts,
+        noise=noise,
+        spread=spread,
+        hidden=hidden,
+        seed=seed,
+    )
     images, texts, labels = gen.sample(n)
     return PlatonicData(images, texts, labels, list(gen.concept_names), gen)
 
@@ -186,11 +210,15 @@ def write_platonic(directory, n: int, *, format: str = "npy", **kwargs) -> Plato
     ext = FORMATS[format]
     save_store(os.path.join(directory, "images" + ext), data.images)
     save_store(os.path.join(directory, "texts" + ext), data.texts)
-    _atomic_write(os.path.join(directory, "labels.npy"), lambda f: np.save(f, data.labels))
-    meta = {"concept_names": data.concept_names, "generator": data.generator.params(), "n": n,
-            "format": format}
-    _atomic_write(os.path.join(directory, "classes.json"),
-                  lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    with atomic_output(os.path.join(directory, "labels.npy")) as tmp:
+        np.save(tmp, data.labels, allow_pickle=False)
+    meta = {
+        "concept_names": data.concept_names,
+        "generator": data.generator.params(),
+        "n": n,
+        "format": format,
+    }
+    atomic_write(os.path.join(directory, "classes.json"), json.dumps(meta, indent=2).encode())
     return data
 
 
@@ -210,15 +238,3 @@ def load_platonic_encoder(directory) -> PlatonicGenerator:
     if meta.get("concept_names") != gen.concept_names:
         raise ValueError(f"{path}: concept_names do not match its generator parameters")
     return gen
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

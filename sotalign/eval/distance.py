@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..data.stores import EmbeddingStore
-from ..ot.validation import check_count
-from .retrieval import as_matrix, normalise
+from ..ot.validation import as_matrix, check_count
+from .retrieval import normalise
 
 
 def _unit_rows(name: str, x):
@@ -41,8 +41,9 @@ def ssw_distance(x, y, *, n_projections: int = 256, seed: int = 0) -> float:
     if type(xs) is not type(ys) or (isinstance(xs, torch.Tensor) and xs.device != ys.device):
         raise ValueError("x and y must be on the same device")
     if xs.shape[1] != ys.shape[1]:
-        raise ValueError(f"x has dim {xs.shape[1]} but y has dim {ys.shape[1]}; "
-                         "SSW compares sets in one space")
+        raise ValueError(
+            f"x has dim {xs.shape[1]} but y has dim {ys.shape[1]}; SSW compares sets in one space"
+        )
     if xs.shape[1] < 3:
         raise ValueError(f"SSW needs dim >= 3 (projections onto a 2-D plane), got {xs.shape[1]}")
     import ot
@@ -67,8 +68,16 @@ def _subsample(name: str, x, max_rows: int, seed: int, stream: int) -> torch.Ten
     return x if keep is None else x[torch.from_numpy(keep).to(x.device)]
 
 
-def selection_distance(paired_images, paired_texts, unpaired_images, unpaired_texts, *,
-                       n_projections: int = 256, seed: int = 0, max_rows: int = 5000) -> dict[str, float]:
+def selection_distance(
+    paired_images,
+    paired_texts,
+    unpaired_images,
+    unpaired_texts,
+    *,
+    n_projections: int = 256,
+    seed: int = 0,
+    max_rows: int = 5000,
+) -> dict[str, float]:
     """How far the unpaired pools lie from the paired data, per modality (smaller = closer).
 
     images = SSW₂(unpaired_images, paired_images), texts = SSW₂(unpaired_texts, paired_texts),
@@ -77,9 +86,17 @@ def selection_distance(paired_images, paired_texts, unpaired_images, unpaired_te
     generator seeded by (seed, set), so the result is deterministic.
     """
     max_rows = check_count("max_rows", max_rows)
-    sets = [_subsample(name, x, max_rows, seed, i) for i, (name, x) in enumerate(
-        (("paired_images", paired_images), ("paired_texts", paired_texts),
-         ("unpaired_images", unpaired_images), ("unpaired_texts", unpaired_texts)))]
+    sets = [
+        _subsample(name, x, max_rows, seed, i)
+        for i, (name, x) in enumerate(
+            (
+                ("paired_images", paired_images),
+                ("paired_texts", paired_texts),
+                ("unpaired_images", unpaired_images),
+                ("unpaired_texts", unpaired_texts),
+            )
+        )
+    ]
     images = ssw_distance(sets[2], sets[0], n_projections=n_projections, seed=seed)
     texts = ssw_distance(sets[3], sets[1], n_projections=n_projections, seed=seed)
     return {"images": images, "texts": texts, "mean": 0.5 * (images + texts), "total": images + texts}

@@ -7,32 +7,18 @@ import numbers
 import numpy as np
 import torch
 
-from ..ot.validation import check_matrices
-
-
-def as_matrix(name: str, x) -> torch.Tensor:
-    """A finite, non-empty 2-D float tensor (float64 stays float64, anything else becomes float32)."""
-    if isinstance(x, np.ndarray):
-        # torch cannot wrap read-only memory (a memmap) without a copy
-        x = torch.from_numpy(x if x.flags.writeable else np.array(x))
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-    check_matrices(**{name: x})
-    x = x.detach()
-    return x if x.dtype == torch.float64 else x.float()
+from ..ot.validation import as_matrix, compute_dtype
 
 
 def normalise(name: str, x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm; a zero row has no direction and is an error."""
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
-        raise ValueError(f"{name} has an all-zero row ({int(torch.nonzero(norms[:, 0] == 0)[0, 0])}); "
-                         "cosine similarity is undefined")
+        raise ValueError(
+            f"{name} has an all-zero row ({int(torch.nonzero(norms[:, 0] == 0)[0, 0])}); "
+            "cosine similarity is undefined"
+        )
     return x / norms
-
-
-def common_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def check_ks(ks) -> tuple[int, ...]:
@@ -71,7 +57,7 @@ def _ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.
     """Rank of key i among all keys for query i, in chunks of query rows (chunk × n at a time)."""
     ranks = []
     for start in range(0, len(queries), chunk_size):
-        scores = queries[start:start + chunk_size] @ keys.T
+        scores = queries[start : start + chunk_size] @ keys.T
         target = torch.arange(start, start + len(scores), device=scores.device)
         ranks.append(pessimistic_ranks(scores, target))
     return torch.cat(ranks)
@@ -93,13 +79,15 @@ def retrieval_metrics(image_emb, text_emb, ks=(1, 5, 10), *, chunk_size: int = 4
     images = as_matrix("image_emb", image_emb)
     texts = as_matrix("text_emb", text_emb)
     if images.shape != texts.shape:
-        raise ValueError(f"image_emb {tuple(images.shape)} and text_emb {tuple(texts.shape)} must have the "
-                         "same shape (row i of each is a pair, in one shared space)")
+        raise ValueError(
+            f"image_emb {tuple(images.shape)} and text_emb {tuple(texts.shape)} must have the "
+            "same shape (row i of each is a pair, in one shared space)"
+        )
     if images.device != texts.device:
         raise ValueError(f"image_emb is on {images.device} but text_emb is on {texts.device}")
     ks = check_ks(ks)
     chunk_size = check_chunk(chunk_size)
-    dtype = common_dtype(images, texts)
+    dtype = compute_dtype(images, texts)
     images = normalise("image_emb", images.to(dtype))
     texts = normalise("text_emb", texts.to(dtype))
     out: dict[str, float] = {}

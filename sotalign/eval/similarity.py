@@ -6,7 +6,8 @@ import numbers
 
 import torch
 
-from .retrieval import as_matrix, check_chunk, normalise
+from ..ot.validation import as_matrix
+from .retrieval import check_chunk, normalise
 
 
 def _same_rows(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -19,7 +20,7 @@ def _knn(x: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
     x = normalise("features", x)
     out = []
     for start in range(0, len(x), chunk_size):
-        scores = x[start:start + chunk_size] @ x.T
+        scores = x[start : start + chunk_size] @ x.T
         rows = torch.arange(len(scores), device=x.device)
         scores[rows, rows + start] = -torch.inf
         out.append(scores.topk(k, dim=1).indices)

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .retrieval import as_matrix, check_chunk, check_ks, common_dtype, normalise, pessimistic_ranks
+from ..ot.validation import as_matrix, compute_dtype
+from .retrieval import check_chunk, check_ks, normalise, pessimistic_ranks
 
 
 def _device_of(module) -> torch.device | None:
@@ -17,9 +18,12 @@ def _device_of(module) -> torch.device | None:
     return None
 
 
-def zero_shot_weights(class_names: Sequence[str], templates: Sequence[str],
-                      text_encoder: Callable[[list[str]], np.ndarray],
-                      embed_texts: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+def zero_shot_weights(
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    text_encoder: Callable[[list[str]], np.ndarray],
+    embed_texts: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
     """C × D class weights: w_c = normalise( mean_t normalise( g(E(template_t(name_c))) ) ).
 
     E = `text_encoder` (list of prompts → N × d_text array), g = `embed_texts` (tensor → tensor,
@@ -38,12 +42,15 @@ def zero_shot_weights(class_names: Sequence[str], templates: Sequence[str],
         except (KeyError, IndexError):
             ok = False
         if not ok:
-            raise ValueError(f"template {t!r} needs a '{{}}' or '{{name}}' placeholder for the class name "
-                             "(and no other fields)")
+            raise ValueError(
+                f"template {t!r} needs a '{{}}' or '{{name}}' placeholder for the class name "
+                "(and no other fields)"
+            )
     prompts = [t.format(name, name=name) for name in names for t in templates]
     encoded = text_encoder(prompts)
-    features = as_matrix("text_encoder output", encoded if isinstance(encoded, torch.Tensor)
-                         else np.asarray(encoded))
+    features = as_matrix(
+        "text_encoder output", encoded if isinstance(encoded, torch.Tensor) else np.asarray(encoded)
+    )
     if len(features) != len(prompts):
         raise ValueError(f"text_encoder returned {len(features)} rows for {len(prompts)} prompts")
     if embed_texts is not None:
@@ -55,8 +62,9 @@ def zero_shot_weights(class_names: Sequence[str], templates: Sequence[str],
     return normalise("class weights (mean over templates)", per_prompt.mean(dim=1))
 
 
-def zero_shot_accuracy(image_emb, labels, class_weights, ks=(1, 5), *,
-                       chunk_size: int = 4096) -> dict[str, float]:
+def zero_shot_accuracy(
+    image_emb, labels, class_weights, ks=(1, 5), *, chunk_size: int = 4096
+) -> dict[str, float]:
     """Top-k accuracy (percent) of classifying images by cosine similarity to the class weights.
 
     s_ic = cos(image_i, w_c); the rank of the true class y_i is
@@ -69,20 +77,27 @@ def zero_shot_accuracy(image_emb, labels, class_weights, ks=(1, 5), *,
         raise ValueError(f"image_emb has dim {images.shape[1]} but class_weights has dim {weights.shape[1]}")
     labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
     if labels.dim() != 1 or len(labels) != len(images):
-        raise ValueError(f"labels must be 1-D with one entry per image ({len(images)}), "
-                         f"got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be 1-D with one entry per image ({len(images)}), got shape {tuple(labels.shape)}"
+        )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
     n_classes = len(weights)
     if bool(((labels < 0) | (labels >= n_classes)).any()):
-        raise ValueError(f"labels must lie in [0, {n_classes}) (one row of class_weights per class), "
-                         f"got range [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must lie in [0, {n_classes}) (one row of class_weights per class), "
+            f"got range [{int(labels.min())}, {int(labels.max())}]"
+        )
     ks = check_ks(ks)
     chunk_size = check_chunk(chunk_size)
-    dtype = common_dtype(images, weights)
+    dtype = compute_dtype(images, weights)
     images = normalise("image_emb", images.to(dtype))
     weights = normalise("class_weights", weights.to(dtype).to(images.device))
     labels = labels.long().to(images.device)
-    ranks = torch.cat([pessimistic_ranks(images[s:s + chunk_size] @ weights.T, labels[s:s + chunk_size])
-                       for s in range(0, len(images), chunk_size)])
+    ranks = torch.cat(
+        [
+            pessimistic_ranks(images[s : s + chunk_size] @ weights.T, labels[s : s + chunk_size])
+            for s in range(0, len(images), chunk_size)
+        ]
+    )
     return {f"top{k}": 100.0 * float((ranks < k).double().mean()) for k in ks}

@@ -74,8 +74,10 @@ def load_backend(name: str, precision: str = "fp32") -> Backend:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if precision != "fp32" and name != "triton":
-        raise ValueError(f"precision={precision!r} is only supported by the 'triton' backend; "
-                         f"backend {name!r} computes dot products in fp32 (use precision='fp32')")
+        raise ValueError(
+            f"precision={precision!r} is only supported by the 'triton' backend; "
+            f"backend {name!r} computes dot products in fp32 (use precision='fp32')"
+        )
     error = backend_error(name)
     if error is not None:
         raise ValueError(f"backend {name!r} is not available: {error}")
@@ -100,6 +102,16 @@ def load_backend(name: str, precision: str = "fp32") -> Backend:
     return KeOpsBackend()
 
 
-__all__ = ["Affinity", "Backend", "BACKEND_NAMES", "PRECISIONS", "available_backends",
-           "backend_error", "cpu_extension_error", "keops_error", "load_backend", "triton_error",
-           "triton_interpreter"]
+__all__ = [
+    "Affinity",
+    "Backend",
+    "BACKEND_NAMES",
+    "PRECISIONS",
+    "available_backends",
+    "backend_error",
+    "cpu_extension_error",
+    "keops_error",
+    "load_backend",
+    "triton_error",
+    "triton_interpreter",
+]

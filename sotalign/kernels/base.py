@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Size of one block of K (or of P) in the generic plan products.
-PLAN_BLOCK_BYTES = 32 * 2**20
+#: Size of one block of rows of K (or of P) that a blocked primitive holds at a time.
+BLOCK_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -106,17 +106,43 @@ class Backend:
     def lse_cols(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         raise NotImplementedError
 
-    def klot_value(self, K: Affinity, f: Tensor, g: Tensor, eps: float,
-                   K_t: Affinity, f_t: Tensor, g_t: Tensor, eps_t: float) -> Tensor:
+    def klot_value(
+        self,
+        K: Affinity,
+        f: Tensor,
+        g: Tensor,
+        eps: float,
+        K_t: Affinity,
+        f_t: Tensor,
+        g_t: Tensor,
+        eps_t: float,
+    ) -> Tensor:
         raise NotImplementedError
 
-    def klot_grad_features(self, K: Affinity, f: Tensor, g: Tensor, eps: float,
-                           K_t: Affinity, f_t: Tensor, g_t: Tensor, eps_t: float
-                           ) -> tuple[Tensor, Tensor]:
+    def klot_grad_features(
+        self,
+        K: Affinity,
+        f: Tensor,
+        g: Tensor,
+        eps: float,
+        K_t: Affinity,
+        f_t: Tensor,
+        g_t: Tensor,
+        eps_t: float,
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def klot_grad_dense(self, K: Affinity, f: Tensor, g: Tensor, eps: float,
-                        K_t: Affinity, f_t: Tensor, g_t: Tensor, eps_t: float) -> Tensor:
+    def klot_grad_dense(
+        self,
+        K: Affinity,
+        f: Tensor,
+        g: Tensor,
+        eps: float,
+        K_t: Affinity,
+        f_t: Tensor,
+        g_t: Tensor,
+        eps_t: float,
+    ) -> Tensor:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ plan products
@@ -125,7 +151,7 @@ class Backend:
         """P V with P_ij = exp((f_i + g_j + K_ij)/ε), one block of rows of P at a time."""
         check_plan_factor("V", V, K.shape[1], K)
         out = torch.empty(K.shape[0], V.shape[1], dtype=K.dtype, device=K.device)
-        for start, stop in plan_row_blocks(K):
+        for start, stop in row_blocks(K):
             out[start:stop] = plan_block(K, f, g, eps, start, stop) @ V
         return out
 
@@ -133,7 +159,7 @@ class Backend:
         """Pᵀ U, accumulated over blocks of rows of P."""
         check_plan_factor("U", U, K.shape[0], K)
         out = torch.zeros(K.shape[1], U.shape[1], dtype=K.dtype, device=K.device)
-        for start, stop in plan_row_blocks(K):
+        for start, stop in row_blocks(K):
             out.addmm_(plan_block(K, f, g, eps, start, stop).T, U[start:stop])
         return out
 
@@ -141,18 +167,23 @@ class Backend:
         """Σ_ij P_ij K2_ij, each block summed in float64; returned in K's dtype."""
         check_plan_affinity(K, K2)
         total = torch.zeros((), dtype=torch.float64, device=K.device)
-        for start, stop in plan_row_blocks(K):
+        for start, stop in row_blocks(K):
             block = plan_block(K, f, g, eps, start, stop).mul_(K2.rows(start, stop))
             total += block.sum(dtype=torch.float64)
         return total.to(K.dtype)
 
 
-def plan_row_blocks(K: Affinity):
-    """(start, stop) ranges of rows whose block of P stays under ``PLAN_BLOCK_BYTES``."""
+def block_rows(K: Affinity) -> int:
+    """Rows per block: as many as fit in ``BLOCK_BYTES`` (at least one, at most n)."""
     n, m = K.shape
-    step = max(1, PLAN_BLOCK_BYTES // (m * K.dtype.itemsize))
-    for start in range(0, n, step):
-        yield start, min(start + step, n)
+    return min(n, max(1, BLOCK_BYTES // (m * K.dtype.itemsize)))
+
+
+def row_blocks(K: Affinity):
+    """(start, stop) ranges of :func:`block_rows` rows covering K's rows."""
+    step = block_rows(K)
+    for start in range(0, K.shape[0], step):
+        yield start, min(start + step, K.shape[0])
 
 
 def plan_block(K: Affinity, f: Tensor, g: Tensor, eps: float, start: int, stop: int) -> Tensor:
@@ -167,11 +198,14 @@ def check_plan_factor(name: str, V: Tensor, rows: int, K: Affinity) -> None:
     if not isinstance(V, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(V).__name__}")
     if V.dim() != 2 or V.shape[0] != rows:
-        raise ValueError(f"{name} must have shape ({rows}, k) for an affinity of shape "
-                         f"{K.shape}, got {tuple(V.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({rows}, k) for an affinity of shape {K.shape}, got {tuple(V.shape)}"
+        )
     if V.dtype != K.dtype or V.device != K.device:
-        raise ValueError(f"{name} must match the affinity's dtype and device ({K.dtype} on "
-                         f"{K.device}), got {V.dtype} on {V.device}")
+        raise ValueError(
+            f"{name} must match the affinity's dtype and device ({K.dtype} on "
+            f"{K.device}), got {V.dtype} on {V.device}"
+        )
 
 
 def check_plan_affinity(K: Affinity, K2: Affinity) -> None:
@@ -179,5 +213,7 @@ def check_plan_affinity(K: Affinity, K2: Affinity) -> None:
     if not isinstance(K2, Affinity):
         raise TypeError(f"K2 must be an Affinity, got {type(K2).__name__}")
     if K2.shape != K.shape or K2.dtype != K.dtype or K2.device != K.device:
-        raise ValueError(f"K2 must match K (shape {K.shape}, {K.dtype} on {K.device}), got shape "
-                         f"{K2.shape}, {K2.dtype} on {K2.device}")
+        raise ValueError(
+            f"K2 must match K (shape {K.shape}, {K.dtype} on {K.device}), got shape "
+            f"{K2.shape}, {K2.dtype} on {K2.device}"
+        )

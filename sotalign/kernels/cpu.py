@@ -82,11 +82,11 @@ class CpuBackend(Backend):
             K_dense = _array(K_t.materialize().dense, dtype)
             value = _C.klot_value_dense(_array(K.dense, dtype), *student, K_dense, *teacher)
         elif K_t.is_dense:
-            value = _C.klot_value_online_dense_teacher(*_features(K, dtype), *student,
-                                                       _array(K_t.dense, dtype), *teacher)
+            value = _C.klot_value_online_dense_teacher(
+                *_features(K, dtype), *student, _array(K_t.dense, dtype), *teacher
+            )
         else:
-            value = _C.klot_value_online(*_features(K, dtype), *student,
-                                         *_features(K_t, dtype), *teacher)
+            value = _C.klot_value_online(*_features(K, dtype), *student, *_features(K_t, dtype), *teacher)
         return torch.tensor(value, dtype=dtype)
 
     def klot_grad_features(self, K, f, g, eps, K_t, f_t, g_t, eps_t) -> tuple[Tensor, Tensor]:
@@ -107,7 +107,15 @@ class CpuBackend(Backend):
     def klot_grad_dense(self, K, f, g, eps, K_t, f_t, g_t, eps_t) -> Tensor:
         """G = (P − P*)/ε as an n×m tensor (both affinities are materialised)."""
         dtype = K.dtype
-        G = _C.klot_grad_dense(_array(K.materialize().dense, dtype), _array(f, dtype),
-                               _array(g, dtype), float(eps), _array(K_t.materialize().dense, dtype),
-                               _array(f_t, dtype), _array(g_t, dtype), float(eps_t), _threads())
+        G = _C.klot_grad_dense(
+            _array(K.materialize().dense, dtype),
+            _array(f, dtype),
+            _array(g, dtype),
+            float(eps),
+            _array(K_t.materialize().dense, dtype),
+            _array(f_t, dtype),
+            _array(g_t, dtype),
+            float(eps_t),
+            _threads(),
+        )
         return torch.from_numpy(G)

@@ -70,8 +70,13 @@ def keops_error() -> str | None:
     the probe is fast after the first time. The answer is cached for the process.
     """
     try:
-        run = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                             timeout=PROBE_TIMEOUT_S, env=_environment())
+        run = subprocess.run(
+            [sys.executable, "-c", _PROBE],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            env=_environment(),
+        )
     except subprocess.TimeoutExpired:
         return f"compiling a trivial KeOps formula took more than {PROBE_TIMEOUT_S} s"
     if run.returncode == 0 and "keops-ok" in run.stdout:
@@ -159,7 +164,7 @@ class KeOpsBackend(Backend):
 
         def pull(x, y, f, g, x_t, y_t, f_t, g_t):
             """Σ_j G_ij y_j with G_ij = (exp(S_ij) − exp(T_ij))/ε, i indexing x."""
-            G = (_log_plan(x, y, f, g, eps).exp() - _log_plan(x_t, y_t, f_t, g_t, eps_t).exp())
+            G = _log_plan(x, y, f, g, eps).exp() - _log_plan(x_t, y_t, f_t, g_t, eps_t).exp()
             return (G * (1.0 / eps) * _j(y)).sum(dim=1)
 
         grad_x = pull(K.x, K.y, f, g, K_t.x, K_t.y, f_t, g_t)

@@ -12,28 +12,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Affinity, Backend
-
-#: Size of one workspace block of K; each primitive holds at most two.
-BLOCK_BYTES = 32 * 2**20
-
-
-def row_blocks(K: Affinity):
-    """(start, stop) ranges of rows whose block of K stays under ``BLOCK_BYTES``."""
-    n, m = K.shape
-    step = max(1, BLOCK_BYTES // (m * K.dtype.itemsize))
-    for start in range(0, n, step):
-        yield start, min(start + step, n)
-
+from .base import Affinity, Backend, block_rows, row_blocks
 
 def workspace(K: Affinity) -> Tensor:
-    n, m = K.shape
-    rows = min(n, max(1, BLOCK_BYTES // (m * K.dtype.itemsize)))
-    return torch.empty(rows, m, dtype=K.dtype, device=K.device)
+    """One block of :func:`~sotalign.kernels.base.block_rows` rows; each primitive holds at most two."""
+    return torch.empty(block_rows(K), K.shape[1], dtype=K.dtype, device=K.device)
 
 
-def scaled_block(K: Affinity, start: int, stop: int, eps: float, work: Tensor,
-                 row_bias: Tensor | None = None, col_bias: Tensor | None = None) -> Tensor:
+def scaled_block(
+    K: Affinity,
+    start: int,
+    stop: int,
+    eps: float,
+    work: Tensor,
+    row_bias: Tensor | None = None,
+    col_bias: Tensor | None = None,
+) -> Tensor:
     """(K_ij + row_bias_i + col_bias_j) / ε for rows start:stop, written into ``work``."""
     block = work[: stop - start]
     if K.is_dense:
@@ -58,8 +52,9 @@ class TorchChunkedBackend(Backend):
 
     def lse_rows(self, K, bias, eps):
         work = workspace(K)
-        return torch.cat([lse_in_place(scaled_block(K, i, j, eps, work, col_bias=bias), dim=1)
-                          for i, j in row_blocks(K)])
+        return torch.cat(
+            [lse_in_place(scaled_block(K, i, j, eps, work, col_bias=bias), dim=1) for i, j in row_blocks(K)]
+        )
 
     def lse_cols(self, K, bias, eps):
         work = workspace(K)
@@ -75,7 +70,7 @@ class TorchChunkedBackend(Backend):
         for i, j in row_blocks(K):
             log_p = scaled_block(K, i, j, eps, work, f, g)
             log_p_teacher = scaled_block(K_t, i, j, eps_t, work_t, f_t, g_t)
-            log_ratio = log_p.sub_(log_p_teacher).neg_()          # log P* − log P
+            log_ratio = log_p.sub_(log_p_teacher).neg_()  # log P* − log P
             total += log_ratio.mul_(log_p_teacher.exp_()).sum(dtype=torch.float64)
         return total.to(K.dtype)
 

@@ -3,7 +3,18 @@
 from ..kernels import BACKEND_NAMES
 from .dispatch import DEFAULT_MEMORY_BUDGET, available_backends
 from .klot import KLOTLoss, klot, klot_dense
+from .options import SolverOptions
 from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_dense
 
-__all__ = ["BACKEND_NAMES", "DEFAULT_MEMORY_BUDGET", "KLOTLoss", "SinkhornResult", "available_backends", "klot",
-           "klot_dense", "sinkhorn", "sinkhorn_dense"]
+__all__ = [
+    "BACKEND_NAMES",
+    "DEFAULT_MEMORY_BUDGET",
+    "KLOTLoss",
+    "SinkhornResult",
+    "SolverOptions",
+    "available_backends",
+    "klot",
+    "klot_dense",
+    "sinkhorn",
+    "sinkhorn_dense",
+]

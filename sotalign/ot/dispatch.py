@@ -41,8 +41,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import (Affinity, Backend, available_backends, backend_error, cpu_extension_error,
-                       load_backend, triton_interpreter)
+from ..kernels import (
+    Affinity,
+    Backend,
+    available_backends,
+    backend_error,
+    cpu_extension_error,
+    load_backend,
+    triton_interpreter,
+)
 from .validation import check_positive
 
 #: Default memory budget for stored n×m matrices on the dense path (bytes).
@@ -58,8 +65,17 @@ PATHS = ("auto", "dense", "online")
 
 _warned_missing_extension = False
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "DENSE_MIN_DIM", "FREE_MEMORY_FRACTION", "KEOPS_MIN_ENTRIES",
-           "PATHS", "Route", "available_backends", "choose_route", "dense_budget"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "DENSE_MIN_DIM",
+    "FREE_MEMORY_FRACTION",
+    "KEOPS_MIN_ENTRIES",
+    "PATHS",
+    "Route",
+    "available_backends",
+    "choose_route",
+    "dense_budget",
+]
 
 
 @dataclass(frozen=True)
@@ -88,7 +104,9 @@ def _cpu_backend() -> str:
             f"sotalign: the C++ extension sotalign._C is not available ({error}); "
             "backend='auto' falls back to the slower 'torch' backend on CPU. "
             "Reinstall sotalign with a C++ compiler (g++ with OpenMP) to enable backend='cpu'.",
-            RuntimeWarning, stacklevel=4)
+            RuntimeWarning,
+            stacklevel=4,
+        )
         _warned_missing_extension = True
     return "torch"
 
@@ -113,13 +131,24 @@ def _check_device(name: str, device: torch.device) -> None:
     if name == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
     if name == "triton" and device.type != "cuda" and not triton_interpreter():
-        raise ValueError(f"backend 'triton' needs CUDA tensors, got tensors on {device} "
-                         "(set TRITON_INTERPRET=1 to run its kernels on CPU in the interpreter)")
+        raise ValueError(
+            f"backend 'triton' needs CUDA tensors, got tensors on {device} "
+            "(set TRITON_INTERPRET=1 to run its kernels on CPU in the interpreter)"
+        )
 
 
-def choose_route(backend: str, path: str, device: torch.device, n: int, m: int,
-                 feature_dim: int | None, dtype: torch.dtype, n_matrices: int,
-                 memory_budget: float, precision: str = "fp32") -> Route:
+def choose_route(
+    backend: str,
+    path: str,
+    device: torch.device,
+    n: int,
+    m: int,
+    feature_dim: int | None,
+    dtype: torch.dtype,
+    n_matrices: int,
+    memory_budget: float,
+    precision: str = "fp32",
+) -> Route:
     """Pick the backend and path; ``feature_dim`` is None when K is given densely."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")

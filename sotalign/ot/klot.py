@@ -16,8 +16,8 @@ Both passes are ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)
 model that uses KLOT without graph breaks: ``sotalign::klot_features`` returns the value and
 the four potentials (f, g, f*, g*) and ``sotalign::klot_features_backward`` returns
 ``grad_output · (G ŷ, Gᵀ x̂)``; ``sotalign::klot_dense`` / ``klot_dense_backward`` do the same
-for given affinities (gradient ``grad_output · G``). Options cross the op boundary as plain
-int/float/str/bool arguments; the backend and path are chosen inside the ops (the backward
+for given affinities (gradient ``grad_output · G``). The :class:`SolverOptions` cross the op
+boundary as plain int/float/str/bool arguments (its fields, in order); the backend and path are chosen inside the ops (the backward
 chooses the backend again from the same arguments), and the input values are checked for
 NaN/Inf there too, so the Python front reads no tensor value.
 """
@@ -30,43 +30,75 @@ from torch import Tensor, nn
 from ..kernels import Affinity
 from . import validation as check
 from .dispatch import DEFAULT_MEMORY_BUDGET, Route, choose_route
+from .options import N_OPTIONS, SolverOptions
 from .sinkhorn import solve, uniform_log_weights
 
 
-def _solve_both(route: Route, K: Affinity, K_teacher: Affinity, eps: float, eps_teacher: float,
-                n_iters: int, tol: Optional[float], check_every: int, symmetric: bool,
-                eps_scaling: Optional[float], cuda_graph: bool):
+def _solve_both(
+    route: Route, K: Affinity, K_teacher: Affinity, eps: float, eps_teacher: float, options: SolverOptions
+):
     """Student and teacher potentials (f, g, f*, g*) on this route."""
     n, m = K.shape
     log_a = uniform_log_weights(n, K.dtype, K.device)
     log_b = uniform_log_weights(m, K.dtype, K.device)
-    options = dict(tol=tol, check_every=check_every, symmetric=symmetric,
-                   eps_scaling=eps_scaling, cuda_graph=cuda_graph)
-    f, g, _ = solve(route.backend, K, eps, n_iters, log_a, log_b, **options)
-    f_t, g_t, _ = solve(route.backend, K_teacher, eps_teacher, n_iters, log_a, log_b, **options)
+    f, g, _ = solve(route.backend, K, eps, options.n_iters, log_a, log_b, **options.loop())
+    f_t, g_t, _ = solve(
+        route.backend, K_teacher, eps_teacher, options.n_iters, log_a, log_b, **options.loop()
+    )
     return f, g, f_t, g_t
 
 
-def _features_route(x: Tensor, y: Tensor, x_teacher: Tensor, backend: str, path: str,
-                    memory_budget: float, precision: str) -> Route:
-    feature_dim = min(x.shape[1], x_teacher.shape[1])
-    return choose_route(backend, path, x.device, x.shape[0], y.shape[0], feature_dim, x.dtype, 2,
-                        memory_budget, precision)
+def _route(K: Tensor, feature_dim: int | None, n_columns: int, options: SolverOptions) -> Route:
+    """The route of both solves: ``K`` is the student's stored affinity or its row features."""
+    return choose_route(
+        options.backend,
+        options.path,
+        K.device,
+        K.shape[0],
+        n_columns,
+        feature_dim,
+        K.dtype,
+        2,
+        options.memory_budget,
+        options.precision,
+    )
+
+
+def _features_route(x: Tensor, y: Tensor, x_teacher: Tensor, options: SolverOptions) -> Route:
+    return _route(x, min(x.shape[1], x_teacher.shape[1]), y.shape[0], options)
+
+
+# The ops take SolverOptions flattened into its fields, in order (SolverOptions.op_args).
 
 
 @torch.library.custom_op("sotalign::klot_features", mutates_args=())
-def klot_features_op(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float,
-                     eps_teacher: float, n_iters: int, backend: str, path: str,
-                     memory_budget: float, precision: str, tol: Optional[float],
-                     check_every: int, symmetric: bool, eps_scaling: Optional[float],
-                     cuda_graph: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def klot_features_op(
+    x: Tensor,
+    y: Tensor,
+    x_teacher: Tensor,
+    y_teacher: Tensor,
+    eps: float,
+    eps_teacher: float,
+    n_iters: int,
+    tol: Optional[float],
+    check_every: int,
+    symmetric: bool,
+    eps_scaling: Optional[float],
+    cuda_graph: bool,
+    backend: str,
+    path: str,
+    precision: str,
+    memory_budget: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(KLOT, f, g, f*, g*) for K = x yᵀ and K* = x* y*ᵀ (rows already normalised for cosine)."""
+    options = SolverOptions(
+        n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph, backend, path, precision, memory_budget
+    )
     check.check_finite(x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
-    route = _features_route(x, y, x_teacher, backend, path, memory_budget, precision)
+    route = _features_route(x, y, x_teacher, options)
     K = route.prepare(Affinity.from_features(x, y))
     K_teacher = route.prepare(Affinity.from_features(x_teacher, y_teacher))
-    f, g, f_t, g_t = _solve_both(route, K, K_teacher, eps, eps_teacher, n_iters, tol,
-                                 check_every, symmetric, eps_scaling, cuda_graph)
+    f, g, f_t, g_t = _solve_both(route, K, K_teacher, eps, eps_teacher, options)
     value = route.backend.klot_value(K, f, g, eps, K_teacher, f_t, g_t, eps_teacher)
     return value, f, g, f_t, g_t
 
@@ -78,16 +110,44 @@ def _(x, y, x_teacher, y_teacher, *options):
 
 
 @torch.library.custom_op("sotalign::klot_features_backward", mutates_args=())
-def klot_features_backward_op(grad_output: Tensor, x: Tensor, y: Tensor, x_teacher: Tensor,
-                              y_teacher: Tensor, f: Tensor, g: Tensor, f_teacher: Tensor,
-                              g_teacher: Tensor, eps: float, eps_teacher: float, backend: str,
-                              path: str, memory_budget: float, precision: str
-                              ) -> tuple[Tensor, Tensor]:
+def klot_features_backward_op(
+    grad_output: Tensor,
+    x: Tensor,
+    y: Tensor,
+    x_teacher: Tensor,
+    y_teacher: Tensor,
+    f: Tensor,
+    g: Tensor,
+    f_teacher: Tensor,
+    g_teacher: Tensor,
+    eps: float,
+    eps_teacher: float,
+    n_iters: int,
+    tol: Optional[float],
+    check_every: int,
+    symmetric: bool,
+    eps_scaling: Optional[float],
+    cuda_graph: bool,
+    backend: str,
+    path: str,
+    precision: str,
+    memory_budget: float,
+) -> tuple[Tensor, Tensor]:
     """grad_output · (G y, Gᵀ x) with G = (P − P*)/ε, streamed (never n×m on an online backend)."""
-    route = _features_route(x, y, x_teacher, backend, path, memory_budget, precision)
+    options = SolverOptions(
+        n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph, backend, path, precision, memory_budget
+    )
+    route = _features_route(x, y, x_teacher, options)
     grad_x, grad_y = route.backend.klot_grad_features(
-        Affinity.from_features(x, y), f, g, eps,
-        Affinity.from_features(x_teacher, y_teacher), f_teacher, g_teacher, eps_teacher)
+        Affinity.from_features(x, y),
+        f,
+        g,
+        eps,
+        Affinity.from_features(x_teacher, y_teacher),
+        f_teacher,
+        g_teacher,
+        eps_teacher,
+    )
     return grad_output * grad_x, grad_output * grad_y
 
 
@@ -97,30 +157,44 @@ def _(grad_output, x, y, *rest):
 
 
 def _features_setup(ctx, inputs, output):
-    x, y, x_teacher, y_teacher, eps, eps_teacher, _, backend, path, memory_budget, precision = inputs[:11]
+    x, y, x_teacher, y_teacher, *scalars = inputs
     ctx.save_for_backward(x, y, x_teacher, y_teacher, *output[1:])
-    ctx.options = (eps, eps_teacher, backend, path, memory_budget, precision)
+    ctx.scalars = scalars  # eps, eps_teacher, then the options
 
 
 def _features_backward(ctx, grad_value, *unused_potential_grads):
-    grad_x, grad_y = klot_features_backward_op(grad_value, *ctx.saved_tensors, *ctx.options)
-    return (grad_x, grad_y) + (None,) * 14
+    grad_x, grad_y = klot_features_backward_op(grad_value, *ctx.saved_tensors, *ctx.scalars)
+    return (grad_x, grad_y) + (None,) * (4 + N_OPTIONS)
 
 
 klot_features_op.register_autograd(_features_backward, setup_context=_features_setup)
 
 
 @torch.library.custom_op("sotalign::klot_dense", mutates_args=())
-def klot_dense_op(K: Tensor, K_teacher: Tensor, eps: float, eps_teacher: float, n_iters: int,
-                  backend: str, precision: str, tol: Optional[float], check_every: int,
-                  symmetric: bool, eps_scaling: Optional[float], cuda_graph: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def klot_dense_op(
+    K: Tensor,
+    K_teacher: Tensor,
+    eps: float,
+    eps_teacher: float,
+    n_iters: int,
+    tol: Optional[float],
+    check_every: int,
+    symmetric: bool,
+    eps_scaling: Optional[float],
+    cuda_graph: bool,
+    backend: str,
+    path: str,
+    precision: str,
+    memory_budget: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(KLOT, f, g, f*, g*) for given n×m affinities K and K*."""
+    options = SolverOptions(
+        n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph, backend, path, precision, memory_budget
+    )
     check.check_finite(K=K, K_teacher=K_teacher)
-    route = _dense_route(K, backend, precision)
+    route = _route(K, None, K.shape[1], options)
     K_aff, K_teacher_aff = Affinity.from_dense(K), Affinity.from_dense(K_teacher)
-    f, g, f_t, g_t = _solve_both(route, K_aff, K_teacher_aff, eps, eps_teacher, n_iters, tol,
-                                 check_every, symmetric, eps_scaling, cuda_graph)
+    f, g, f_t, g_t = _solve_both(route, K_aff, K_teacher_aff, eps, eps_teacher, options)
     value = route.backend.klot_value(K_aff, f, g, eps, K_teacher_aff, f_t, g_t, eps_teacher)
     return value, f, g, f_t, g_t
 
@@ -131,20 +205,36 @@ def _(K, K_teacher, *options):
     return K.new_empty(()), K.new_empty(n), K.new_empty(m), K.new_empty(n), K.new_empty(m)
 
 
-def _dense_route(K: Tensor, backend: str, precision: str) -> Route:
-    return choose_route(backend, "auto", K.device, K.shape[0], K.shape[1], None, K.dtype, 2,
-                        DEFAULT_MEMORY_BUDGET, precision)
-
-
 @torch.library.custom_op("sotalign::klot_dense_backward", mutates_args=())
-def klot_dense_backward_op(grad_output: Tensor, K: Tensor, K_teacher: Tensor, f: Tensor,
-                           g: Tensor, f_teacher: Tensor, g_teacher: Tensor, eps: float,
-                           eps_teacher: float, backend: str, precision: str) -> Tensor:
+def klot_dense_backward_op(
+    grad_output: Tensor,
+    K: Tensor,
+    K_teacher: Tensor,
+    f: Tensor,
+    g: Tensor,
+    f_teacher: Tensor,
+    g_teacher: Tensor,
+    eps: float,
+    eps_teacher: float,
+    n_iters: int,
+    tol: Optional[float],
+    check_every: int,
+    symmetric: bool,
+    eps_scaling: Optional[float],
+    cuda_graph: bool,
+    backend: str,
+    path: str,
+    precision: str,
+    memory_budget: float,
+) -> Tensor:
     """grad_output · G with G = (P − P*)/ε (n×m, like the input K)."""
-    route = _dense_route(K, backend, precision)
-    G = route.backend.klot_grad_dense(Affinity.from_dense(K), f, g, eps,
-                                      Affinity.from_dense(K_teacher), f_teacher, g_teacher,
-                                      eps_teacher)
+    options = SolverOptions(
+        n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph, backend, path, precision, memory_budget
+    )
+    route = _route(K, None, K.shape[1], options)
+    G = route.backend.klot_grad_dense(
+        Affinity.from_dense(K), f, g, eps, Affinity.from_dense(K_teacher), f_teacher, g_teacher, eps_teacher
+    )
     return grad_output * G
 
 
@@ -154,69 +244,83 @@ def _(grad_output, K, *rest):
 
 
 def _dense_setup(ctx, inputs, output):
-    K, K_teacher, eps, eps_teacher, _, backend, precision = inputs[:7]
+    K, K_teacher, *scalars = inputs
     ctx.save_for_backward(K, K_teacher, *output[1:])
-    ctx.options = (eps, eps_teacher, backend, precision)
+    ctx.scalars = scalars
 
 
 def _dense_backward(ctx, grad_value, *unused_potential_grads):
-    grad_K = klot_dense_backward_op(grad_value, *ctx.saved_tensors, *ctx.options)
-    return (grad_K,) + (None,) * 11
+    grad_K = klot_dense_backward_op(grad_value, *ctx.saved_tensors, *ctx.scalars)
+    return (grad_K,) + (None,) * (3 + N_OPTIONS)
 
 
 klot_dense_op.register_autograd(_dense_backward, setup_context=_dense_setup)
 
 
-def _solver_options(eps, eps_teacher, n_iters, tol, check_every, symmetric, eps_scaling,
-                    cuda_graph, device) -> tuple:
-    """The validated scalar options, as the custom ops take them."""
-    eps = check.check_positive("eps", eps)
-    eps_teacher = check.check_positive("eps_teacher", eps_teacher)
-    n_iters = check.check_count("n_iters", n_iters)
-    check_every = check.check_count("check_every", check_every)
-    if tol is not None:
-        tol = check.check_positive("tol", tol)
-    eps_scaling = check.check_eps_scaling(eps_scaling)
-    cuda_graph = check.check_cuda_graph(cuda_graph, device)
-    return eps, eps_teacher, n_iters, tol, check_every, bool(symmetric), eps_scaling, cuda_graph
-
-
-def _check_names(backend, path, precision) -> None:
-    for name, value in (("backend", backend), ("path", path), ("precision", precision)):
-        if not isinstance(value, str):
-            raise TypeError(f"{name} must be a string, got {type(value).__name__}")
-
-
-def klot(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float = 0.05,
-         eps_teacher: float = 0.01, n_iters: int = 100, affinity: str = "cosine",
-         backend: str = "auto", *, path: str = "auto", tol: Optional[float] = None,
-         check_every: int = 10, symmetric: bool = True,
-         memory_budget: float = DEFAULT_MEMORY_BUDGET, eps_scaling: Optional[float] = None,
-         cuda_graph: bool = False, precision: str = "fp32") -> Tensor:
+def klot(
+    x: Tensor,
+    y: Tensor,
+    x_teacher: Tensor,
+    y_teacher: Tensor,
+    eps: float = 0.05,
+    eps_teacher: float = 0.01,
+    n_iters: int = 100,
+    affinity: str = "cosine",
+    backend: str = "auto",
+    *,
+    path: str = "auto",
+    tol: Optional[float] = None,
+    check_every: int = 10,
+    symmetric: bool = True,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    eps_scaling: Optional[float] = None,
+    cuda_graph: bool = False,
+    precision: str = "fp32",
+) -> Tensor:
     """KLOT(K ‖ K*) with K = aff(x, y) (student) and K* = aff(x_teacher, y_teacher) (teacher).
 
     ``x`` (n×d) and ``y`` (m×d) are the student's image and text features; the teacher's
     features ``x_teacher`` (n×d*) and ``y_teacher`` (m×d*) describe the same rows and
     columns in the teacher's space. Returns a scalar tensor, differentiable wrt x and y with
     the exact gradient of Theorem 5.1. Both solves use the same options (``tol``,
-    ``eps_scaling``, ``cuda_graph``, ``precision``...); see :func:`sotalign.sinkhorn`.
-    Safe under ``torch.compile(fullgraph=True)``.
+    ``eps_scaling``, ``cuda_graph``, ``precision``...: :class:`~sotalign.ot.options.SolverOptions`);
+    see :func:`sotalign.sinkhorn`. Safe under ``torch.compile(fullgraph=True)``.
     """
+    options = SolverOptions(
+        n_iters=n_iters,
+        tol=tol,
+        check_every=check_every,
+        symmetric=symmetric,
+        eps_scaling=eps_scaling,
+        cuda_graph=cuda_graph,
+        backend=backend,
+        path=path,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
+    return _klot(x, y, x_teacher, y_teacher, eps, eps_teacher, affinity, options)
+
+
+def _klot(x, y, x_teacher, y_teacher, eps, eps_teacher, affinity, options: SolverOptions) -> Tensor:
+    """:func:`klot` with its solver options given as one object."""
     device = check.check_structure(x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
     check.check_affinity(affinity)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same feature dimension, got {x.shape[1]} and {y.shape[1]}")
     if x_teacher.shape[1] != y_teacher.shape[1]:
-        raise ValueError("x_teacher and y_teacher must have the same feature dimension, "
-                         f"got {x_teacher.shape[1]} and {y_teacher.shape[1]}")
+        raise ValueError(
+            "x_teacher and y_teacher must have the same feature dimension, "
+            f"got {x_teacher.shape[1]} and {y_teacher.shape[1]}"
+        )
     if x_teacher.shape[0] != x.shape[0] or y_teacher.shape[0] != y.shape[0]:
-        raise ValueError("teacher rows must match the student rows: x has "
-                         f"{x.shape[0]} and x_teacher {x_teacher.shape[0]}; "
-                         f"y has {y.shape[0]} and y_teacher {y_teacher.shape[0]}")
-    _check_names(backend, path, precision)
-    options = _solver_options(eps, eps_teacher, n_iters, tol, check_every, symmetric,
-                              eps_scaling, cuda_graph, device)
-    memory_budget = check.check_positive("memory_budget", memory_budget)
+        raise ValueError(
+            "teacher rows must match the student rows: x has "
+            f"{x.shape[0]} and x_teacher {x_teacher.shape[0]}; "
+            f"y has {y.shape[0]} and y_teacher {y_teacher.shape[0]}"
+        )
+    eps = check.check_positive("eps", eps)
+    eps_teacher = check.check_positive("eps_teacher", eps_teacher)
+    check.check_cuda_graph(options.cuda_graph, device)
     dtype = check.compute_dtype(x, y, x_teacher, y_teacher)
     x, y = x.to(dtype), y.to(dtype)
     x_teacher, y_teacher = x_teacher.detach().to(dtype), y_teacher.detach().to(dtype)
@@ -224,55 +328,99 @@ def klot(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float 
         normalize = torch.nn.functional.normalize
         x, y = normalize(x, dim=1), normalize(y, dim=1)
         x_teacher, y_teacher = normalize(x_teacher, dim=1), normalize(y_teacher, dim=1)
-    eps, eps_teacher, n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph = options
-    value, *_ = klot_features_op(x.contiguous(), y.contiguous(), x_teacher.contiguous(),
-                                 y_teacher.contiguous(), eps, eps_teacher, n_iters, backend, path,
-                                 memory_budget, precision, tol, check_every, symmetric,
-                                 eps_scaling, cuda_graph)
+    value, *_ = klot_features_op(
+        x.contiguous(),
+        y.contiguous(),
+        x_teacher.contiguous(),
+        y_teacher.contiguous(),
+        eps,
+        eps_teacher,
+        *options.op_args(),
+    )
     return value
 
 
-def klot_dense(K: Tensor, K_teacher: Tensor, eps: float = 0.05, eps_teacher: float = 0.01,
-               n_iters: int = 100, backend: str = "auto", *, tol: Optional[float] = None,
-               check_every: int = 10, symmetric: bool = True, eps_scaling: Optional[float] = None,
-               cuda_graph: bool = False, precision: str = "fp32") -> Tensor:
+def klot_dense(
+    K: Tensor,
+    K_teacher: Tensor,
+    eps: float = 0.05,
+    eps_teacher: float = 0.01,
+    n_iters: int = 100,
+    backend: str = "auto",
+    *,
+    tol: Optional[float] = None,
+    check_every: int = 10,
+    symmetric: bool = True,
+    eps_scaling: Optional[float] = None,
+    cuda_graph: bool = False,
+    precision: str = "fp32",
+) -> Tensor:
     """KLOT(K ‖ K*) for given n×m affinities; differentiable wrt K (gradient (P − P*)/ε)."""
     device = check.check_structure(K=K, K_teacher=K_teacher)
     if K.shape != K_teacher.shape:
-        raise ValueError(f"K and K_teacher must have the same shape, got {tuple(K.shape)} "
-                         f"and {tuple(K_teacher.shape)}")
-    _check_names(backend, "auto", precision)
-    options = _solver_options(eps, eps_teacher, n_iters, tol, check_every, symmetric,
-                              eps_scaling, cuda_graph, device)
-    eps, eps_teacher, n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph = options
+        raise ValueError(
+            f"K and K_teacher must have the same shape, got {tuple(K.shape)} and {tuple(K_teacher.shape)}"
+        )
+    options = SolverOptions(
+        n_iters=n_iters,
+        tol=tol,
+        check_every=check_every,
+        symmetric=symmetric,
+        eps_scaling=eps_scaling,
+        cuda_graph=cuda_graph,
+        backend=backend,
+        precision=precision,
+    )
+    eps = check.check_positive("eps", eps)
+    eps_teacher = check.check_positive("eps_teacher", eps_teacher)
+    check.check_cuda_graph(options.cuda_graph, device)
     dtype = check.compute_dtype(K, K_teacher)
-    value, *_ = klot_dense_op(K.to(dtype).contiguous(), K_teacher.detach().to(dtype).contiguous(),
-                              eps, eps_teacher, n_iters, backend, precision, tol, check_every,
-                              symmetric, eps_scaling, cuda_graph)
+    value, *_ = klot_dense_op(
+        K.to(dtype).contiguous(),
+        K_teacher.detach().to(dtype).contiguous(),
+        eps,
+        eps_teacher,
+        *options.op_args(),
+    )
     return value
 
 
 class KLOTLoss(nn.Module):
     """``KLOTLoss(eps, eps_teacher, n_iters, ...)(x, y, x_teacher, y_teacher)``: see :func:`klot`.
 
-    Keyword ``options`` are those of :func:`klot` (``path``, ``tol``, ``check_every``,
-    ``symmetric``, ``memory_budget``, ``eps_scaling``, ``cuda_graph``, ``precision``).
+    Keyword ``options`` are the fields of :class:`~sotalign.ot.options.SolverOptions` (``path``,
+    ``tol``, ``check_every``, ``symmetric``, ``memory_budget``, ``eps_scaling``, ``cuda_graph``,
+    ``precision``); every argument is validated here, at construction.
     """
 
-    def __init__(self, eps: float = 0.05, eps_teacher: float = 0.01, n_iters: int = 100,
-                 affinity: str = "cosine", backend: str = "auto", **options):
+    def __init__(
+        self,
+        eps: float = 0.05,
+        eps_teacher: float = 0.01,
+        n_iters: int = 100,
+        affinity: str = "cosine",
+        backend: str = "auto",
+        **options,
+    ):
         super().__init__()
-        check.check_positive("eps", eps)
-        check.check_positive("eps_teacher", eps_teacher)
-        check.check_count("n_iters", n_iters)
-        check.check_affinity(affinity)
-        self.eps, self.eps_teacher, self.n_iters = eps, eps_teacher, n_iters
-        self.affinity, self.backend, self.options = affinity, backend, options
+        self.eps = check.check_positive("eps", eps)
+        self.eps_teacher = check.check_positive("eps_teacher", eps_teacher)
+        self.affinity = check.check_affinity(affinity)
+        self.options = SolverOptions(n_iters=n_iters, backend=backend, **options)
+
+    @property
+    def n_iters(self) -> int:
+        return self.options.n_iters
+
+    @property
+    def backend(self) -> str:
+        return self.options.backend
 
     def forward(self, x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor) -> Tensor:
-        return klot(x, y, x_teacher, y_teacher, self.eps, self.eps_teacher, self.n_iters,
-                    self.affinity, self.backend, **self.options)
+        return _klot(x, y, x_teacher, y_teacher, self.eps, self.eps_teacher, self.affinity, self.options)
 
     def extra_repr(self) -> str:
-        return (f"eps={self.eps}, eps_teacher={self.eps_teacher}, n_iters={self.n_iters}, "
-                f"affinity={self.affinity!r}, backend={self.backend!r}")
+        return (
+            f"eps={self.eps}, eps_teacher={self.eps_teacher}, n_iters={self.n_iters}, "
+            f"affinity={self.affinity!r}, backend={self.backend!r}"
+        )

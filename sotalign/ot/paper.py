@@ -32,8 +32,9 @@ def _compiled_step():
     return _compiled_iteration
 
 
-def paper_sinkhorn(K: Tensor, eps: float, n_iters: int = 100, symmetric: bool = True, *,
-                   compiled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def paper_sinkhorn(
+    K: Tensor, eps: float, n_iters: int = 100, symmetric: bool = True, *, compiled: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """Dense log-domain Sinkhorn on ``K / eps`` with uniform marginals of mass one.
 
     Returns ``(log P, u, v)`` where ``log P_ij = K_ij/eps + u_i + v_j``. ``compiled=True``
@@ -56,8 +57,15 @@ def paper_sinkhorn(K: Tensor, eps: float, n_iters: int = 100, symmetric: bool = 
     return log_plan, u, v
 
 
-def paper_klot(K: Tensor, K_teacher: Tensor, eps: float = 0.05, eps_teacher: float = 0.01,
-               n_iters: int = 100, *, compiled: bool = False) -> Tensor:
+def paper_klot(
+    K: Tensor,
+    K_teacher: Tensor,
+    eps: float = 0.05,
+    eps_teacher: float = 0.01,
+    n_iters: int = 100,
+    *,
+    compiled: bool = False,
+) -> Tensor:
     """KL(P* ‖ P) with the surrogate-gradient trick of the authors' code."""
     with torch.no_grad():
         log_plan, _, _ = paper_sinkhorn(K, eps, n_iters, compiled=compiled)
@@ -68,12 +76,22 @@ def paper_klot(K: Tensor, K_teacher: Tensor, eps: float = 0.05, eps_teacher: flo
     return (value - surrogate).detach() + surrogate
 
 
-def paper_klot_features(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor,
-                        eps: float = 0.05, eps_teacher: float = 0.01, n_iters: int = 100, *,
-                        compiled: bool = False) -> Tensor:
+def paper_klot_features(
+    x: Tensor,
+    y: Tensor,
+    x_teacher: Tensor,
+    y_teacher: Tensor,
+    eps: float = 0.05,
+    eps_teacher: float = 0.01,
+    n_iters: int = 100,
+    *,
+    compiled: bool = False,
+) -> Tensor:
     """The paper's step on features: K = cos(x, y), K* = cos(x*, y*), then :func:`paper_klot`."""
+
     def cosine(a: Tensor, b: Tensor) -> Tensor:
         return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
 
-    return paper_klot(cosine(x, y), cosine(x_teacher, y_teacher), eps, eps_teacher, n_iters,
-                      compiled=compiled)
+    return paper_klot(
+        cosine(x, y), cosine(x_teacher, y_teacher), eps, eps_teacher, n_iters, compiled=compiled
+    )

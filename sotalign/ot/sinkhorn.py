@@ -24,6 +24,7 @@ from torch import Tensor
 from ..kernels import Affinity, Backend, load_backend
 from . import validation as check
 from .dispatch import DEFAULT_MEMORY_BUDGET, choose_route
+from .options import SolverOptions
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,7 @@ def affinity_spread(K: Affinity) -> float:
     return 2.0 * float(K.x.norm(dim=1).max() * K.y.norm(dim=1).max())
 
 
-def eps_schedule(eps: float, n_iters: int, eps_scaling: float | None,
-                 eps_start: float | None) -> list[float]:
+def eps_schedule(eps: float, n_iters: int, eps_scaling: float | None, eps_start: float | None) -> list[float]:
     """The ε of each iteration: ``max(ε, ε₀·factor^k)`` from ε₀ = ``eps_start``, then ε."""
     if eps_scaling is None or eps_start is None or eps_start <= eps:
         return [eps] * n_iters
@@ -101,10 +101,22 @@ def eps_schedule(eps: float, n_iters: int, eps_scaling: float | None,
     return levels + [eps] * (n_iters - len(levels))
 
 
-def solve(backend: Backend, K: Affinity, eps: float, n_iters: int, log_a: Tensor, log_b: Tensor,
-          *, tol: float | None = None, check_every: int = 10, symmetric: bool = True,
-          g_init: Tensor | None = None, eps_scaling: float | None = None,
-          eps_start: float | None = None, cuda_graph: bool = False) -> tuple[Tensor, Tensor, int]:
+def solve(
+    backend: Backend,
+    K: Affinity,
+    eps: float,
+    n_iters: int,
+    log_a: Tensor,
+    log_b: Tensor,
+    *,
+    tol: float | None = None,
+    check_every: int = 10,
+    symmetric: bool = True,
+    g_init: Tensor | None = None,
+    eps_scaling: float | None = None,
+    eps_start: float | None = None,
+    cuda_graph: bool = False,
+) -> tuple[Tensor, Tensor, int]:
     """Run the Sinkhorn loop; returns ``(f, g, iterations done)``.
 
     With ``tol``, every ``check_every`` iterations the row-marginal error of the current
@@ -133,13 +145,16 @@ def solve(backend: Backend, K: Affinity, eps: float, n_iters: int, log_a: Tensor
     if cuda_graph:
         # the annealing levels run eagerly (ε changes each time), then graphs at the target ε
         annealed = next((k for k, level in enumerate(schedule) if level == eps), n_iters)
-        f, g, _, done = _eager_loop(backend, K, schedule[:annealed], log_a, log_b, None,
-                                    check_every, None, g, 0, eps)
-        f, g, f_next, done = _graphed_loop(backend, K, eps, n_iters, log_a, log_b, tol,
-                                           check_every, f, g, done)
+        f, g, _, done = _eager_loop(
+            backend, K, schedule[:annealed], log_a, log_b, None, check_every, None, g, 0, eps
+        )
+        f, g, f_next, done = _graphed_loop(
+            backend, K, eps, n_iters, log_a, log_b, tol, check_every, f, g, done
+        )
     else:
-        f, g, f_next, done = _eager_loop(backend, K, schedule, log_a, log_b, tol, check_every,
-                                         None, g, 0, eps)
+        f, g, f_next, done = _eager_loop(
+            backend, K, schedule, log_a, log_b, tol, check_every, None, g, 0, eps
+        )
     if symmetric:
         if f_next is None:
             f_next = row_update(backend, K, g, eps, log_a)
@@ -155,8 +170,13 @@ def _eager_loop(backend, K, schedule, log_a, log_b, tol, check_every, f, g, star
     for it in range(start, len(schedule)):
         level = schedule[it]
         f_next = row_update(backend, K, g, level, log_a)
-        if (tol is not None and f is not None and it % check_every == 0 and level == eps
-                and float(row_error(f, f_next, eps, log_a)) < tol):
+        if (
+            tol is not None
+            and f is not None
+            and it % check_every == 0
+            and level == eps
+            and float(row_error(f, f_next, eps, log_a)) < tol
+        ):
             return f, g, f_next, it
         f = f_next
         g = column_update(backend, K, f, level, log_b)
@@ -190,8 +210,9 @@ def _graphed_loop(backend, K, eps, n_iters, log_a, log_b, tol, check_every, f, g
     from is returned. Iterations left over (fewer than a chunk) run eagerly too."""
     schedule = [eps] * n_iters
     aligned = min(n_iters, -(-start // check_every) * check_every)
-    f, g, f_next, it = _eager_loop(backend, K, schedule[:aligned], log_a, log_b, tol, check_every,
-                                   f, g, start, eps)
+    f, g, f_next, it = _eager_loop(
+        backend, K, schedule[:aligned], log_a, log_b, tol, check_every, f, g, start, eps
+    )
     chunks = (n_iters - it) // check_every
     if f_next is not None or chunks == 0:
         if f_next is not None:
@@ -235,8 +256,9 @@ def _capture(body) -> _Graph:
     return _Graph(body)
 
 
-def marginal_error(backend: Backend, K: Affinity, f: Tensor, g: Tensor, eps: float,
-                   log_a: Tensor, log_b: Tensor) -> float:
+def marginal_error(
+    backend: Backend, K: Affinity, f: Tensor, g: Tensor, eps: float, log_a: Tensor, log_b: Tensor
+) -> float:
     """max(‖P1 − a‖₁, ‖Pᵀ1 − b‖₁), from one row and one column LSE pass."""
     rows = torch.exp(f / eps + backend.lse_rows(K, g, eps))
     cols = torch.exp(g / eps + backend.lse_cols(K, f, eps))
@@ -248,10 +270,16 @@ def uniform_log_weights(size: int, dtype: torch.dtype, device: torch.device) -> 
 
 
 def _log_weights(a, b, n, m, dtype, device) -> tuple[Tensor, Tensor]:
-    log_a = (uniform_log_weights(n, dtype, device) if a is None
-             else check.check_weights("a", a, n, dtype, device).log())
-    log_b = (uniform_log_weights(m, dtype, device) if b is None
-             else check.check_weights("b", b, m, dtype, device).log())
+    log_a = (
+        uniform_log_weights(n, dtype, device)
+        if a is None
+        else check.check_weights("a", a, n, dtype, device).log()
+    )
+    log_b = (
+        uniform_log_weights(m, dtype, device)
+        if b is None
+        else check.check_weights("b", b, m, dtype, device).log()
+    )
     mass_a, mass_b = float(log_a.exp().sum()), float(log_b.exp().sum())
     if abs(mass_a - mass_b) > 1e-6 * max(mass_a, mass_b):
         raise ValueError(f"a and b must have the same total mass, got {mass_a:.8g} and {mass_b:.8g}")
@@ -272,43 +300,73 @@ def _warm_start(warm_start, m: int, dtype, device) -> tuple[Tensor | None, float
     return g.to(dtype=dtype, device=device), (warm_start.eps if result else None)
 
 
-def _sinkhorn(K: Affinity, feature_dim, eps, n_iters, tol, backend, path, a, b, symmetric,
-              warm_start, check_every, memory_budget, eps_scaling, cuda_graph,
-              precision) -> SinkhornResult:
+def _sinkhorn(
+    K: Affinity, feature_dim: int | None, eps, options: SolverOptions, a, b, warm_start
+) -> SinkhornResult:
     eps = check.check_positive("eps", eps)
-    n_iters = check.check_count("n_iters", n_iters)
-    check_every = check.check_count("check_every", check_every)
-    if tol is not None:
-        tol = check.check_positive("tol", tol)
-    eps_scaling = check.check_eps_scaling(eps_scaling)
-    cuda_graph = check.check_cuda_graph(cuda_graph, K.device)
+    check.check_cuda_graph(options.cuda_graph, K.device)
     n, m = K.shape
-    route = choose_route(backend, path, K.device, n, m, feature_dim, K.dtype, 1, memory_budget,
-                         precision)
+    route = choose_route(
+        options.backend,
+        options.path,
+        K.device,
+        n,
+        m,
+        feature_dim,
+        K.dtype,
+        1,
+        options.memory_budget,
+        options.precision,
+    )
     log_a, log_b = _log_weights(a, b, n, m, K.dtype, K.device)
     g_init, warm_eps = _warm_start(warm_start, m, K.dtype, K.device)
     with torch.no_grad():
         K_read = route.prepare(K)
         eps_start = None
-        if eps_scaling is not None and warm_eps is not None:
+        if options.eps_scaling is not None and warm_eps is not None:
             eps_start = min(affinity_spread(K_read), warm_eps)
-        f, g, done = solve(route.backend, K_read, eps, n_iters, log_a, log_b, tol=tol,
-                           check_every=check_every, symmetric=symmetric, g_init=g_init,
-                           eps_scaling=eps_scaling, eps_start=eps_start, cuda_graph=cuda_graph)
+        f, g, done = solve(
+            route.backend,
+            K_read,
+            eps,
+            options.n_iters,
+            log_a,
+            log_b,
+            g_init=g_init,
+            eps_start=eps_start,
+            **options.loop(),
+        )
         error = marginal_error(route.backend, K_read, f, g, eps, log_a, log_b)
-    return SinkhornResult(f, g, eps, done, error, route.backend.name, route.path, K, precision)
+    return SinkhornResult(f, g, eps, done, error, route.backend.name, route.path, K, options.precision)
 
 
-def sinkhorn(x: Tensor, y: Tensor, eps: float = 0.05, n_iters: int = 100, tol: float | None = None,
-             affinity: str = "cosine", backend: str = "auto", *, path: str = "auto",
-             a: Tensor | None = None, b: Tensor | None = None, symmetric: bool = True,
-             warm_start=None, check_every: int = 10,
-             memory_budget: float = DEFAULT_MEMORY_BUDGET, eps_scaling: float | None = None,
-             cuda_graph: bool = False, precision: str = "fp32") -> SinkhornResult:
+def sinkhorn(
+    x: Tensor,
+    y: Tensor,
+    eps: float = 0.05,
+    n_iters: int = 100,
+    tol: float | None = None,
+    affinity: str = "cosine",
+    backend: str = "auto",
+    *,
+    path: str = "auto",
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    symmetric: bool = True,
+    warm_start=None,
+    check_every: int = 10,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    eps_scaling: float | None = None,
+    cuda_graph: bool = False,
+    precision: str = "fp32",
+) -> SinkhornResult:
     """Entropic OT plan between the rows of ``x`` (n×d) and of ``y`` (m×d).
 
     ``affinity="cosine"`` uses K = x̂ ŷᵀ with L2-normalised rows; ``"dot"`` uses K = x yᵀ.
     Potentials are not differentiable (use :func:`sotalign.klot` for gradients).
+
+    The solver options are those of :class:`~sotalign.ot.options.SolverOptions`, validated
+    there before any work.
 
     Args:
         eps: entropic regularisation ε > 0, in the units of K.
@@ -336,19 +394,48 @@ def sinkhorn(x: Tensor, y: Tensor, eps: float = 0.05, n_iters: int = 100, tol: f
     x, y = x.detach().to(dtype), y.detach().to(dtype)
     if affinity == "cosine":
         x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
-    return _sinkhorn(Affinity.from_features(x, y), x.shape[1], eps, n_iters, tol, backend, path,
-                     a, b, symmetric, warm_start, check_every, memory_budget, eps_scaling,
-                     cuda_graph, precision)
+    options = SolverOptions(
+        n_iters=n_iters,
+        tol=tol,
+        check_every=check_every,
+        symmetric=symmetric,
+        eps_scaling=eps_scaling,
+        cuda_graph=cuda_graph,
+        backend=backend,
+        path=path,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
+    return _sinkhorn(Affinity.from_features(x, y), x.shape[1], eps, options, a, b, warm_start)
 
 
-def sinkhorn_dense(K: Tensor, eps: float = 0.05, n_iters: int = 100, tol: float | None = None,
-                   backend: str = "auto", *, a: Tensor | None = None, b: Tensor | None = None,
-                   symmetric: bool = True, warm_start=None, check_every: int = 10,
-                   eps_scaling: float | None = None, cuda_graph: bool = False,
-                   precision: str = "fp32") -> SinkhornResult:
+def sinkhorn_dense(
+    K: Tensor,
+    eps: float = 0.05,
+    n_iters: int = 100,
+    tol: float | None = None,
+    backend: str = "auto",
+    *,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    symmetric: bool = True,
+    warm_start=None,
+    check_every: int = 10,
+    eps_scaling: float | None = None,
+    cuda_graph: bool = False,
+    precision: str = "fp32",
+) -> SinkhornResult:
     """Entropic OT plan for a given n×m affinity ``K`` (cost −K); see :func:`sinkhorn`."""
     check.check_matrices(K=K)
     K = K.detach().to(check.compute_dtype(K))
-    return _sinkhorn(Affinity.from_dense(K), None, eps, n_iters, tol, backend, "auto", a, b,
-                     symmetric, warm_start, check_every, DEFAULT_MEMORY_BUDGET, eps_scaling,
-                     cuda_graph, precision)
+    options = SolverOptions(
+        n_iters=n_iters,
+        tol=tol,
+        check_every=check_every,
+        symmetric=symmetric,
+        eps_scaling=eps_scaling,
+        cuda_graph=cuda_graph,
+        backend=backend,
+        precision=precision,
+    )
+    return _sinkhorn(Affinity.from_dense(K), None, eps, options, a, b, warm_start)

@@ -1,10 +1,13 @@
-"""Input checks shared by the public entry points: bad input fails early and says why."""
+"""The bottom layer of checks, shared by every layer (ot, align, data, eval): bad input fails
+early and says why. One matrix coercer (:func:`as_matrix`), one dtype rule
+(:func:`compute_dtype`), one integer and one real-number check."""
 
 from __future__ import annotations
 
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,10 +83,8 @@ def check_eps_scaling(value) -> float | None:
     return value
 
 
-def check_cuda_graph(flag, device: torch.device) -> bool:
-    """``cuda_graph`` is a bool, and True only for CUDA tensors."""
-    if not isinstance(flag, bool):
-        raise TypeError(f"cuda_graph must be a bool, got {type(flag).__name__}")
+def check_cuda_graph(flag: bool, device: torch.device) -> bool:
+    """``cuda_graph=True`` only for CUDA tensors (the flag's type is a SolverOptions check)."""
     if flag and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs CUDA tensors, got tensors on {device}")
     return flag
@@ -106,6 +107,25 @@ def check_same_device(**tensors: Tensor) -> torch.device:
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half types are never used for costs)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def as_matrix(name: str, value, dtype: torch.dtype | None = None, *, integers: bool = False) -> Tensor:
+    """A finite, non-empty, 2-D real matrix, from a torch tensor or a numpy array (a read-only
+    one, e.g. a memmap, is copied), as a detached tensor of ``dtype`` (by default the
+    :func:`compute_dtype` rule: float64 stays float64, any other float becomes float32).
+    ``integers=True`` also accepts integer matrices (converted to float64 first)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must hold real numbers, got numpy dtype {value.dtype}")
+        value = torch.from_numpy(value if value.flags.writeable else np.array(value))
+    elif not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+    if integers and not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        value = value.to(torch.float64)
+    check_matrix(name, value)
+    value = value.detach().to(dtype or compute_dtype(value))
+    check_finite(**{name: value})
+    return value
 
 
 def check_weights(name: str, w, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:

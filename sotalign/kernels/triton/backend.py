@@ -183,17 +183,22 @@ class TritonBackend(Backend):
         if K.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the 'triton' backend computes in float32 or float64, got {K.dtype}")
         if not INTERPRETING and K.device.type != "cuda":
-            raise ValueError(f"the 'triton' backend needs CUDA tensors, got tensors on {K.device} "
-                             "(set TRITON_INTERPRET=1 before importing it to run on CPU)")
+            raise ValueError(
+                f"the 'triton' backend needs CUDA tensors, got tensors on {K.device} "
+                "(set TRITON_INTERPRET=1 before importing it to run on CPU)"
+            )
         if not K.is_dense and K.x.shape[1] != K.y.shape[1]:
-            raise ValueError(f"x and y must have the same feature dimension, got "
-                             f"{K.x.shape[1]} and {K.y.shape[1]}")
+            raise ValueError(
+                f"x and y must have the same feature dimension, got {K.x.shape[1]} and {K.y.shape[1]}"
+            )
 
     @staticmethod
     def _vector(name: str, v: Tensor, size: int, K: Affinity) -> Tensor:
         if not isinstance(v, Tensor) or v.shape != (size,):
-            raise ValueError(f"{name} must be a tensor of shape ({size},), got "
-                             f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+            raise ValueError(
+                f"{name} must be a tensor of shape ({size},), got "
+                f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
+            )
         if v.dtype != K.dtype or v.device != K.device:
             raise ValueError(f"{name} must be {K.dtype} on {K.device}, got {v.dtype} on {v.device}")
         return v.contiguous()
@@ -203,8 +208,10 @@ class TritonBackend(Backend):
         self._check(K)
         self._check(K_t)
         if K.shape != K_t.shape or K.dtype != K_t.dtype or K.device != K_t.device:
-            raise ValueError(f"student and teacher affinities must match: shape {K.shape} vs "
-                             f"{K_t.shape}, {K.dtype} vs {K_t.dtype}, {K.device} vs {K_t.device}")
+            raise ValueError(
+                f"student and teacher affinities must match: shape {K.shape} vs "
+                f"{K_t.shape}, {K.dtype} vs {K_t.dtype}, {K.device} vs {K_t.device}"
+            )
 
     # ------------------------------------------------------------------ half-steps
 
@@ -217,9 +224,19 @@ class TritonBackend(Backend):
         out = torch.empty(splits, op.rows, dtype=K.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(op.rows, meta["BLOCK_M"]), splits)  # noqa: E731
         with on_device(K.device):
-            lse_kernel[grid](*op.args, bias * scale, constants((scale, LN2), K.dtype, K.device), out,
-                             op.rows, op.cols, bucket(op.rows), bucket(op.cols), bucket(op.d),
-                             DENSE=op.dense, **self._dot_flags(K.dtype))
+            lse_kernel[grid](
+                *op.args,
+                bias * scale,
+                constants((scale, LN2), K.dtype, K.device),
+                out,
+                op.rows,
+                op.cols,
+                bucket(op.rows),
+                bucket(op.cols),
+                bucket(op.d),
+                DENSE=op.dense,
+                **self._dot_flags(K.dtype),
+            )
         return out[0] if splits == 1 else torch.logsumexp(out, dim=0)
 
     def lse_rows(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
@@ -232,8 +249,9 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ plan products
 
-    def _product(self, op: Operand, a: Tensor, b: Tensor, scale: float, V: Tensor,
-                 teacher: tuple | None = None) -> Tensor:
+    def _product(
+        self, op: Operand, a: Tensor, b: Tensor, scale: float, V: Tensor, teacher: tuple | None = None
+    ) -> Tensor:
         """Σ_j W_ij V_j: with W = 2^{K·scale + a_i + b_j}, or with ``teacher`` =
         (operand, a*, b*, scale*, 1/ε) W = (that − 2^{K*·scale* + a*_i + b*_j})/ε."""
         V = V.contiguous()
@@ -246,15 +264,36 @@ class TritonBackend(Backend):
         n_out = V.shape[1]
         splits = self._split_count(op.rows, op.cols, device)
         out = torch.empty(splits, op.rows, n_out, dtype=dtype, device=device)
-        grid = lambda meta: (triton.cdiv(op.rows, meta["BLOCK_M"]), splits,  # noqa: E731
-                             triton.cdiv(n_out, meta["BLOCK_K"]))
+        grid = lambda meta: (
+            triton.cdiv(op.rows, meta["BLOCK_M"]),
+            splits,  # noqa: E731
+            triton.cdiv(n_out, meta["BLOCK_K"]),
+        )
         with on_device(device):
             plan_product_kernel[grid](
-                *op.args, a, b, *op_t.args, a_t, b_t, V, V.stride(0), out,
-                constants(consts, dtype, device), op.rows, op.cols, n_out,
-                bucket(op.rows), bucket(op.cols), bucket(max(op.d, op_t.d)), bucket(n_out),
-                DENSE=op.dense, DENSE_T=op_t.dense, HAS_TEACHER=teacher is not None,
-                PRODUCT_PRECISION="ieee", **self._dot_flags(dtype))
+                *op.args,
+                a,
+                b,
+                *op_t.args,
+                a_t,
+                b_t,
+                V,
+                V.stride(0),
+                out,
+                constants(consts, dtype, device),
+                op.rows,
+                op.cols,
+                n_out,
+                bucket(op.rows),
+                bucket(op.cols),
+                bucket(max(op.d, op_t.d)),
+                bucket(n_out),
+                DENSE=op.dense,
+                DENSE_T=op_t.dense,
+                HAS_TEACHER=teacher is not None,
+                PRODUCT_PRECISION="ieee",
+                **self._dot_flags(dtype),
+            )
         return out[0] if splits == 1 else out.sum(dim=0)
 
     def plan_matmul(self, K: Affinity, f: Tensor, g: Tensor, eps: float, V: Tensor) -> Tensor:
@@ -273,8 +312,18 @@ class TritonBackend(Backend):
         scale = LOG2E / eps
         return self._product(operand(K, transpose=True), g * scale, f * scale, scale, U)
 
-    def _plan_sum(self, A: Affinity, a: Tensor, b: Tensor, scale: float, B: Affinity,
-                  r: Tensor, c: Tensor, u: float, w: float) -> Tensor:
+    def _plan_sum(
+        self,
+        A: Affinity,
+        a: Tensor,
+        b: Tensor,
+        scale: float,
+        B: Affinity,
+        r: Tensor,
+        c: Tensor,
+        u: float,
+        w: float,
+    ) -> Tensor:
         """Σ_ij 2^{A_ij·scale + a_i + b_j} (u·A_ij + w·B_ij + r_i + c_j), summed in float64."""
         op, op_b = operand(A), operand(B)
         splits = self._split_count(op.rows, op.cols, A.device)
@@ -282,11 +331,24 @@ class TritonBackend(Backend):
         partials = torch.empty(splits, op.rows, dtype=A.dtype, device=A.device)
         grid = lambda meta: (triton.cdiv(op.rows, meta["BLOCK_M"]), splits)  # noqa: E731
         with on_device(A.device):
-            plan_sum_kernel[grid](*op.args, a, b, *op_b.args, r, c,
-                                  constants((scale, u, w), A.dtype, A.device), partials,
-                                  op.rows, op.cols, bucket(op.rows), bucket(op.cols),
-                                  bucket(max(op.d, op_b.d)), DENSE=op.dense, DENSE_B=op_b.dense,
-                                  **self._dot_flags(A.dtype))
+            plan_sum_kernel[grid](
+                *op.args,
+                a,
+                b,
+                *op_b.args,
+                r,
+                c,
+                constants((scale, u, w), A.dtype, A.device),
+                partials,
+                op.rows,
+                op.cols,
+                bucket(op.rows),
+                bucket(op.cols),
+                bucket(max(op.d, op_b.d)),
+                DENSE=op.dense,
+                DENSE_B=op_b.dense,
+                **self._dot_flags(A.dtype),
+            )
         return partials.sum(dtype=torch.float64)
 
     def plan_inner(self, K: Affinity, f: Tensor, g: Tensor, eps: float, K2: Affinity) -> Tensor:
@@ -297,8 +359,7 @@ class TritonBackend(Backend):
         f, g = self._vector("f", f, K.shape[0], K), self._vector("g", g, K.shape[1], K)
         scale = LOG2E / eps
         zeros_r, zeros_c = f.new_zeros(K.shape[0]), g.new_zeros(K.shape[1])
-        return self._plan_sum(K, f * scale, g * scale, scale, K2, zeros_r, zeros_c,
-                              0.0, 1.0).to(K.dtype)
+        return self._plan_sum(K, f * scale, g * scale, scale, K2, zeros_r, zeros_c, 0.0, 1.0).to(K.dtype)
 
     # ------------------------------------------------------------------ KLOT
 
@@ -310,8 +371,17 @@ class TritonBackend(Backend):
         f, g = self._vector("f", f, n, K), self._vector("g", g, m, K)
         f_t, g_t = self._vector("f_t", f_t, n, K), self._vector("g_t", g_t, m, K)
         scale_t = LOG2E / eps_t
-        value = self._plan_sum(K_t, f_t * scale_t, g_t * scale_t, scale_t, K,
-                               f_t / eps_t - f / eps, g_t / eps_t - g / eps, 1.0 / eps_t, -1.0 / eps)
+        value = self._plan_sum(
+            K_t,
+            f_t * scale_t,
+            g_t * scale_t,
+            scale_t,
+            K,
+            f_t / eps_t - f / eps,
+            g_t / eps_t - g / eps,
+            1.0 / eps_t,
+            -1.0 / eps,
+        )
         return value.to(K.dtype)
 
     def klot_grad_features(self, K, f, g, eps, K_t, f_t, g_t, eps_t) -> tuple[Tensor, Tensor]:
@@ -325,10 +395,17 @@ class TritonBackend(Backend):
         f_t, g_t = self._vector("f_t", f_t, n, K), self._vector("g_t", g_t, m, K)
         scale, scale_t = LOG2E / eps, LOG2E / eps_t
         a, b, a_t, b_t = f * scale, g * scale, f_t * scale_t, g_t * scale_t
-        grad_x = self._product(operand(K), a, b, scale, K.y,
-                               teacher=(operand(K_t), a_t, b_t, scale_t, 1.0 / eps))
-        grad_y = self._product(operand(K, transpose=True), b, a, scale, K.x,
-                               teacher=(operand(K_t, transpose=True), b_t, a_t, scale_t, 1.0 / eps))
+        grad_x = self._product(
+            operand(K), a, b, scale, K.y, teacher=(operand(K_t), a_t, b_t, scale_t, 1.0 / eps)
+        )
+        grad_y = self._product(
+            operand(K, transpose=True),
+            b,
+            a,
+            scale,
+            K.x,
+            teacher=(operand(K_t, transpose=True), b_t, a_t, scale_t, 1.0 / eps),
+        )
         return grad_x, grad_y
 
     def klot_grad_dense(self, K, f, g, eps, K_t, f_t, g_t, eps_t) -> Tensor:
@@ -343,8 +420,21 @@ class TritonBackend(Backend):
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]))  # noqa: E731
         with on_device(K.device):
             plan_difference_kernel[grid](
-                *op.args, f * scale, g * scale, *op_t.args, f_t * scale_t, g_t * scale_t,
-                constants((scale, scale_t, 1.0 / eps), K.dtype, K.device), G, n, m,
-                bucket(n), bucket(m), bucket(max(op.d, op_t.d)),
-                DENSE=op.dense, DENSE_T=op_t.dense, **self._dot_flags(K.dtype))
+                *op.args,
+                f * scale,
+                g * scale,
+                *op_t.args,
+                f_t * scale_t,
+                g_t * scale_t,
+                constants((scale, scale_t, 1.0 / eps), K.dtype, K.device),
+                G,
+                n,
+                m,
+                bucket(n),
+                bucket(m),
+                bucket(max(op.d, op_t.d)),
+                DENSE=op.dense,
+                DENSE_T=op_t.dense,
+                **self._dot_flags(K.dtype),
+            )
         return G

@@ -28,11 +28,30 @@ from .tiles import TILE_KEY, affinity_tile, split_columns, tile_configs
 
 @triton.autotune(configs=tile_configs(), key=TILE_KEY)
 @triton.jit
-def lse_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c,
-               bias_ptr, consts_ptr, out_ptr, n_rows, n_cols,
-               ROWS_BUCKET, COLS_BUCKET, D_BUCKET,
-               DENSE: tl.constexpr, DOT_PRECISION: tl.constexpr, CAST_FP16: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def lse_kernel(
+    x_ptr,
+    y_ptr,
+    k_ptr,
+    d,
+    stride_x,
+    stride_y,
+    stride_r,
+    stride_c,
+    bias_ptr,
+    consts_ptr,
+    out_ptr,
+    n_rows,
+    n_cols,
+    ROWS_BUCKET,
+    COLS_BUCKET,
+    D_BUCKET,
+    DENSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CAST_FP16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[split, i] = LSE over this split's columns of (K_ij + bias_j)/ε.
 
     ``bias_ptr`` holds bias_j · log2(e)/ε; ``consts_ptr`` holds [log2(e)/ε, ln 2] in the
@@ -50,16 +69,34 @@ def lse_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c,
     for col in range(col_start, col_stop, BLOCK_N):
         cols = col + tl.arange(0, BLOCK_N)
         col_mask = cols < col_stop
-        K = affinity_tile(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c,
-                          rows, cols, row_mask, col_mask,
-                          DENSE, DOT_PRECISION, CAST_FP16, BLOCK_M, BLOCK_N, BLOCK_D)
+        K = affinity_tile(
+            x_ptr,
+            y_ptr,
+            k_ptr,
+            d,
+            stride_x,
+            stride_y,
+            stride_r,
+            stride_c,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            DENSE,
+            DOT_PRECISION,
+            CAST_FP16,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
         b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
         t = tl.where(col_mask[None, :], K * scale + b[None, :], float("-inf"))
         # Every tile has a valid column, so new_max is finite and 2^{−inf − new_max} = 0
         # handles the first tile.
         new_max = tl.maximum(running_max, tl.max(t, axis=1))
-        running_sum = running_sum * tl.exp2(running_max - new_max) \
-            + tl.sum(tl.exp2(t - new_max[:, None]), axis=1)
+        running_sum = running_sum * tl.exp2(running_max - new_max) + tl.sum(
+            tl.exp2(t - new_max[:, None]), axis=1
+        )
         running_max = new_max
 
     # ℓ ≥ 1 once a column was seen (its maximum contributes 2^0); an empty split keeps

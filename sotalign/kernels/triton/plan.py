@@ -32,32 +32,100 @@ from .tiles import TILE_KEY, affinity_tile, product_configs, split_columns, tile
 
 
 @triton.jit
-def plan_tile(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c, a_ptr, b_ptr, scale,
-              rows, cols, row_mask, col_mask,
-              DENSE: tl.constexpr, DOT_PRECISION: tl.constexpr, CAST_FP16: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def plan_tile(
+    x_ptr,
+    y_ptr,
+    k_ptr,
+    d,
+    stride_x,
+    stride_y,
+    stride_r,
+    stride_c,
+    a_ptr,
+    b_ptr,
+    scale,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    DENSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CAST_FP16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """(P tile, K tile) with P_ij = 2^{K_ij·scale + a_i + b_j}."""
-    K = affinity_tile(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c,
-                      rows, cols, row_mask, col_mask,
-                      DENSE, DOT_PRECISION, CAST_FP16, BLOCK_M, BLOCK_N, BLOCK_D)
+    K = affinity_tile(
+        x_ptr,
+        y_ptr,
+        k_ptr,
+        d,
+        stride_x,
+        stride_y,
+        stride_r,
+        stride_c,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        DENSE,
+        DOT_PRECISION,
+        CAST_FP16,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+    )
     a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
     b = tl.load(b_ptr + cols, mask=col_mask, other=0.0)
     return tl.exp2(K * scale + a[:, None] + b[None, :]), K
 
 
-@triton.autotune(configs=product_configs(),
-                 key=TILE_KEY + ["OUT_BUCKET", "DENSE_T", "HAS_TEACHER"])
+@triton.autotune(configs=product_configs(), key=TILE_KEY + ["OUT_BUCKET", "DENSE_T", "HAS_TEACHER"])
 @triton.jit
-def plan_product_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c, a_ptr, b_ptr,
-                        xt_ptr, yt_ptr, kt_ptr, d_t, stride_xt, stride_yt, stride_rt, stride_ct,
-                        at_ptr, bt_ptr,
-                        v_ptr, stride_v, out_ptr, consts_ptr, n_rows, n_cols, n_out,
-                        ROWS_BUCKET, COLS_BUCKET, D_BUCKET, OUT_BUCKET,
-                        DENSE: tl.constexpr, DENSE_T: tl.constexpr, HAS_TEACHER: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, CAST_FP16: tl.constexpr,
-                        PRODUCT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+def plan_product_kernel(
+    x_ptr,
+    y_ptr,
+    k_ptr,
+    d,
+    stride_x,
+    stride_y,
+    stride_r,
+    stride_c,
+    a_ptr,
+    b_ptr,
+    xt_ptr,
+    yt_ptr,
+    kt_ptr,
+    d_t,
+    stride_xt,
+    stride_yt,
+    stride_rt,
+    stride_ct,
+    at_ptr,
+    bt_ptr,
+    v_ptr,
+    stride_v,
+    out_ptr,
+    consts_ptr,
+    n_rows,
+    n_cols,
+    n_out,
+    ROWS_BUCKET,
+    COLS_BUCKET,
+    D_BUCKET,
+    OUT_BUCKET,
+    DENSE: tl.constexpr,
+    DENSE_T: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CAST_FP16: tl.constexpr,
+    PRODUCT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """out[split, i, k] = Σ_{j ∈ split} W_ij V_jk, W = P or (P − P*)/ε.
 
     ``consts_ptr`` holds [log2(e)/ε, log2(e)/ε*, 1/ε]; the teacher arguments are read only
@@ -74,17 +142,60 @@ def plan_product_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, st
     for col in range(col_start, col_stop, BLOCK_N):
         cols = col + tl.arange(0, BLOCK_N)
         col_mask = cols < col_stop
-        W, _ = plan_tile(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c, a_ptr, b_ptr,
-                         scale, rows, cols, row_mask, col_mask,
-                         DENSE, DOT_PRECISION, CAST_FP16, BLOCK_M, BLOCK_N, BLOCK_D)
+        W, _ = plan_tile(
+            x_ptr,
+            y_ptr,
+            k_ptr,
+            d,
+            stride_x,
+            stride_y,
+            stride_r,
+            stride_c,
+            a_ptr,
+            b_ptr,
+            scale,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            DENSE,
+            DOT_PRECISION,
+            CAST_FP16,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
         if HAS_TEACHER:
-            W_t, _ = plan_tile(xt_ptr, yt_ptr, kt_ptr, d_t, stride_xt, stride_yt, stride_rt, stride_ct,
-                               at_ptr, bt_ptr, tl.load(consts_ptr + 1), rows, cols, row_mask, col_mask,
-                               DENSE_T, DOT_PRECISION, CAST_FP16, BLOCK_M, BLOCK_N, BLOCK_D)
+            W_t, _ = plan_tile(
+                xt_ptr,
+                yt_ptr,
+                kt_ptr,
+                d_t,
+                stride_xt,
+                stride_yt,
+                stride_rt,
+                stride_ct,
+                at_ptr,
+                bt_ptr,
+                tl.load(consts_ptr + 1),
+                rows,
+                cols,
+                row_mask,
+                col_mask,
+                DENSE_T,
+                DOT_PRECISION,
+                CAST_FP16,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+            )
             W = (W - W_t) * tl.load(consts_ptr + 2)
         W = tl.where(col_mask[None, :], W, 0.0)
-        V = tl.load(v_ptr + cols[:, None] * stride_v + outs[None, :],
-                    mask=col_mask[:, None] & out_mask[None, :], other=0.0)
+        V = tl.load(
+            v_ptr + cols[:, None] * stride_v + outs[None, :],
+            mask=col_mask[:, None] & out_mask[None, :],
+            other=0.0,
+        )
         acc = tl.dot(W, V, acc, input_precision=PRODUCT_PRECISION)
 
     offsets = (tl.program_id(1).to(tl.int64) * n_rows + rows[:, None]) * n_out + outs[None, :]
@@ -93,13 +204,42 @@ def plan_product_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, st
 
 @triton.autotune(configs=tile_configs(), key=TILE_KEY + ["DENSE_B"])
 @triton.jit
-def plan_sum_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c, a_ptr, b_ptr,
-                    xb_ptr, yb_ptr, kb_ptr, d_b, stride_xb, stride_yb, stride_rb, stride_cb,
-                    r_ptr, c_ptr, consts_ptr, out_ptr, n_rows, n_cols,
-                    ROWS_BUCKET, COLS_BUCKET, D_BUCKET,
-                    DENSE: tl.constexpr, DENSE_B: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, CAST_FP16: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def plan_sum_kernel(
+    x_ptr,
+    y_ptr,
+    k_ptr,
+    d,
+    stride_x,
+    stride_y,
+    stride_r,
+    stride_c,
+    a_ptr,
+    b_ptr,
+    xb_ptr,
+    yb_ptr,
+    kb_ptr,
+    d_b,
+    stride_xb,
+    stride_yb,
+    stride_rb,
+    stride_cb,
+    r_ptr,
+    c_ptr,
+    consts_ptr,
+    out_ptr,
+    n_rows,
+    n_cols,
+    ROWS_BUCKET,
+    COLS_BUCKET,
+    D_BUCKET,
+    DENSE: tl.constexpr,
+    DENSE_B: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CAST_FP16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[split, i] = Σ_{j ∈ split} P_ij (u·A_ij + w·B_ij + r_i + c_j), P from A;
     ``consts_ptr`` holds [log2(e)/ε_A, u, w]."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -116,12 +256,49 @@ def plan_sum_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride
     for col in range(col_start, col_stop, BLOCK_N):
         cols = col + tl.arange(0, BLOCK_N)
         col_mask = cols < col_stop
-        P, A = plan_tile(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c, a_ptr, b_ptr,
-                         scale, rows, cols, row_mask, col_mask,
-                         DENSE, DOT_PRECISION, CAST_FP16, BLOCK_M, BLOCK_N, BLOCK_D)
-        B = affinity_tile(xb_ptr, yb_ptr, kb_ptr, d_b, stride_xb, stride_yb, stride_rb, stride_cb,
-                          rows, cols, row_mask, col_mask,
-                          DENSE_B, DOT_PRECISION, CAST_FP16, BLOCK_M, BLOCK_N, BLOCK_D)
+        P, A = plan_tile(
+            x_ptr,
+            y_ptr,
+            k_ptr,
+            d,
+            stride_x,
+            stride_y,
+            stride_r,
+            stride_c,
+            a_ptr,
+            b_ptr,
+            scale,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            DENSE,
+            DOT_PRECISION,
+            CAST_FP16,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
+        B = affinity_tile(
+            xb_ptr,
+            yb_ptr,
+            kb_ptr,
+            d_b,
+            stride_xb,
+            stride_yb,
+            stride_rb,
+            stride_cb,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            DENSE_B,
+            DOT_PRECISION,
+            CAST_FP16,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
         c = tl.load(c_ptr + cols, mask=col_mask, other=0.0)
         term = P * ((u * A + w * B) + (r[:, None] + c[None, :]))
         acc += tl.sum(tl.where(row_mask[:, None] & col_mask[None, :], term, 0.0), axis=1)
@@ -131,24 +308,94 @@ def plan_sum_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride
 
 @triton.autotune(configs=tile_configs(), key=TILE_KEY + ["DENSE_T"])
 @triton.jit
-def plan_difference_kernel(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c, a_ptr, b_ptr,
-                           xt_ptr, yt_ptr, kt_ptr, d_t, stride_xt, stride_yt, stride_rt, stride_ct,
-                           at_ptr, bt_ptr, consts_ptr, out_ptr, n_rows, n_cols,
-                           ROWS_BUCKET, COLS_BUCKET, D_BUCKET,
-                           DENSE: tl.constexpr, DENSE_T: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, CAST_FP16: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def plan_difference_kernel(
+    x_ptr,
+    y_ptr,
+    k_ptr,
+    d,
+    stride_x,
+    stride_y,
+    stride_r,
+    stride_c,
+    a_ptr,
+    b_ptr,
+    xt_ptr,
+    yt_ptr,
+    kt_ptr,
+    d_t,
+    stride_xt,
+    stride_yt,
+    stride_rt,
+    stride_ct,
+    at_ptr,
+    bt_ptr,
+    consts_ptr,
+    out_ptr,
+    n_rows,
+    n_cols,
+    ROWS_BUCKET,
+    COLS_BUCKET,
+    D_BUCKET,
+    DENSE: tl.constexpr,
+    DENSE_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CAST_FP16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[tile] = (P − P*)/ε on the (program 0, program 1) tile; consts as in the product."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     col_mask = cols < n_cols
-    P, _ = plan_tile(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c, a_ptr, b_ptr,
-                     tl.load(consts_ptr), rows, cols, row_mask, col_mask,
-                     DENSE, DOT_PRECISION, CAST_FP16, BLOCK_M, BLOCK_N, BLOCK_D)
-    P_t, _ = plan_tile(xt_ptr, yt_ptr, kt_ptr, d_t, stride_xt, stride_yt, stride_rt, stride_ct,
-                       at_ptr, bt_ptr, tl.load(consts_ptr + 1), rows, cols, row_mask, col_mask,
-                       DENSE_T, DOT_PRECISION, CAST_FP16, BLOCK_M, BLOCK_N, BLOCK_D)
+    P, _ = plan_tile(
+        x_ptr,
+        y_ptr,
+        k_ptr,
+        d,
+        stride_x,
+        stride_y,
+        stride_r,
+        stride_c,
+        a_ptr,
+        b_ptr,
+        tl.load(consts_ptr),
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        DENSE,
+        DOT_PRECISION,
+        CAST_FP16,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+    )
+    P_t, _ = plan_tile(
+        xt_ptr,
+        yt_ptr,
+        kt_ptr,
+        d_t,
+        stride_xt,
+        stride_yt,
+        stride_rt,
+        stride_ct,
+        at_ptr,
+        bt_ptr,
+        tl.load(consts_ptr + 1),
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        DENSE_T,
+        DOT_PRECISION,
+        CAST_FP16,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+    )
     offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    tl.store(out_ptr + offsets, (P - P_t) * tl.load(consts_ptr + 2),
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(
+        out_ptr + offsets, (P - P_t) * tl.load(consts_ptr + 2), mask=row_mask[:, None] & col_mask[None, :]
+    )

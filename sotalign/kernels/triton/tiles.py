@@ -44,20 +44,45 @@ def tile_configs() -> list[triton.Config]:
 def product_configs() -> list[triton.Config]:
     """Tiles for the plan products, which also hold a (BLOCK_M × BLOCK_K) output block."""
     if INTERPRETING:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 16, "BLOCK_K": 16},
-                              num_warps=4, num_stages=1)]
+        return [
+            triton.Config(
+                {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1
+            )
+        ]
     return [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_K": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+        triton.Config(
+            {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3
+        ),
+        triton.Config(
+            {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_K": 128}, num_warps=8, num_stages=2
+        ),
+        triton.Config(
+            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2
+        ),
     ]
 
 
 @triton.jit
-def affinity_tile(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c,
-                  rows, cols, row_mask, col_mask,
-                  DENSE: tl.constexpr, DOT_PRECISION: tl.constexpr, CAST_FP16: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def affinity_tile(
+    x_ptr,
+    y_ptr,
+    k_ptr,
+    d,
+    stride_x,
+    stride_y,
+    stride_r,
+    stride_c,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    DENSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CAST_FP16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """The tile K[rows, cols], in the input dtype; entries outside the masks are 0.
 
     Features: Σ over d in chunks of BLOCK_D on the tensor cores (masked loads pad the last
@@ -73,10 +98,16 @@ def affinity_tile(x_ptr, y_ptr, k_ptr, d, stride_x, stride_y, stride_r, stride_c
         for start in range(0, d, BLOCK_D):
             ks = start + tl.arange(0, BLOCK_D)
             k_mask = ks < d
-            a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(y_ptr + cols[None, :] * stride_y + ks[:, None],
-                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            a = tl.load(
+                x_ptr + rows[:, None] * stride_x + ks[None, :],
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                y_ptr + cols[None, :] * stride_y + ks[:, None],
+                mask=k_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
             if CAST_FP16:
                 a = a.to(tl.float16)
                 b = b.to(tl.float16)

@@ -1,0 +1,120 @@
+"""Views of a run's data: :class:`Rows` (some rows of a store) and :class:`AlignmentData`
+(the rows of every role and modality, opened lazily from a :class:`~sotalign.data.spec.DataSpec`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .spec import ALIGNED_ROLES, ROLES, DataSpec, role_fields, role_names
+from .splits import make_split
+from .stores import EmbeddingStore, check_aligned, open_store
+
+#: Rows read at once when a whole view is needed (NNCLR neighbours, stage 1, evaluation).
+READ_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Some rows of an embedding store: row p of this view is `store` row `indices[p]`."""
+
+    store: EmbeddingStore
+    indices: np.ndarray
+
+    @classmethod
+    def whole(cls, store: EmbeddingStore) -> "Rows":
+        return cls(store, np.arange(len(store), dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    def get(self, positions) -> torch.Tensor:
+        return self.store.rows(self.indices[np.asarray(positions)])
+
+    def all(self) -> torch.Tensor:
+        return torch.cat(
+            [self.get(np.arange(s, min(s + READ_ROWS, len(self)))) for s in range(0, len(self), READ_ROWS)]
+        )
+
+
+@dataclass(frozen=True)
+@role_fields("Rows", required=("paired",))
+class AlignmentData:
+    """Paired, unpaired, validation and test rows of a run (one :class:`Rows` per role and
+    modality, :func:`~sotalign.data.spec.role_fields`), and the spec they came from."""
+
+    spec: DataSpec | None = None
+
+    def __post_init__(self):
+        for modality, dim in (("images", self.paired_images.dim), ("texts", self.paired_texts.dim)):
+            for role in ROLES[1:]:
+                rows = getattr(self, f"{role}_{modality}")
+                if rows is not None and rows.dim != dim:
+                    raise ValueError(
+                        f"{rows.store.path}: {role} {modality} have dimension {rows.dim}, "
+                        f"but the paired {modality} ({getattr(self, f'paired_{modality}').store.path}) "
+                        f"have {dim}"
+                    )
+        for role in ALIGNED_ROLES:
+            images, texts = getattr(self, f"{role}_images"), getattr(self, f"{role}_texts")
+            if images is not None and len(images) != len(texts):
+                raise ValueError(
+                    f"{role} stores are not aligned: {images.store.path} gives {len(images)} rows, "
+                    f"{texts.store.path} gives {len(texts)}"
+                )
+        if len(self.paired_images) < 2:
+            raise ValueError(
+                f"{self.paired_images.store.path}: need at least 2 pairs, got {len(self.paired_images)}"
+            )
+
+    @property
+    def image_dim(self) -> int:
+        return self.paired_images.dim
+
+    @property
+    def text_dim(self) -> int:
+        return self.paired_texts.dim
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(getattr(self, name)) for name in role_names() if getattr(self, name) is not None}
+
+    @classmethod
+    def from_spec(cls, spec: DataSpec) -> "AlignmentData":
+        """Open the stores of `spec` (lazily) and split an aligned dataset into its roles."""
+        if not spec.aligned:
+            stores = {name: getattr(spec, name) for name in role_names()}
+            views = {
+                name: Rows.whole(open_store(path, key=spec.key)) for name, path in stores.items() if path
+            }
+            return cls(**views, spec=spec)
+        images, texts = open_store(spec.images, key=spec.key), open_store(spec.texts, key=spec.key)
+        check_aligned(images, texts)
+        held_out = spec.n_val + spec.n_test
+        split = make_split(
+            len(images), spec.n_pairs, held_out, n_unpaired=spec.n_unpaired, seed=spec.split_seed
+        )
+        # make_split returns sorted rows; shuffle before cutting validation from test so that
+        # neither is biased towards one end of the store.
+        order = np.random.default_rng([spec.split_seed, 4]).permutation(split.val)
+        val, test = np.sort(order[: spec.n_val]), np.sort(order[spec.n_val :])
+
+        def rows(store, indices):
+            return Rows(store, indices) if len(indices) else None
+
+        return cls(
+            paired_images=Rows(images, split.paired),
+            paired_texts=Rows(texts, split.paired),
+            unpaired_images=rows(images, split.unpaired_images),
+            unpaired_texts=rows(texts, split.unpaired_texts),
+            val_images=rows(images, val),
+            val_texts=rows(texts, val),
+            test_images=rows(images, test),
+            test_texts=rows(texts, test),
+            spec=spec,
+        )

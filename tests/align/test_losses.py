@@ -1,0 +1,370 @@
+"""Losses and divergences against plain re-derivations (explicit loops, numpy, dense centring
+matrices), limits stated in the paper, and finite differences (gradcheck in float64)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sotalign
+from sotalign.align.losses import (
+    DIVERGENCES,
+    InfoNCELoss,
+    SigLIPLoss,
+    cka_divergence,
+    divergence,
+    generalized_infonce_divergence,
+    infonce_loss,
+    klot_divergence,
+    nnclr_positives,
+    s_clip_loss,
+    s_clip_targets,
+    sample_neighbors,
+    siglip_loss,
+    structure_regularizer,
+)
+
+
+def unit(n, d, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=1)
+
+
+def cos_np(X, Y):
+    X = X / np.linalg.norm(X, axis=1, keepdims=True)
+    Y = Y / np.linalg.norm(Y, axis=1, keepdims=True)
+    return X @ Y.T
+
+
+# --------------------------------------------------------------------------- SigLIP
+
+
+def siglip_loop(img, txt, t, b, extra_texts=(), extra_images=()):
+    img, txt = img.tolist(), txt.tolist()
+    dot = lambda u, v: sum(a * c for a, c in zip(u, v))
+    softplus = lambda z: math.log1p(math.exp(-abs(z))) + max(-z, 0.0)  # −log σ(z)
+    total = 0.0
+    for i, u in enumerate(img):
+        for j, v in enumerate(txt):
+            z = 1.0 if i == j else -1.0
+            total += softplus(z * (t * dot(u, v) + b))
+        for v in extra_texts:
+            total += softplus(-(t * dot(u, v.tolist()) + b))
+    for u in extra_images:
+        for v in txt:
+            total += softplus(-(t * dot(u.tolist(), v) + b))
+    return total / len(img)
+
+
+def test_siglip_matches_loops_with_and_without_extra_negatives():
+    img, txt = unit(5, 4, 0), unit(5, 4, 1)
+    ext, exi = unit(3, 4, 2), unit(2, 4, 3)
+    assert siglip_loss(img, txt, 20.0, -10.0).item() == pytest.approx(
+        siglip_loop(img, txt, 20.0, -10.0), rel=1e-12
+    )
+    value = siglip_loss(img, txt, 7.0, -2.0, extra_texts=ext, extra_images=exi).item()
+    assert value == pytest.approx(siglip_loop(img, txt, 7.0, -2.0, ext, exi), rel=1e-12)
+    only_texts = siglip_loss(img, txt, 7.0, -2.0, extra_texts=ext).item()
+    assert only_texts == pytest.approx(siglip_loop(img, txt, 7.0, -2.0, ext), rel=1e-12)
+
+
+def test_siglip_module_learns_scale_and_bias_from_paper_init():
+    crit = SigLIPLoss().double()
+    assert crit.scale.item() == pytest.approx(20.0) and crit.bias.item() == pytest.approx(-10.0)
+    img = unit(4, 3, 4).requires_grad_()
+    txt = unit(4, 3, 5)
+    loss = crit(img, txt, extra_texts=unit(2, 3, 6))
+    t, b = crit.scale.item(), crit.bias.item()  # float32-initialised parameters
+    assert loss.item() == pytest.approx(siglip_loop(img.detach(), txt, t, b, unit(2, 3, 6)), rel=1e-12)
+    loss.backward()
+    for p in (crit.log_scale, crit.bias, img):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- InfoNCE
+
+
+def infonce_loop(img, txt, tau):
+    S = (img @ txt.T).tolist()
+    n = len(S)
+    rows = sum(-(S[i][i] / tau - math.log(sum(math.exp(S[i][j] / tau) for j in range(n)))) for i in range(n))
+    cols = sum(-(S[i][i] / tau - math.log(sum(math.exp(S[j][i] / tau) for j in range(n)))) for i in range(n))
+    return (rows + cols) / (2 * n)
+
+
+def test_infonce_matches_loops_and_module_uses_clip_temperature():
+    img, txt = unit(6, 5, 7), unit(6, 5, 8)
+    assert infonce_loss(img, txt, 0.07).item() == pytest.approx(infonce_loop(img, txt, 0.07), rel=1e-12)
+    crit = InfoNCELoss().double()
+    assert crit.temperature.item() == pytest.approx(0.07)
+    tau = crit.temperature.item()  # float32-initialised parameter
+    assert crit(img, txt).item() == pytest.approx(infonce_loop(img, txt, tau), rel=1e-12)
+    with torch.no_grad():
+        crit.log_scale.fill_(math.log(1000.0))
+    assert crit.temperature.item() == pytest.approx(0.01)  # 1/τ clamped at 100
+
+
+# --------------------------------------------------------------------------- CKA
+
+
+def cka_dense_reference(x, y, xt, yt):
+    """Eq. 9 literally, with explicit centring matrices H_n (left) and H_m (right)."""
+    K, Ks = cos_np(x, y), cos_np(xt, yt)
+    n, m = K.shape
+    Hn, Hm = np.eye(n) - np.ones((n, n)) / n, np.eye(m) - np.ones((m, m)) / m
+    inner = lambda P, Q: float(np.sum(P * Q))
+    return inner(K @ Hm, Hn @ Ks) / math.sqrt(inner(K @ Hm, Hn @ K) * inner(Ks @ Hm, Hn @ Ks))
+
+
+def test_cka_matches_dense_centring_formula_on_rectangular_affinities():
+    x, y, xt, yt = unit(7, 5, 9), unit(4, 5, 10), unit(7, 3, 11), unit(4, 3, 12)
+    expected = 1.0 - cka_dense_reference(x.numpy(), y.numpy(), xt.numpy(), yt.numpy())
+    assert cka_divergence(x, y, xt, yt).item() == pytest.approx(expected, rel=1e-10)
+    # Unnormalised inputs: K is a cosine affinity, so the row norms do not matter.
+    assert cka_divergence(3 * x, y, xt * 0.5, yt).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_cka_is_zero_for_the_same_affinity_and_invariant_to_affine_teacher():
+    x, y = unit(8, 6, 13), unit(9, 6, 14)
+    assert cka_divergence(x, y, x, y).item() == pytest.approx(0.0, abs=1e-12)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    assert cka_divergence(x, y, x @ Q, y @ Q).item() == pytest.approx(0.0, abs=1e-12)  # same K*
+    xt, yt = unit(8, 4, 15), unit(9, 4, 16)
+    base = cka_divergence(x, y, xt, yt).item()
+    # Appending a constant coordinate maps K* to cos²θ·K* + sin²θ: a positive scale plus a
+    # constant, which CKA's centring and normalisation remove.
+    theta = 0.7
+    aug = lambda z: torch.cat(
+        [math.cos(theta) * z, math.sin(theta) * torch.ones(len(z), 1, dtype=z.dtype)], 1
+    )
+    assert cka_divergence(x, y, aug(xt), aug(yt)).item() == pytest.approx(base, rel=1e-10)
+    assert 0.0 < base <= 2.0
+
+
+def test_cka_gradcheck():
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    xt, yt = torch.randn(5, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: cka_divergence(a, b, xt, yt), (x, y))
+
+
+# --------------------------------------------------------------------------- generalised InfoNCE
+
+
+def gen_infonce_reference(x, y, xt, yt, eps_t, tau):
+    K, Ks = cos_np(x, y), cos_np(xt, yt)
+    total = 0.0
+    for i in range(K.shape[0]):
+        p = np.exp((Ks[i] - Ks[i].max()) / eps_t)
+        p /= p.sum()
+        q = np.exp((K[i] - K[i].max()) / tau)
+        q /= q.sum()
+        total += sum(pj * math.log(pj / qj) for pj, qj in zip(p, q) if pj > 0)
+    return total / K.shape[0]
+
+
+def test_generalized_infonce_matches_row_kl_reference():
+    x, y, xt, yt = unit(6, 5, 17), unit(7, 5, 18), unit(6, 3, 19), unit(7, 3, 20)
+    args = [a.numpy() for a in (x, y, xt, yt)]
+    value = generalized_infonce_divergence(x, y, xt, yt, eps_teacher=0.1, temperature=0.2).item()
+    assert value == pytest.approx(gen_infonce_reference(*args, 0.1, 0.2), rel=1e-10)
+    sym = generalized_infonce_divergence(
+        x, y, xt, yt, eps_teacher=0.1, temperature=0.2, symmetric=True
+    ).item()
+    cols = gen_infonce_reference(args[1], args[0], args[3], args[2], 0.1, 0.2)
+    assert sym == pytest.approx(0.5 * (gen_infonce_reference(*args, 0.1, 0.2) + cols), rel=1e-10)
+    assert value >= 0
+
+
+def test_generalized_infonce_reduces_to_infonce_for_identity_teacher():
+    n, tau = 6, 0.05
+    x, y = unit(n, 8, 21), unit(n, 8, 22)
+    eye = torch.eye(n, dtype=torch.float64)  # cos(e_i, e_j) = δ_ij: K* = I
+    value = generalized_infonce_divergence(x, y, eye, eye, eps_teacher=1e-3, temperature=tau).item()
+    S = (x @ y.T).tolist()
+    one_way = -sum(S[i][i] / tau - math.log(sum(math.exp(s / tau) for s in S[i])) for i in range(n)) / n
+    assert value == pytest.approx(one_way, rel=1e-9)
+
+
+def test_generalized_infonce_gradcheck():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    xt, yt = torch.randn(4, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    fn = lambda a, b: generalized_infonce_divergence(
+        a, b, xt, yt, eps_teacher=0.1, temperature=0.3, symmetric=True
+    )
+    assert torch.autograd.gradcheck(fn, (x, y))
+
+
+# --------------------------------------------------------------------------- KLOT and dispatch
+
+
+def test_klot_divergence_is_sotalign_klot():
+    x = unit(9, 5, 23).requires_grad_()
+    y, xt, yt = unit(11, 5, 24), unit(9, 3, 25), unit(11, 3, 26)
+    value = klot_divergence(x, y, xt, yt, backend="reference")
+    value.backward()
+    x2 = x.detach().clone().requires_grad_()
+    expected = sotalign.klot(x2, y, xt, yt, eps=0.05, eps_teacher=0.01, n_iters=100, backend="reference")
+    expected.backward()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-12) and value.item() >= 0
+    torch.testing.assert_close(x.grad, x2.grad)
+    same = klot_divergence(x.detach(), y, x.detach(), y, eps=0.05, eps_teacher=0.05, backend="reference")
+    assert same.item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_divergence_dispatch():
+    x, y, xt, yt = unit(5, 4, 27), unit(6, 4, 28), unit(5, 3, 29), unit(6, 3, 30)
+    assert DIVERGENCES == ("none", "cka", "infonce", "klot")
+    assert divergence("none", x, y, xt, yt).item() == 0.0
+    assert divergence("cka", x, y, xt, yt).item() == cka_divergence(x, y, xt, yt).item()
+    assert (
+        divergence("infonce", x, y, xt, yt, temperature=0.1).item()
+        == generalized_infonce_divergence(x, y, xt, yt, temperature=0.1).item()
+    )
+    assert (
+        divergence("klot", x, y, xt, yt, n_iters=20, backend="reference").item()
+        == klot_divergence(x, y, xt, yt, n_iters=20, backend="reference").item()
+    )
+    with pytest.raises(ValueError, match="unknown divergence 'mmd'"):
+        divergence("mmd", x, y, xt, yt)
+
+
+def test_divergences_reject_bad_input():
+    x, y, xt, yt = unit(5, 4, 31), unit(6, 4, 32), unit(5, 3, 33), unit(6, 3, 34)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="img contains NaN"):
+        cka_divergence(bad, y, xt, yt)
+    with pytest.raises(ValueError, match="txt and teacher_txt must have the same number of rows"):
+        generalized_infonce_divergence(x, y, xt, yt[:-1])
+    with pytest.raises(ValueError, match="feature dimension"):
+        cka_divergence(x, y[:, :3], xt, yt)
+    with pytest.raises(TypeError, match="img must be a torch.Tensor"):
+        divergence("none", x.numpy(), y, xt, yt)
+    with pytest.raises(ValueError, match="temperature"):
+        generalized_infonce_divergence(x, y, xt, yt, temperature=0.0)
+    with pytest.raises(ValueError, match="same number of rows"):
+        siglip_loss(x, y, 1.0, 0.0)
+
+
+# --------------------------------------------------------------------------- STRUCTURE
+
+
+def structure_reference(raw, emb, levels, tau):
+    def transition(Z):
+        Z = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+        Z = Z - Z.mean(0)
+        S = np.exp((Z @ Z.T) / tau)
+        return S / S.sum(1, keepdims=True)
+
+    P1, Q1 = transition(raw), transition(emb)
+    total = 0.0
+    for level in range(1, levels + 1):
+        P, Q = np.linalg.matrix_power(P1, level), np.linalg.matrix_power(Q1, level)
+        js = 0.0
+        for p, q in zip(P, Q):
+            m = (p + q) / 2
+            js += 0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))
+        total += js / len(P)
+    return total / levels
+
+
+def test_structure_matches_reference_and_vanishes_for_the_same_structure():
+    g = torch.Generator().manual_seed(35)
+    raw = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    emb = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    for levels in (1, 3):
+        value = structure_regularizer(raw, emb, levels=levels, temperature=0.5).item()
+        assert value == pytest.approx(structure_reference(raw.numpy(), emb.numpy(), levels, 0.5), rel=1e-9)
+        assert value > 0
+    assert structure_regularizer(raw, raw).item() == pytest.approx(0.0, abs=1e-12)
+    assert structure_regularizer(raw, 3.0 * raw, levels=2).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_structure_gradcheck_and_raw_is_constant():
+    raw = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    emb = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda e: structure_regularizer(raw, e, levels=2, temperature=0.5), (emb,)
+    )
+    structure_regularizer(raw, emb).backward()
+    assert raw.grad is None and torch.isfinite(emb.grad).all()
+
+
+# --------------------------------------------------------------------------- S-CLIP
+
+
+def sinkhorn_numpy(K, eps, iters=2000):
+    """Plain log-domain Sinkhorn with uniform marginals of mass one, run to convergence."""
+    n, m = K.shape
+    f, g = np.zeros(n), np.zeros(m)
+    lse = lambda Z, axis: Z.max(axis) + np.log(np.exp(Z - Z.max(axis, keepdims=True)).sum(axis))
+    for _ in range(iters):
+        f = -eps * math.log(n) - eps * lse((K + g[None, :]) / eps, 1)
+        g = -eps * math.log(m) - eps * lse((K + f[:, None]) / eps, 0)
+    return np.exp((f[:, None] + g[None, :] + K) / eps)
+
+
+def test_s_clip_targets_are_the_row_normalised_ot_plan():
+    u, p = unit(6, 5, 36), unit(4, 5, 37)
+    targets = s_clip_targets(u, p, eps=0.1, n_iters=500, backend="reference")
+    torch.testing.assert_close(targets.sum(1), torch.ones(6, dtype=torch.float64))
+    plan = sinkhorn_numpy(cos_np(u.numpy(), p.numpy()), 0.1)
+    np.testing.assert_allclose(targets.numpy(), plan / plan.sum(1, keepdims=True), atol=1e-8)
+    hard = s_clip_targets(u, p, eps=0.1, hard=True)
+    assert torch.equal(hard.argmax(1), targets.argmax(1)) and torch.equal(
+        hard.sum(1), torch.ones(6, dtype=torch.float64)
+    )
+
+
+def test_s_clip_loss_is_cross_entropy_to_fixed_targets():
+    u = unit(6, 5, 38).requires_grad_()
+    p, t = unit(4, 5, 39), unit(4, 5, 40)
+    loss = s_clip_loss(u, p, t, eps=0.1, scale=10.0, n_iters=500, backend="reference")
+    loss.backward()
+    T = torch.from_numpy(sinkhorn_numpy(cos_np(u.detach().numpy(), p.numpy()), 0.1))
+    T = T / T.sum(1, keepdim=True)
+    u2 = u.detach().clone().requires_grad_()
+    logits = (10.0 * (u2 @ t.T)).tolist()
+    expected = (
+        sum(
+            -sum(
+                T[i, j].item() * (logits[i][j] - math.log(sum(math.exp(v) for v in logits[i])))
+                for j in range(4)
+            )
+            for i in range(6)
+        )
+        / 6
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-7)
+    (-(T * torch.log_softmax(10.0 * (u2 @ t.T), 1)).sum(1).mean()).backward()
+    torch.testing.assert_close(u.grad, u2.grad, rtol=1e-6, atol=1e-8)  # targets carry no gradient
+    # Pseudo-labels from a separate (unimodal) space.
+    raw_u, raw_p = unit(6, 7, 41), unit(4, 7, 42)
+    loss_raw = s_clip_loss(u.detach(), p, t, eps=0.1, unpaired_img_raw=raw_u, paired_img_raw=raw_p)
+    assert torch.isfinite(loss_raw)
+    with pytest.raises(ValueError, match="both"):
+        s_clip_loss(u.detach(), p, t, unpaired_img_raw=raw_u)
+
+
+# --------------------------------------------------------------------------- NNCLR
+
+
+def test_nnclr_positives_match_brute_force_with_chunking():
+    q, pool = unit(23, 6, 43) * 5.0, unit(37, 6, 44)
+    order = np.argsort(-cos_np(q.numpy(), pool.numpy()), axis=1, kind="stable")
+    for k in (1, 4):
+        for chunk in (5, 4096):
+            idx = nnclr_positives(q, pool, k=k, chunk_size=chunk)
+            assert idx.shape == (23, k) and idx.dtype == torch.long
+            np.testing.assert_array_equal(idx.numpy(), order[:, :k])
+    idx = nnclr_positives(q, pool, k=4)
+    picked = sample_neighbors(idx, torch.Generator().manual_seed(0))
+    assert picked.shape == (23,) and all(int(p) in row.tolist() for p, row in zip(picked, idx))
+    with pytest.raises(ValueError, match="exceeds the pool size"):
+        nnclr_positives(q, pool[:3], k=4)

@@ -1,0 +1,229 @@
+"""The trainer: learning on the platonic toy, bitwise resume, data wiring and clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sotalign.align import AlignmentData, AlignmentHeads, DataSpec, TrainConfig, fit
+from sotalign.align.config import ConfigError, load_config
+from sotalign.align.trainer import BatchSource, cosine_schedule
+from sotalign.data import save_store, write_platonic
+
+# Tiny, fast settings (the paper's defaults are for 10k pairs and 1024-d encoders).
+TINY = dict(
+    out_dim=16,
+    lr=1e-2,
+    paired_batch_size=64,
+    unpaired_batch_size=96,
+    n_iters=20,
+    eps_teacher=0.05,
+    alpha=1e-2,
+    eval_every=10,
+    checkpoint_every=10,
+    device="cpu",
+)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def platonic(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("platonic")
+    write_platonic(directory, 1400, image_dim=24, text_dim=20, latent_dim=8, n_concepts=10, seed=3)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data(platonic):
+    spec = DataSpec(
+        images=str(platonic / "images.npy"),
+        texts=str(platonic / "texts.npy"),
+        n_pairs=64,
+        n_val=200,
+        n_test=300,
+        split_seed=0,
+    )
+    return AlignmentData.from_spec(spec)
+
+
+def test_split_roles_are_disjoint_and_sized(data):
+    assert data.sizes() == {
+        "paired_images": 64,
+        "paired_texts": 64,
+        "unpaired_images": 836,
+        "unpaired_texts": 836,
+        "val_images": 200,
+        "val_texts": 200,
+        "test_images": 300,
+        "test_texts": 300,
+    }
+    held_out = set(data.val_images.indices) | set(data.test_images.indices)
+    assert not set(data.val_images.indices) & set(data.test_images.indices)
+    for rows in (data.paired_images, data.unpaired_images, data.unpaired_texts):
+        assert not set(rows.indices) & held_out
+    assert np.array_equal(data.paired_images.indices, data.paired_texts.indices)
+
+
+def retrieval_r1(img: torch.Tensor, txt: torch.Tensor) -> float:
+    """Mean of image→text and text→image R@1 (%), by argmax, as an independent oracle."""
+    s = F.normalize(img, dim=1) @ F.normalize(txt, dim=1).T
+    target = torch.arange(len(s))
+    return 50.0 * (
+        float((s.argmax(1) == target).float().mean()) + float((s.argmax(0) == target).float().mean())
+    )
+
+
+def test_teacher_alone_beats_chance(data, tmp_path):
+    fit(TrainConfig(method="cca+none", **TINY), data, tmp_path / "cca", progress=False)
+    metrics = json.loads((tmp_path / "cca" / "metrics.json").read_text())
+    chance = 100.0 / 300
+    assert metrics["test"]["mean_R@1"] > 10 * chance
+    assert not (tmp_path / "cca" / "heads.safetensors").exists()
+
+
+def test_sotalign_heads_improve_on_their_initial_state(data, tmp_path):
+    config = TrainConfig(method="sotalign", steps=30, seed=1, **TINY)
+    torch.manual_seed(config.seed)  # the trainer initialises the heads right after this seed
+    initial = AlignmentHeads(data.image_dim, data.text_dim, config.out_dim)
+    test_images, test_texts = data.test_images.all(), data.test_texts.all()
+    with torch.no_grad():
+        before = retrieval_r1(initial.image(test_images), initial.text(test_texts))
+    model = fit(config, data, tmp_path / "run", progress=False)
+    after = retrieval_r1(model.embed_images(test_images), model.embed_texts(test_texts))
+    assert after > before + 5
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert {"siglip", "klot", "loss", "lr"} <= set(log[0]) and "val" in log[9]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    best = max((r for r in log if "val" in r), key=lambda r: r["val"]["mean_R@1"])
+    assert metrics["best_step"] == best["step"] and metrics["val"] == best["val"]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["sotalign", "nnclr"])
+def test_resume_after_a_kill_gives_bitwise_identical_weights(data, tmp_path, method):
+    config = TrainConfig(method=method, steps=24, **{**TINY, "checkpoint_every": 8, "eval_every": 6})
+    fit(config, data, tmp_path / "whole", progress=False)
+
+    def kill_at_13(step):
+        if step == 13:  # after the checkpoint of step 8: steps 9–13 are lost and redone
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(config, data, tmp_path / "resumed", progress=False, on_step=kill_at_13)
+    fit(config, data, tmp_path / "resumed", resume=True, progress=False)
+
+    whole, resumed = (load_file(tmp_path / d / "heads.safetensors") for d in ("whole", "resumed"))
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    assert (tmp_path / "whole" / "log.jsonl").read_text() == (tmp_path / "resumed" / "log.jsonl").read_text()
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["step"] == 24
+
+
+def test_batches_are_independent_deterministic_and_nnclr_neighbours_are_nearest(data):
+    config = TrainConfig(method="nnclr", **TINY)
+    a = BatchSource(config.recipe(), config, data, None, torch.device("cpu"))
+    b = BatchSource(config.recipe(), config, data, None, torch.device("cpu"))
+    first, again = a.batch(5), b.batch(5)
+    for name in ("paired_images", "unpaired_images", "unpaired_texts", "neighbour_texts"):
+        assert torch.equal(getattr(first, name), getattr(again, name))
+    # images and texts of the unpaired pools come from different streams (rows not matched)
+    image_rows = data.unpaired_images.indices[a.images.batch(5)]
+    text_rows = data.unpaired_texts.indices[a.texts.batch(5)]
+    assert np.mean(image_rows == text_rows) < 0.1
+    # brute-force nearest paired image of each unpaired image, by cosine similarity
+    sims = F.normalize(data.unpaired_images.all(), dim=1) @ F.normalize(data.paired_images.all(), dim=1).T
+    assert torch.equal(a.image_neighbours[:, 0], sims.argmax(1))
+    positions = a.images.batch(5)
+    expected = data.paired_texts.get(sims.argmax(1)[torch.from_numpy(positions)].numpy())
+    assert torch.equal(first.neighbour_texts, expected)
+
+
+def test_cosine_schedule_closed_form():
+    factor = cosine_schedule(warmup_steps=5, steps=25)
+    assert [factor(t) for t in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    for t in range(5, 25):
+        assert factor(t) == pytest.approx(0.5 * (1 + math.cos(math.pi * (t - 5) / 20)))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(lr=-1.0), "lr must be > 0"),
+        (dict(alpha=-0.1), "alpha must be >= 0"),
+        (dict(method="nope"), "unknown method 'nope'"),
+        (dict(steps=0), "steps must be > 0"),
+        (dict(steps=10, warmup_steps=10), "warmup_steps must be < steps"),
+        (dict(steps="10"), "steps must be int"),
+        (dict(device="tpu"), "device must be"),
+        (dict(method="structure", method_options={"lamda": 1}), "no option.*lamda"),
+    ],
+)
+def test_bad_configuration_values_are_named(options, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**options)
+
+
+def test_toml_unknown_keys_and_bad_values_name_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('method = "sail"\nstepz = 10\nlearning_rate = 1\n')
+    with pytest.raises(ConfigError, match=r"run\.toml: unknown option\(s\) learning_rate, stepz"):
+        load_config(path)
+    path.write_text("alpha = -1e-4\n")
+    with pytest.raises(ConfigError, match=r"run\.toml: TrainConfig\.alpha must be >= 0"):
+        load_config(path)
+    path.write_text('steps = 5\n[data]\nimages = "a.npy"\ntexts = "b.npy"\nn_pairs = 10\nn_vall = 3\n')
+    with pytest.raises(ConfigError, match=r"\[data\]: unknown option\(s\) n_vall"):
+        load_config(path)
+    path.write_text('steps = 5\n[data]\nimages = "a.npy"\ntexts = "b.npy"\nn_pairs = 10\n[method_options]\n')
+    config, spec = load_config(path)
+    assert config.steps == 5 and spec.n_pairs == 10 and spec.aligned
+    path.write_text("steps = = 5")
+    with pytest.raises(ConfigError, match=r"run\.toml: not valid TOML"):
+        load_config(path)
+
+
+def test_bad_stores_and_run_directories_give_clear_errors(platonic, data, tmp_path):
+    images = str(platonic / "images.npy")
+    save_store(tmp_path / "narrow.npy", np.zeros((50, 7), np.float32))
+    spec = DataSpec(
+        paired_images=images,
+        paired_texts=str(platonic / "texts.npy"),
+        unpaired_images=str(tmp_path / "narrow.npy"),
+        unpaired_texts=str(platonic / "texts.npy"),
+    )
+    with pytest.raises(ValueError, match=r"narrow\.npy: unpaired images have dimension 7.*have 24"):
+        AlignmentData.from_spec(spec)
+    with pytest.raises(FileNotFoundError, match=r"missing\.npy"):
+        AlignmentData.from_spec(DataSpec(images=str(tmp_path / "missing.npy"), texts=images, n_pairs=5))
+    with pytest.raises(ConfigError, match="unpaired_images is given without"):
+        DataSpec(paired_images=images, paired_texts=images, unpaired_images=images)
+    pairs_only = AlignmentData(data.paired_images, data.paired_texts)
+    with pytest.raises(ValueError, match="method 'sotalign' needs unpaired images and texts"):
+        fit(TrainConfig(**TINY), pairs_only, tmp_path / "x", progress=False)
+
+    config = TrainConfig(method="cca+none", **TINY)
+    fit(config, data, tmp_path / "done", progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        fit(config, data, tmp_path / "done", progress=False)
+    with pytest.raises(ConfigError, match="changed: lr"):
+        fit(
+            TrainConfig(method="cca+none", **{**TINY, "lr": 1e-3}),
+            data,
+            tmp_path / "done",
+            resume=True,
+            progress=False,
+        )

@@ -1,0 +1,261 @@
+"""The C++ ``cpu`` backend against the dense ``reference`` oracle.
+
+float64 runs must agree to ~1e-10 relative; float32 runs are compared with a float64 reference
+evaluated on the same (float32-rounded) inputs, so only the kernels' own arithmetic is measured.
+Shapes are chosen to not be multiples of the tiles (24 rows × 256 columns, 6-row micro-kernel,
+register-width padding of d).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+cpu = pytest.importorskip("sotalign.kernels.cpu")
+if not cpu.AVAILABLE:
+    pytest.skip(f"sotalign._C not built: {cpu.IMPORT_ERROR}", allow_module_level=True)
+
+from sotalign.kernels.base import Affinity  # noqa: E402
+from sotalign.kernels.cpu import _C, CpuBackend  # noqa: E402
+from sotalign.kernels.reference import ReferenceBackend  # noqa: E402
+
+CPU = CpuBackend()
+REF = ReferenceBackend()
+
+SHAPES = [(37, 101, 5), (1, 1, 1), (1, 50, 3), (300, 7, 33), (50, 600, 70)]
+EPSILONS = [0.5, 0.05, 0.005]
+KINDS = ["dense", "features"]
+
+
+def features(n, m, d, seed, normalised=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    if normalised:
+        x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+    return x, y
+
+
+def affinity(x, y, kind, dtype):
+    x, y = x.to(dtype), y.to(dtype)
+    return Affinity.from_features(x, y) if kind == "features" else Affinity.from_dense(x @ y.T)
+
+
+def as_float64(K: Affinity) -> Affinity:
+    """The same affinity in float64 (exactly the rounded inputs the kernel saw)."""
+    if K.is_dense:
+        return Affinity.from_dense(K.dense.double())
+    return Affinity.from_features(K.x.double(), K.y.double())
+
+
+def sinkhorn_potentials(K: Affinity, eps: float, iterations: int = 30):
+    """Realistic potentials: a few log-domain Sinkhorn iterations of the reference (float64)."""
+    n, m = K.shape
+    f = torch.zeros(n, dtype=torch.float64)
+    g = torch.zeros(m, dtype=torch.float64)
+    for _ in range(iterations):
+        f = -eps * math.log(n) - eps * REF.lse_rows(K, g, eps)
+        g = -eps * math.log(m) - eps * REF.lse_cols(K, f, eps)
+    return f, g
+
+
+def assert_close_scaled(actual, expected, rtol, scale=None):
+    """|actual − expected| ≤ rtol · scale (scale: max(1, max |expected|) by default)."""
+    assert actual.dtype == expected.dtype or expected.dtype == torch.float64
+    assert actual.shape == expected.shape
+    assert torch.isfinite(actual).all()
+    if scale is None:
+        scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    error = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    assert error <= rtol * scale, f"max error {error:.3e} > {rtol:.1e} × scale {scale:.3e}"
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("normalised", [True, False])
+@pytest.mark.parametrize("eps", EPSILONS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,m,d", SHAPES)
+def test_lse_rows_and_cols(n, m, d, kind, eps, normalised, dtype):
+    x, y = features(n, m, d, seed=n * 1000 + m + d, normalised=normalised)
+    K = affinity(x, y, kind, dtype)
+    gen = torch.Generator().manual_seed(7)
+    bias_cols = (torch.randn(m, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+    bias_rows = (torch.randn(n, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+
+    rows, cols = CPU.lse_rows(K, bias_cols, eps), CPU.lse_cols(K, bias_rows, eps)
+    assert rows.dtype == dtype and cols.dtype == dtype
+    K64 = as_float64(K)
+    assert_close_scaled(rows, REF.lse_rows(K64, bias_cols.double(), eps), TOL[dtype])
+    assert_close_scaled(cols, REF.lse_cols(K64, bias_rows.double(), eps), TOL[dtype])
+
+
+def klot_inputs(n, m, d, kind, teacher_kind, eps, dtype, normalised=True):
+    """Student and teacher affinities (teacher with its own d) and their Sinkhorn potentials."""
+    x, y = features(n, m, d, seed=n + 3 * m + 7 * d, normalised=normalised)
+    xt, yt = features(n, m, d + 4, seed=n + 5 * m + 11 * d, normalised=normalised)
+    K, K_t = affinity(x, y, kind, dtype), affinity(xt, yt, teacher_kind, dtype)
+    eps_t = eps / 2
+    f, g = sinkhorn_potentials(as_float64(K).materialize(), eps)
+    f_t, g_t = sinkhorn_potentials(as_float64(K_t).materialize(), eps_t)
+    pots = [p.to(dtype) for p in (f, g, f_t, g_t)]
+    return K, K_t, pots, eps_t
+
+
+def log_plan64(K, f, g, eps):
+    """(f_i + g_j + K_ij)/ε in float64, and its rounding scale (|f_i| + |g_j| + |K_ij|)/ε."""
+    f, g, K = f.double(), g.double(), as_float64(K).materialize().dense
+    return ((f[:, None] + g[None, :] + K) / eps, (f.abs()[:, None] + g.abs()[None, :] + K.abs()) / eps)
+
+
+def plans_and_tolerance(K, K_t, pots, eps, eps_t, dtype):
+    """P + P* (the scale G = (P − P*)/ε is measured against, as G may cancel to ~0) and the
+    tolerance: 1e-10 in float64; in float32 the log-plan arguments carry a rounding error
+    relative to their magnitude, so the tolerance grows with max (|f| + |g| + |K|)/ε."""
+    f, g, f_t, g_t = pots
+    (log_p, size), (log_pt, size_t) = log_plan64(K, f, g, eps), log_plan64(K_t, f_t, g_t, eps_t)
+    p_sum = log_p.exp() + log_pt.exp()
+    if dtype == torch.float64:
+        return p_sum, 1e-10
+    return p_sum, 1e-6 * (1.0 + max(size.max().item(), size_t.max().item()))
+
+
+KLOT_CASES = [
+    ("dense", "dense"),
+    ("features", "features"),
+    ("features", "dense"),
+    ("dense", "features"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("eps", EPSILONS)
+@pytest.mark.parametrize("kind,teacher_kind", KLOT_CASES)
+@pytest.mark.parametrize("n,m,d", SHAPES)
+def test_klot_value(n, m, d, kind, teacher_kind, eps, dtype):
+    K, K_t, (f, g, f_t, g_t), eps_t = klot_inputs(n, m, d, kind, teacher_kind, eps, dtype)
+    value = CPU.klot_value(K, f, g, eps, K_t, f_t, g_t, eps_t)
+    assert value.dtype == dtype and value.dim() == 0
+
+    expected = REF.klot_value(
+        as_float64(K), f.double(), g.double(), eps, as_float64(K_t), f_t.double(), g_t.double(), eps_t
+    )
+    # Scale: Σ P* ((|f*| + |g*| + |K*|)/ε* + (|f| + |g| + |K|)/ε), what rounding the log-plans
+    # (and, in float32, K itself) is relative to; the terms cancel, the scale does not.
+    (_, size), (log_pt, size_t) = log_plan64(K, f, g, eps), log_plan64(K_t, f_t, g_t, eps_t)
+    scale = (log_pt.exp() * (size + size_t)).sum().item()
+    tol = {torch.float64: 1e-13, torch.float32: 1e-6}[dtype]
+    assert_close_scaled(value.reshape(1), expected.reshape(1), tol, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("eps", EPSILONS)
+@pytest.mark.parametrize("n,m,d", SHAPES)
+def test_klot_grad_dense(n, m, d, eps, dtype):
+    K, K_t, (f, g, f_t, g_t), eps_t = klot_inputs(n, m, d, "dense", "dense", eps, dtype)
+    G = CPU.klot_grad_dense(K, f, g, eps, K_t, f_t, g_t, eps_t)
+    assert G.dtype == dtype
+    expected = REF.klot_grad_dense(
+        as_float64(K), f.double(), g.double(), eps, as_float64(K_t), f_t.double(), g_t.double(), eps_t
+    )
+    p_sum, tol = plans_and_tolerance(K, K_t, (f, g, f_t, g_t), eps, eps_t, dtype)
+    assert_close_scaled(G, expected, tol, scale=p_sum.max().item() / eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("normalised", [True, False])
+@pytest.mark.parametrize("eps", EPSILONS)
+@pytest.mark.parametrize("teacher_kind", KINDS)
+@pytest.mark.parametrize("n,m,d", SHAPES)
+def test_klot_grad_features(n, m, d, teacher_kind, eps, normalised, dtype):
+    K, K_t, pots, eps_t = klot_inputs(n, m, d, "features", teacher_kind, eps, dtype, normalised)
+    f, g, f_t, g_t = pots
+    gy, gtx = CPU.klot_grad_features(K, f, g, eps, K_t, f_t, g_t, eps_t)
+    assert gy.dtype == dtype and gtx.dtype == dtype
+    K64 = as_float64(K)
+    exp_gy, exp_gtx = REF.klot_grad_features(
+        K64, f.double(), g.double(), eps, as_float64(K_t), f_t.double(), g_t.double(), eps_t
+    )
+    # The products cancel (P − P*): errors are measured against (P + P*)/ε |y| and its transpose.
+    p_sum, tol = plans_and_tolerance(K, K_t, pots, eps, eps_t, dtype)
+    assert_close_scaled(gy, exp_gy, tol, scale=(p_sum @ K64.y.abs()).max().item() / eps)
+    assert_close_scaled(gtx, exp_gtx, tol, scale=(p_sum.T @ K64.x.abs()).max().item() / eps)
+
+
+def test_klot_grad_features_needs_student_features():
+    K, K_t, (f, g, f_t, g_t), eps_t = klot_inputs(5, 6, 3, "dense", "dense", 0.05, torch.float64)
+    with pytest.raises(ValueError):
+        CPU.klot_grad_features(K, f, g, 0.05, K_t, f_t, g_t, eps_t)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_results_do_not_depend_on_thread_count(kind):
+    """Large enough (≥ 2^16 entries per thread) that the kernels really split the work."""
+    n, m = 601, 517
+    K, K_t, (f, g, f_t, g_t), eps_t = klot_inputs(n, m, 40, kind, "features", 0.05, torch.float64)
+    bias_rows = torch.randn(n, dtype=torch.float64) * 0.3
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = [
+                CPU.lse_rows(K, g, 0.05),
+                CPU.lse_cols(K, bias_rows, 0.05),
+                CPU.klot_value(K, f, g, 0.05, K_t, f_t, g_t, eps_t).reshape(1),
+            ]
+            if kind == "features":
+                out += CPU.klot_grad_features(K, f, g, 0.05, K_t, f_t, g_t, eps_t)
+            results.append(out)
+    finally:
+        torch.set_num_threads(previous)
+    for out in results[1:]:
+        for actual, expected in zip(out, results[0]):
+            scale = expected.abs().max().item() + 1e-300
+            assert_close_scaled(actual, expected, 1e-12, scale=scale)
+
+
+def test_lse_no_overflow_at_small_eps_and_large_affinity():
+    """|K| up to 1e3 at ε = 1e-3: arguments ~1e6 must stay finite after the max shift."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        K = torch.rand(40, 70, generator=gen, dtype=torch.float64) * 2e3 - 1e3
+        K = Affinity.from_dense(K.to(dtype))
+        bias = torch.zeros(70, dtype=dtype)
+        out = CPU.lse_rows(K, bias, 1e-3)
+        assert torch.isfinite(out).all()
+        assert_close_scaled(out, REF.lse_rows(as_float64(K), bias.double(), 1e-3), TOL[dtype])
+        out = CPU.lse_cols(K, torch.zeros(40, dtype=dtype), 1e-3)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_exp2_matches_numpy(dtype):
+    info = np.finfo(dtype)
+    x = np.concatenate(
+        [
+            np.linspace(-2000.0, 200.0, 400_001),
+            np.linspace(-1.0, 1.0, 100_001),
+            np.random.default_rng(0).uniform(-130.0, 130.0, 100_000),
+            [-np.inf, -1e30, -1e6, 0.0, -0.5, 0.5],
+        ]
+    ).astype(dtype)
+    out = _C.fast_exp2(x, 2)
+    assert out.dtype == dtype
+    assert np.isfinite(out).all() and (out >= 0).all()
+    exact = np.exp2(x.astype(np.longdouble))
+    normal = (exact >= 2 * info.tiny) & (exact <= info.max / 2)
+    ulps = np.abs(out[normal] - exact[normal]) / (exact[normal] * info.eps)
+    assert ulps.max() <= 2.0, f"max error {ulps.max():.2f} ulp"
+    # Below the normal range the result underflows to 0 (or a value no larger than ~2^emin).
+    tiny = exact < 2 * info.tiny
+    assert (out[tiny] <= 4 * info.tiny).all()
+    assert out[x == -np.inf].item() == 0.0
+    # Above the range it saturates at a finite value instead of returning inf or garbage.
+    huge = x >= info.maxexp
+    assert (out[huge] >= info.max / 4).all()

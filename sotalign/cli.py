@@ -46,6 +46,8 @@ def _one_line_errors():
     """Report expected failures (bad options, files, stores) as one line and exit 1."""
     try:
         yield
+    except typer.Exit:  # a deliberate exit status (a RuntimeError to click)
+        raise
     except (ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError) as error:
         message = str(error).strip("'\"") or type(error).__name__
         errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -107,10 +109,20 @@ PairsOpt = Annotated[
     Optional[int], Opt("--pairs", help="Pairs to keep from the aligned stores.", rich_help_panel=DATA)
 ]
 ValOpt = Annotated[
-    Optional[int], Opt("--val", help="Validation pairs (model selection) [1000].", rich_help_panel=DATA)
+    Optional[int],
+    Opt(
+        "--val",
+        help="Validation pairs (model selection) [a tenth of the rows, at most 1000].",
+        rich_help_panel=DATA,
+    ),
 ]
 TestOpt = Annotated[
-    Optional[int], Opt("--test", help="Held-out test pairs for reporting [0].", rich_help_panel=DATA)
+    Optional[int],
+    Opt(
+        "--test",
+        help="Held-out test pairs for reporting [a tenth of the rows, at most 1000].",
+        rich_help_panel=DATA,
+    ),
 ]
 UnpairedOpt = Annotated[
     Optional[int],
@@ -225,7 +237,7 @@ def fit(
 ):
     """Train an alignment (stage 1 teacher + stage 2 heads) and write RUN_DIR."""
     with _one_line_errors():
-        from .align import AlignmentData
+        from .align import AlignmentData, TrainingInterrupted
         from .align import fit as fit_run
         from .align.config import config_dict, load_config
 
@@ -283,13 +295,25 @@ def fit(
             f"[bold]{escape(config.method)}[/] on "
             + escape(", ".join(f"{k} {v}" for k, v in alignment.sizes().items()))
         )
-        fit_run(config, alignment, run_dir, resume=resume, progress=not quiet)
+        try:
+            fit_run(config, alignment, run_dir, resume=resume, progress=not quiet)
+        except TrainingInterrupted as stop:
+            console.print(
+                f"{stop}\nresume with: sotalign fit {run_dir} --resume", markup=False, soft_wrap=True
+            )
+            raise typer.Exit(130) from None
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        _print_metrics(
-            f"{config.method} (best step {metrics['best_step']})",
-            {split: metrics[split] for split in ("val", "test") if metrics[split]},
-        )
-        console.print(f"wrote {run_dir}", markup=False)
+        tables = {split: metrics[split] for split in ("val", "test") if metrics[split]}
+        _print_metrics(f"{config.method} (best step {metrics['best_step']})", tables)
+        if not tables:
+            console.print(
+                "no retrieval numbers: the run has no validation or test pairs; give "
+                "--val-images/--val-texts or --test-images/--test-texts with explicit stores, "
+                "then `sotalign eval RUN`, or score other pairs with `sotalign eval RUN --images --texts`",
+                markup=False,
+                soft_wrap=True,
+            )
+        console.print(f"wrote {run_dir}", markup=False, soft_wrap=True)
 
 
 def _show_table(title: str | None, header: list[str] | None, rows: list[list[str]]) -> None:
@@ -346,17 +370,21 @@ def evaluate(
     json_out: Annotated[
         Optional[Path], Opt("--json", help="Also write the metrics to this JSON file.")
     ] = None,
+    checkpoint: Annotated[
+        bool, Opt("--checkpoint", help="Score the last checkpoint of a run that has not finished.")
+    ] = False,
 ):
     """Score a trained alignment: retrieval R@k and/or zero-shot top-1/top-5 accuracy."""
     with _one_line_errors():
         import numpy as np
 
-        from .align import AlignmentData, load
-        from .align.config import load_config
+        from .align import load, open_run_data
         from .data import check_aligned, open_store
         from .eval import retrieval_metrics, zero_shot_accuracy
 
-        model = load(run_dir)
+        model = load(run_dir, checkpoint=checkpoint)
+        if checkpoint:
+            console.print(f"note: scoring {model.method} of {run_dir}", markup=False, soft_wrap=True)
         results = {}
         if images is not None and texts is not None:
             image_store, text_store = open_store(images, key=key), open_store(texts, key=key)
@@ -368,10 +396,7 @@ def evaluate(
         elif images is None and texts is None and labels is None:
             if split not in ("val", "test"):
                 raise ValueError(f"--split must be val or test, got {split!r}")
-            _, spec = load_config(run_dir / "config.json")
-            if spec is None:
-                raise ValueError(f"{run_dir / 'config.json'} records no data; give --images and --texts")
-            data = AlignmentData.from_spec(spec)
+            _, data = open_run_data(run_dir)
             rows_images, rows_texts = getattr(data, f"{split}_images"), getattr(data, f"{split}_texts")
             if rows_images is None:
                 raise ValueError(f"the run has no {split} split; give --images and --texts or --split val")
@@ -489,7 +514,9 @@ def compare(
             get_method(name)
         result = compare_runs(config, spec, method_list, seed_list, out_dir, progress=not quiet)
         print_comparison(result)
-        console.print(f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.md'}", markup=False)
+        console.print(
+            f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.md'}", markup=False, soft_wrap=True
+        )
 
 
 def print_comparison(result: dict) -> None:
@@ -502,6 +529,20 @@ def print_comparison(result: dict) -> None:
             for method, summary in result["summary"].items()
         ],
     )
+
+
+@app.command()
+def repoint(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `sotalign fit`.")],
+    old: Annotated[str, typer.Argument(help="Where the run's stores were (a directory or file).")],
+    new: Annotated[str, typer.Argument(help="Where they are now.")],
+):
+    """Point a run at data that moved: checks each moved store against the run's record first."""
+    with _one_line_errors():
+        from .align import repoint as repoint_run
+
+        moved = repoint_run(run_dir, old, new)
+        console.print(f"{run_dir}: re-pointed {', '.join(moved)} to {new}", markup=False, soft_wrap=True)
 
 
 @app.command()

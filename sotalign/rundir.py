@@ -2,11 +2,13 @@
 
 A run directory, written by :func:`sotalign.align.fit` and read by :func:`sotalign.load`::
 
-    config.json          the TrainConfig and DataSpec of the run
+    config.json          the TrainConfig and DataSpec of the run (store paths absolute)
+    data.json            path and fingerprint of each store (sotalign.align.rundata)
     teacher/             stage 1: teacher.json + teacher.safetensors
     heads.safetensors    stage 2 heads (absent for the teacher-only ``<teacher>+none`` methods)
     heads.json           their configuration
-    metrics.json         validation and test scores of the selected model
+    metrics.json         validation and test scores of the selected model; written last,
+                         so a run is complete exactly when it exists
     log.jsonl            one JSON record per finished step
     checkpoints/last.pt  everything ``resume=True`` needs
 
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 
 CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT = Path("checkpoints") / "last.pt"

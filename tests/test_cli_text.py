@@ -4,10 +4,13 @@ written (issue 10, items 5, 6, 11 and 14)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from sotalign.align.config import ConfigError, TrainConfig, load_config
@@ -29,8 +32,15 @@ def store(tmp_path_factory):
 
 
 def test_help_keeps_bracketed_defaults():
-    text = invoke("fit", "--help").output
-    for default in ("[sotalign]", "[1000]", "[2000]", "[1e-4]", "[auto]"):
+    text = " ".join(invoke("fit", "--help").output.split())
+    for default in (
+        "[sotalign]",
+        "[a tenth of the rows, at most 1000]",
+        "[2000]",
+        "[1e-4]",
+        "[auto]",
+        "[11000]",
+    ):
         assert default in text, default
 
 
@@ -166,3 +176,46 @@ def test_compare_refuses_empty_or_repeated_lists(store, tmp_path, flag, value, m
 def test_print_metrics_reads_no_markup(capsys):
     _print_metrics("[bold]x[/bold]", {"val": {"mean_R@1": 1.0}})
     assert "[bold]x[/bold]" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_fit_exits_130_with_the_resume_command(store, tmp_path):
+    """A real SIGINT to the command: it stops after the step in progress, checkpoints there,
+    prints where the run stands and how to resume, and exits 130."""
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "sotalign.cli",
+        "fit",
+        str(run),
+        "--images",
+        str(store / "images.npy"),
+        "--texts",
+        str(store / "texts.npy"),
+        "--pairs",
+        "20",
+        "--val",
+        "20",
+        "--method",
+        "sail",
+        "--steps",
+        "100000",
+        "--out-dim",
+        "8",
+        "--batch-pairs",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    text = " ".join(output.split())
+    assert "interrupted at step" in text and f"resume with: sotalign fit {run} --resume" in text
+    step = int(text.split("interrupted at step ")[1].split()[0])
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == step

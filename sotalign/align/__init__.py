@@ -20,8 +20,9 @@ from .heads import AlignmentHeads, make_head  # noqa: E402
 from .losses import DIVERGENCES, InfoNCELoss, SigLIPLoss, divergence  # noqa: E402
 from .methods import METHODS, Batch, Recipe, get_method, loss_terms  # noqa: E402
 from .model import AlignedModel, load  # noqa: E402
+from .rundata import open_run_data, repoint  # noqa: E402
 from .teachers import TEACHER_NAMES, Teacher, make_teacher  # noqa: E402
-from .trainer import fit  # noqa: E402
+from .trainer import TrainingInterrupted, fit  # noqa: E402
 
 __all__ = [
     "DIVERGENCES",
@@ -39,6 +40,7 @@ __all__ = [
     "SigLIPLoss",
     "Teacher",
     "TrainConfig",
+    "TrainingInterrupted",
     "compare",
     "divergence",
     "fit",
@@ -48,4 +50,6 @@ __all__ = [
     "loss_terms",
     "make_head",
     "make_teacher",
+    "open_run_data",
+    "repoint",
 ]

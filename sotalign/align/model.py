@@ -21,16 +21,20 @@ from torch import Tensor
 
 from ..ot.validation import as_matrix
 from ..rundir import (
+    CHECKPOINT,
     CONFIG_FILE,
     HEADS_CONFIG,
     HEADS_FILE,
+    METRICS_FILE,
     TEACHER_DIR,
     RunDirError,
     atomic_write,
+    load_checkpoint,
     read_json,
     write_json,
 )
 from .heads import AlignmentHeads
+from .methods import get_method
 from .teachers import Teacher
 
 
@@ -108,27 +112,62 @@ class AlignedModel:
         write_json(run_dir / HEADS_CONFIG, {"method": self.method, **self.heads.config()})
 
 
-def load(run_dir, *, device: str | torch.device = "cpu") -> AlignedModel:
-    """The trained model of a run directory written by `sotalign fit` / `sotalign.align.fit`."""
+def load(run_dir, *, device: str | torch.device = "cpu", checkpoint: bool = False) -> AlignedModel:
+    """The trained model of a run directory written by `sotalign fit` / `sotalign.align.fit`.
+
+    Only a complete run loads (its ``metrics.json`` is written last). ``checkpoint=True`` loads
+    the last checkpoint of a run that is still training or was stopped, and says so in the
+    model's ``method`` label (``"sotalign (checkpoint: step 300 of 2000)"``).
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
     config = read_json(run_dir / CONFIG_FILE)
     method = config.get("method", "")
+    complete = (run_dir / METRICS_FILE).exists()
+    if not complete and not checkpoint:
+        raise RunDirError(
+            f"{run_dir}: the run is not complete (no {METRICS_FILE}); resume it with "
+            f"`sotalign fit {run_dir} --resume`, or load its last checkpoint explicitly: "
+            f"sotalign.load(..., checkpoint=True) / `sotalign eval {run_dir} --checkpoint`"
+        )
     teacher = None
     if (run_dir / TEACHER_DIR).is_dir():
         try:
             teacher = Teacher.load(run_dir / TEACHER_DIR)
         except (OSError, ValueError, KeyError) as error:
             raise RunDirError(str(error).strip("'\"")) from None
-    heads = None
-    if (run_dir / HEADS_CONFIG).exists() or (run_dir / HEADS_FILE).exists():
-        heads = _load_heads(run_dir)
-    if heads is None and teacher is None:
-        raise RunDirError(
-            f"{run_dir}: neither {HEADS_FILE} nor {TEACHER_DIR}/ found (training not finished?)"
+    if complete:
+        heads = (
+            _load_heads(run_dir)
+            if (run_dir / HEADS_CONFIG).exists() or (run_dir / HEADS_FILE).exists()
+            else None
         )
+    else:
+        heads, method = _checkpoint_heads(run_dir, config, teacher)
+    if heads is None and teacher is None:
+        raise RunDirError(f"{run_dir}: neither {HEADS_FILE} nor {TEACHER_DIR}/ found")
     return AlignedModel(heads=heads.to(device) if heads is not None else None, teacher=teacher, method=method)
+
+
+def _checkpoint_heads(
+    run_dir: Path, config: dict, teacher: Teacher | None
+) -> tuple[AlignmentHeads | None, str]:
+    """The heads of the last checkpoint of an incomplete run, and the label that says so."""
+    method, steps = config.get("method", ""), config.get("steps", "?")
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        if teacher is not None and not get_method(method).trains_heads:
+            return None, f"{method} (teacher only; the run did not finish)"
+        raise RunDirError(f"{run_dir}: the run is not complete and has no checkpoint yet ({path})")
+    state = load_checkpoint(path, torch.device("cpu"))
+    if "heads_config" not in state:
+        raise RunDirError(
+            f"{path}: holds no head configuration (written by an older sotalign); resume the run"
+        )
+    heads = AlignmentHeads(**state["heads_config"])
+    heads.load_state_dict(state["heads"])
+    return heads, f"{method} (checkpoint: step {state['step']} of {steps})"
 
 
 def _load_heads(run_dir: Path) -> AlignmentHeads:

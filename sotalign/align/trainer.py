@@ -16,7 +16,11 @@ are written atomically, so `resume=True` continues a killed run to bitwise the s
 from __future__ import annotations
 
 import math
+import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ from ..eval import retrieval_metrics
 from ..rundir import (
     CHECKPOINT,
     CONFIG_FILE,
+    DATA_FILE,
     LOG_FILE,
     METRICS_FILE,
     TEACHER_DIR,
@@ -47,6 +52,7 @@ from .heads import AlignmentHeads
 from .losses import nnclr_positives, sample_neighbors
 from .methods import Batch, Recipe, loss_terms
 from .model import AlignedModel
+from .rundata import record_data, verify_data
 from .teachers import JSON_FILE as TEACHER_JSON
 from .teachers import Teacher, make_teacher
 
@@ -162,9 +168,35 @@ def _clone(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def _prepare_run_dir(run_dir: Path, config: TrainConfig, data: AlignmentData, resume: bool) -> None:
-    """Create the run directory and record its configuration; on resume, insist it is the same."""
-    stored = config_dict(config, data.spec)
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`fit`, which first checkpointed the run at ``step``."""
+
+    def __init__(self, run_dir: Path, step: int, steps: int):
+        super().__init__(f"interrupted at step {step} of {steps}; checkpoint saved in {run_dir / CHECKPOINT}")
+        self.run_dir, self.step, self.steps = run_dir, step, steps
+
+
+def _has_progress(run_dir: Path) -> bool:
+    """A finished step, a checkpoint or a result: what a new run must not overwrite."""
+    log = run_dir / LOG_FILE
+    return (
+        (run_dir / CHECKPOINT).exists()
+        or (run_dir / METRICS_FILE).exists()
+        or (log.exists() and log.stat().st_size > 0)
+    )
+
+
+def _clear_unstarted(run_dir: Path) -> None:
+    """Remove what a run that never finished a step wrote (its configuration and teacher)."""
+    for name in (CONFIG_FILE, DATA_FILE, LOG_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / TEACHER_DIR, ignore_errors=True)
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, data: AlignmentData, resume: bool) -> bool:
+    """Create the run directory and record its configuration and data; on resume, insist they
+    are the same. Returns True when this call started the run (its files are new)."""
+    stored = config_dict(config, data.spec.resolved() if data.spec is not None else None)
     config_path = run_dir / CONFIG_FILE
     if resume:
         if not config_path.exists():
@@ -175,14 +207,48 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, data: AlignmentData, re
             raise ConfigError(
                 f"{config_path}: --resume needs the same configuration; changed: {', '.join(changed)}"
             )
-        return
-    if (run_dir / CHECKPOINT).exists() or config_path.exists():
-        raise ValueError(
-            f"{run_dir} already holds a run ({config_path.name}); pass resume=True / --resume "
-            "to continue it, or choose a new directory"
-        )
+        verify_data(run_dir, data)
+        return False
+    if config_path.exists() or (run_dir / CHECKPOINT).exists():
+        if _has_progress(run_dir):
+            raise ValueError(
+                f"{run_dir} already holds a run ({config_path.name}); pass resume=True / --resume "
+                "to continue it, or choose a new directory"
+            )
+        _clear_unstarted(run_dir)  # it stopped before its first step: start again in place
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(config_path, stored)
+    record_data(run_dir, data)
+    return True
+
+
+def _check_values(data: AlignmentData) -> None:
+    """Every store the run reads holds finite values (streamed; the error names file and row)."""
+    stores = {rows.store.path: rows.store for rows in data.views().values()}
+    for store in stores.values():
+        store.check_finite()
+
+
+@contextmanager
+def _deferred_interrupt():
+    """Ctrl-C asks the training loop to stop after the step in progress (a step is never cut
+    in half, so the checkpoint it then writes is exact); a second Ctrl-C stops at once."""
+    request = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if request["stop"]:
+            raise KeyboardInterrupt
+        request["stop"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stage1(recipe: Recipe, config: TrainConfig, data: AlignmentData, run_dir: Path) -> Teacher | None:
@@ -218,6 +284,10 @@ def _finish(run_dir: Path, model: AlignedModel, data: AlignmentData, best_step: 
     write_json(run_dir / METRICS_FILE, metrics)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 # ----------------------------------------------------------------------------- fit
 
 
@@ -233,17 +303,35 @@ def fit(
     """Train `config.method` on `data`, writing the run directory; returns the selected model.
 
     `resume=True` continues the run recorded in `run_dir/config.json` (the configuration must
-    be the same) from `checkpoints/last.pt`, or from step 0 if it was stopped before the first
-    checkpoint, and ends with the same weights as an uninterrupted run. `on_step(step)` is called after
-    every finished step (and its checkpoint), e.g. to stop a run.
+    be the same, and so must the data: :mod:`sotalign.align.rundata`) from
+    `checkpoints/last.pt`, or from step 0 if it was stopped before the first checkpoint, and
+    ends with the same weights as an uninterrupted run. `on_step(step)` is called after every
+    finished step (and its checkpoint), e.g. to stop a run.
+
+    Everything is checked before anything is written (the configuration when it was built, the
+    stores' values here). A run that fails before its first step leaves nothing behind, and one
+    killed then is started again in place. Ctrl-C stops after the step in progress, writes a
+    checkpoint there and raises :class:`TrainingInterrupted`; ``resume=True`` continues it.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
     recipe = config.recipe()
     _check_data(recipe, data)
+    _check_values(data)
     device = resolve_device(config.device)
-    _prepare_run_dir(run_dir, config, data, resume)
+    started_here = _prepare_run_dir(run_dir, config, data, resume)
+    try:
+        return _train(recipe, config, data, run_dir, device, resume, progress, on_step, started)
+    except BaseException:
+        if started_here and not _has_progress(run_dir):
+            _clear_unstarted(run_dir)
+            with suppress(OSError):
+                run_dir.rmdir()  # only if nothing else is in it
+        raise
 
+
+def _train(recipe, config, data, run_dir, device, resume, progress, on_step, started) -> AlignedModel:
+    """Stages 1 and 2 of :func:`fit` in a prepared run directory."""
     teacher = _stage1(recipe, config, data, run_dir)
     if not recipe.trains_heads:
         model = AlignedModel(teacher=teacher, method=recipe.name)
@@ -291,8 +379,26 @@ def fit(
         disable=not progress,
         transient=False,
     )
-    with bar:
+
+    def save(done: int, best: dict) -> None:
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "step": done,
+                "heads": heads.state_dict(),
+                "heads_config": heads.config(),
+                "losses": losses.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
+                "best": best,
+            },
+        )
+
+    with bar, _deferred_interrupt() as interrupt:
         task = bar.add_task("", total=config.steps, completed=start)
+        first_step_done = None
         for step in range(start, config.steps):
             terms = loss_terms(recipe, batches.batch(step), heads, losses, **divergence_options)
             loss = sum(weights[name] * value for name, value in terms.items())
@@ -317,24 +423,10 @@ def fit(
                         "heads": _clone(heads.state_dict()),
                         "losses": _clone(losses.state_dict()),
                     }
-            checkpoint = done % config.checkpoint_every == 0 or done == config.steps
+            checkpoint = done % config.checkpoint_every == 0 or done == config.steps or interrupt["stop"]
             append_line(log_path, record, durable=checkpoint)
             if checkpoint:
-                save_checkpoint(
-                    checkpoint_path,
-                    {
-                        "step": done,
-                        "heads": heads.state_dict(),
-                        "losses": losses.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(device)
-                        if device.type == "cuda"
-                        else torch.zeros(0),
-                        "best": best,
-                    },
-                )
+                save(done, best)
             bar.update(
                 task,
                 completed=done,
@@ -342,6 +434,19 @@ def fit(
             )
             if on_step is not None:
                 on_step(done)
+            if done == start + 1:
+                first_step_done = time.perf_counter()
+            elif done == start + 2 and progress:  # the first step pays for warm-ups
+                per_step = time.perf_counter() - first_step_done
+                bar.console.print(
+                    f"{config.steps} steps planned (--steps), {config.out_dim}-d heads (--out-dim): "
+                    f"about {_duration(per_step * (config.steps - done))} left at {per_step:.3g} s per step",
+                    markup=False,
+                )
+            if interrupt["stop"] and done < config.steps:
+                if not checkpoint:  # Ctrl-C came after this step's checkpoint decision
+                    save(done, best)
+                raise TrainingInterrupted(run_dir, done, config.steps)
 
     if best["heads"] is not None:  # model selection on the validation split
         heads.load_state_dict(best["heads"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,8 +102,9 @@ class DataSpec:
     Aligned dataset: `images`/`texts` hold the same items row by row; `make_split` draws
     `n_pairs` pairs, `n_val + n_test` held-out pairs (the first `n_val` validate, the rest
     test) and unpaired images and texts from disjoint rows (`n_unpaired` each, or all that
-    remain). Explicit: one store per role and modality (:func:`role_fields`): `paired_*`
-    (required), `unpaired_*`, `val_*`, `test_*`.
+    remain); `n_val` and `n_test` left out are sized from the data (:func:`held_out_size`).
+    Explicit: one store per role and modality (:func:`role_fields`): `paired_*` (required),
+    `unpaired_*`, `val_*`, `test_*`.
     Paths are embedding stores (.npy, .safetensors, .h5, a directory or shards); `key`
     names the array inside .safetensors/.h5 files.
     """
@@ -110,8 +112,8 @@ class DataSpec:
     images: str | None = None
     texts: str | None = None
     n_pairs: int | None = None
-    n_val: int = 1000
-    n_test: int = 0
+    n_val: int | None = None
+    n_test: int | None = None
     n_unpaired: int | None = None
     split_seed: int = 0
     key: str | None = None
@@ -142,3 +144,26 @@ class DataSpec:
     @property
     def aligned(self) -> bool:
         return self.images is not None or self.texts is not None
+
+    def store_paths(self) -> dict[str, str]:
+        """The store of each field that names one (``images``, ``paired_texts``...)."""
+        names = ("images", "texts", *role_names())
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def resolved(self) -> DataSpec:
+        """The same spec with absolute store paths (what a run directory records, so that it
+        reads the same files from any working directory)."""
+        absolute = {
+            name: os.path.abspath(os.path.expanduser(path)) for name, path in self.store_paths().items()
+        }
+        return dataclasses.replace(self, **absolute)
+
+
+#: Held-out pairs per role (validation, test) when not given: a tenth of the rows, at most this.
+MAX_HELD_OUT = 1000
+
+
+def held_out_size(n_total: int) -> int:
+    """Validation (and test) pairs of an aligned dataset of ``n_total`` rows when not given:
+    a tenth of the rows, at least 1 and at most :data:`MAX_HELD_OUT`."""
+    return max(1, min(MAX_HELD_OUT, n_total // 10))

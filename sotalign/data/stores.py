@@ -23,6 +23,7 @@ float32, float64), and every error names the file.
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import json
 import os
 import re
@@ -84,6 +85,16 @@ class EmbeddingStore(ABC):
         if stop <= start:
             return torch.empty(0, self.dim)
         return _as_float32(self._read_range(start, stop))
+
+    def fingerprint(self, sample_rows: int = 8) -> dict:
+        """What identifies this store's contents cheaply: rows, dim, bytes on disk, and a hash of
+        ``sample_rows`` rows spread over the store (a run records it; a changed store differs)."""
+        sample = np.unique(np.linspace(0, self._n - 1, min(sample_rows, self._n)).astype(np.int64))
+        digest = hashlib.sha256(self.rows(sample).numpy().tobytes()).hexdigest()
+        return {"rows": self._n, "dim": self.dim, "bytes": self._disk_bytes(), "sample_sha256": digest}
+
+    def _disk_bytes(self) -> int:
+        return os.path.getsize(self.path)
 
     def first_nonfinite(self, chunk_rows: int = 65536) -> int | None:
         """Index of the first row holding a NaN or ±Inf (streamed in chunks), or None."""
@@ -234,6 +245,9 @@ class ShardedStore(EmbeddingStore):
             local = unique_sorted[shard_of == s] - self.offsets[s]
             parts.append(self.shards[s]._gather(local))
         return torch.cat(parts)
+
+    def _disk_bytes(self) -> int:
+        return sum(shard._disk_bytes() for shard in self.shards)
 
     def check_finite(self, chunk_rows: int = 65536) -> None:
         """As `EmbeddingStore.check_finite`, naming the shard file, its row and the global row."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .spec import ALIGNED_ROLES, ROLES, DataSpec, role_fields, role_names
+from .spec import ALIGNED_ROLES, ROLES, DataSpec, held_out_size, role_fields, role_names
 from .splits import make_split
 from .stores import EmbeddingStore, check_aligned, open_store
 
@@ -81,8 +81,12 @@ class AlignmentData:
     def text_dim(self) -> int:
         return self.paired_texts.dim
 
+    def views(self) -> dict[str, Rows]:
+        """The views that are present, by field name (``paired_images``...)."""
+        return {name: getattr(self, name) for name in role_names() if getattr(self, name) is not None}
+
     def sizes(self) -> dict[str, int]:
-        return {name: len(getattr(self, name)) for name in role_names() if getattr(self, name) is not None}
+        return {name: len(rows) for name, rows in self.views().items()}
 
     @classmethod
     def from_spec(cls, spec: DataSpec) -> "AlignmentData":
@@ -95,14 +99,23 @@ class AlignmentData:
             return cls(**views, spec=spec)
         images, texts = open_store(spec.images, key=spec.key), open_store(spec.texts, key=spec.key)
         check_aligned(images, texts)
-        held_out = spec.n_val + spec.n_test
+        n_total = len(images)
+        n_val = held_out_size(n_total) if spec.n_val is None else spec.n_val
+        n_test = held_out_size(n_total) if spec.n_test is None else spec.n_test
+        if spec.n_pairs + n_val + n_test > n_total:
+            given = {"--pairs": spec.n_pairs, "--val": n_val, "--test": n_test}
+            raise ValueError(
+                f"{images.path}: {' + '.join(f'{flag} {value}' for flag, value in given.items())} = "
+                f"{spec.n_pairs + n_val + n_test} rows, but the store has {n_total}; lower "
+                + " or ".join(flag for flag, value in given.items() if value)
+            )
         split = make_split(
-            len(images), spec.n_pairs, held_out, n_unpaired=spec.n_unpaired, seed=spec.split_seed
+            n_total, spec.n_pairs, n_val + n_test, n_unpaired=spec.n_unpaired, seed=spec.split_seed
         )
         # make_split returns sorted rows; shuffle before cutting validation from test so that
         # neither is biased towards one end of the store.
         order = np.random.default_rng([spec.split_seed, 4]).permutation(split.val)
-        val, test = np.sort(order[: spec.n_val]), np.sort(order[spec.n_val :])
+        val, test = np.sort(order[:n_val]), np.sort(order[n_val:])
 
         def rows(store, indices):
             return Rows(store, indices) if len(indices) else None

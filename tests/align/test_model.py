@@ -99,7 +99,7 @@ def test_missing_and_corrupt_run_directories_name_the_file(runs, tmp_path):
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("config.json", "heads.json"):
+    for name in ("config.json", "heads.json", "metrics.json"):
         (broken / name).write_text((root / "sail" / name).read_text())
     (broken / "heads.safetensors").write_bytes(b"\x00not safetensors at all")
     with pytest.raises(RunDirError, match=r"broken/heads\.safetensors: not a valid safetensors file"):

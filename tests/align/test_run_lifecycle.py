@@ -1,0 +1,255 @@
+"""Run directories a user can trust (issue 10): the data a run reads is pinned by absolute path
+and fingerprint, an incomplete run is never scored as finished, nothing is left behind by a run
+that fails before its first step, Ctrl-C checkpoints, and bad store values fail up front."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import sotalign
+from sotalign.align import (
+    AlignmentData,
+    DataSpec,
+    TrainConfig,
+    TrainingInterrupted,
+    fit,
+    open_run_data,
+    repoint,
+)
+from sotalign.cli import app
+from sotalign.data import save_store, write_platonic
+from sotalign.rundir import RunDirError
+
+TINY = dict(
+    out_dim=8,
+    lr=1e-2,
+    paired_batch_size=32,
+    unpaired_batch_size=48,
+    n_iters=10,
+    eps_teacher=0.05,
+    alpha=1e-2,
+    eval_every=4,
+    checkpoint_every=4,
+    device="cpu",
+)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+runner = CliRunner()
+
+
+@pytest.fixture
+def platonic(tmp_path):
+    directory = tmp_path / "data"
+    write_platonic(directory, 300, image_dim=12, text_dim=10, latent_dim=4, n_concepts=4, seed=1)
+    return directory
+
+
+def spec_for(directory, **overrides) -> DataSpec:
+    values = dict(images=str(directory / "images.npy"), texts=str(directory / "texts.npy"), n_pairs=40)
+    return DataSpec(**{**values, **overrides})
+
+
+def heads_of(run) -> dict:
+    return load_file(run / "heads.safetensors")
+
+
+def test_run_reads_the_same_files_from_any_directory(platonic, tmp_path, monkeypatch):
+    monkeypatch.chdir(platonic.parent)
+    run = tmp_path / "run"
+    fit(
+        TrainConfig(method="sail", steps=4, **TINY),
+        AlignmentData.from_spec(spec_for(platonic.relative_to(tmp_path))),
+        run,
+        progress=False,
+    )
+    config, data = open_run_data(run)
+    assert os.path.isabs(data.spec.images) and os.path.isabs(data.spec.texts)
+    # Another directory holding a same-named, different dataset changes nothing.
+    elsewhere = tmp_path / "elsewhere"
+    write_platonic(elsewhere / "data", 300, image_dim=12, text_dim=10, latent_dim=4, n_concepts=4, seed=9)
+    monkeypatch.chdir(elsewhere)
+    _, again = open_run_data(run)
+    assert again.spec.images == data.spec.images
+    assert torch.equal(again.test_images.all(), data.test_images.all())
+
+
+def test_a_changed_store_is_refused_and_a_moved_one_can_be_repointed(platonic, tmp_path):
+    run = tmp_path / "run"
+    fit(
+        TrainConfig(method="sail", steps=4, **TINY),
+        AlignmentData.from_spec(spec_for(platonic)),
+        run,
+        progress=False,
+    )
+    before = runner.invoke(app, ["eval", str(run)])
+    assert before.exit_code == 0, before.output
+
+    moved = tmp_path / "moved"
+    shutil.move(platonic, moved)
+    with pytest.raises(RunDirError, match=r"cannot open the run's data .*sotalign repoint"):
+        open_run_data(run)
+    assert sorted(repoint(run, str(platonic), str(moved))) == ["images", "texts"]
+    assert runner.invoke(app, ["eval", str(run)]).output == before.output
+
+    images = np.load(moved / "images.npy")
+    images[0] += 1.0
+    np.save(moved / "images.npy", images)
+    with pytest.raises(RunDirError, match=r"images\.npy: the images store differs .*sample_sha256"):
+        open_run_data(run)
+    result = runner.invoke(app, ["eval", str(run)])
+    assert result.exit_code == 1 and "differs from the one" in result.output
+    with pytest.raises(ValueError, match="fingerprint differs"):
+        repoint(run, str(moved), str(moved))
+
+
+def test_resume_refuses_changed_data(platonic, tmp_path):
+    run = tmp_path / "run"
+    config = TrainConfig(method="sail", steps=8, **TINY)
+    with pytest.raises(RuntimeError, match="stop"):
+        fit(config, AlignmentData.from_spec(spec_for(platonic)), run, progress=False, on_step=_stop_at(4))
+    texts = np.load(platonic / "texts.npy")
+    np.save(platonic / "texts.npy", texts[::-1].copy())
+    with pytest.raises(RunDirError, match="texts store differs"):
+        fit(config, AlignmentData.from_spec(spec_for(platonic)), run, resume=True, progress=False)
+
+
+def _stop_at(step):
+    def on_step(done):
+        if done == step:
+            raise RuntimeError("stop")
+
+    return on_step
+
+
+def test_an_incomplete_run_is_not_scored_as_finished(platonic, tmp_path):
+    run = tmp_path / "run"
+    config = TrainConfig(method="sotalign", steps=12, **TINY)
+    with pytest.raises(RuntimeError, match="stop"):
+        fit(config, AlignmentData.from_spec(spec_for(platonic)), run, progress=False, on_step=_stop_at(9))
+    with pytest.raises(RunDirError, match="not complete .*checkpoint=True"):
+        sotalign.load(run)
+    model = sotalign.load(run, checkpoint=True)
+    assert model.method == "sotalign (checkpoint: step 8 of 12)"
+    # The checkpoint's heads, not the teacher: they map features like the saved state does.
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    x = torch.randn(5, 12)
+    expected = torch.nn.functional.normalize(
+        x @ state["heads"]["image.weight"].T + state["heads"]["image.bias"], dim=1
+    )
+    torch.testing.assert_close(model.embed_images(x), expected)
+    refused = runner.invoke(app, ["eval", str(run)])
+    assert refused.exit_code == 1 and "not complete" in refused.output
+    scored = runner.invoke(app, ["eval", str(run), "--checkpoint"])
+    assert scored.exit_code == 0 and "checkpoint: step 8 of 12" in scored.output
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing(platonic, tmp_path, monkeypatch):
+    from sotalign.align import trainer
+
+    def broken_stage1(*args):
+        raise RuntimeError("teacher exploded")
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(trainer, "_stage1", broken_stage1)
+    with pytest.raises(RuntimeError, match="teacher exploded"):
+        fit(
+            TrainConfig(method="sotalign", steps=4, **TINY),
+            AlignmentData.from_spec(spec_for(platonic)),
+            run,
+            progress=False,
+        )
+    assert not run.exists()
+
+
+def test_a_run_killed_before_its_first_step_restarts_in_place(platonic, tmp_path):
+    run = tmp_path / "run"
+    data = AlignmentData.from_spec(spec_for(platonic))
+    fit(TrainConfig(method="sail", steps=4, **TINY), data, run, progress=False)
+    # What a SIGKILL during stage 1 leaves: a configuration (and maybe a teacher), no step.
+    for name in ("metrics.json", "log.jsonl", "heads.safetensors", "heads.json"):
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints")
+    fit(
+        TrainConfig(method="sail", steps=4, lr=5e-3, **{k: v for k, v in TINY.items() if k != "lr"}),
+        data,
+        run,
+        progress=False,
+    )
+    assert sotalign.load(run).method == "sail"
+    with pytest.raises(ValueError, match="already holds a run"):
+        fit(TrainConfig(method="sail", steps=4, **TINY), data, run, progress=False)
+
+
+def test_ctrl_c_checkpoints_and_resume_is_exact(platonic, tmp_path):
+    data = AlignmentData.from_spec(spec_for(platonic))
+    config = TrainConfig(method="sotalign", steps=10, **TINY)
+    fit(config, data, tmp_path / "straight", progress=False)
+
+    def press_ctrl_c(done):
+        if done == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step 6 of 10"):
+        fit(config, data, run, progress=False, on_step=press_ctrl_c)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    fit(config, data, run, resume=True, progress=False)
+    for name, tensor in heads_of(tmp_path / "straight").items():
+        assert torch.equal(tensor, heads_of(run)[name]), name
+
+
+def test_bad_store_values_fail_before_anything_is_written(platonic, tmp_path):
+    images = np.load(platonic / "images.npy")
+    images[137, 3] = np.nan
+    bad = tmp_path / "bad.npy"
+    save_store(bad, images)
+    spec = DataSpec(images=str(bad), texts=str(platonic / "texts.npy"), n_pairs=40)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"bad\.npy: row 137 contains NaN or Inf"):
+        fit(
+            TrainConfig(method="sotalign", steps=4, **TINY),
+            AlignmentData.from_spec(spec),
+            run,
+            progress=False,
+        )
+    assert not run.exists()
+
+
+def test_small_data_gets_held_out_splits_sized_from_it(tmp_path):
+    write_platonic(tmp_path, 200, image_dim=6, text_dim=5, latent_dim=3, n_concepts=3, seed=0)
+    data = AlignmentData.from_spec(spec_for(tmp_path, n_pairs=50))
+    assert data.sizes()["val_images"] == 20 and data.sizes()["test_images"] == 20
+    with pytest.raises(
+        ValueError,
+        match=r"images\.npy: --pairs 190 \+ --val 20 \+ --test 20 = 230 rows, but the store has 200; lower --pairs or --val or --test",
+    ):
+        AlignmentData.from_spec(spec_for(tmp_path, n_pairs=190))
+
+
+def test_cli_says_why_there_are_no_retrieval_numbers(platonic, tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "fit",
+            str(tmp_path / "run"),
+            "--paired-images",
+            str(platonic / "images.npy"),
+            "--paired-texts",
+            str(platonic / "texts.npy"),
+            "--method",
+            "cca+none",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "no retrieval numbers: the run has no validation or test pairs" in " ".join(result.output.split())

@@ -31,7 +31,7 @@ from ..kernels import Affinity
 from . import validation as check
 from .dispatch import DEFAULT_MEMORY_BUDGET, Route, choose_route
 from .options import N_OPTIONS, SolverOptions
-from .sinkhorn import solve, uniform_log_weights
+from .sinkhorn import check_scale, solve, uniform_log_weights
 
 
 def _solve_both(
@@ -95,12 +95,19 @@ def klot_features_op(
         n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph, backend, path, precision, memory_budget
     )
     check.check_finite(x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
+    check_scale(Affinity.from_features(x, y), eps, "x, y")
+    check_scale(Affinity.from_features(x_teacher, y_teacher), eps_teacher, "x_teacher, y_teacher")
     route = _features_route(x, y, x_teacher, options)
     K = route.prepare(Affinity.from_features(x, y))
     K_teacher = route.prepare(Affinity.from_features(x_teacher, y_teacher))
     f, g, f_t, g_t = _solve_both(route, K, K_teacher, eps, eps_teacher, options)
     value = route.backend.klot_value(K, f, g, eps, K_teacher, f_t, g_t, eps_teacher)
+    _check_value(value, f=f, g=g, f_teacher=f_t, g_teacher=g_t)
     return value, f, g, f_t, g_t
+
+
+def _check_value(value: Tensor, **potentials: Tensor) -> None:
+    check.check_finite_result("klot", "eps too small for the dtype?", **potentials, value=value)
 
 
 @klot_features_op.register_fake
@@ -170,6 +177,20 @@ def _features_backward(ctx, grad_value, *unused_potential_grads):
 klot_features_op.register_autograd(_features_backward, setup_context=_features_setup)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "sotalign.klot has no second derivative: its gradient (P − P*)/ε comes from the Sinkhorn "
+        "solution, which is not differentiated (double backward, e.g. a gradient penalty, is not supported)"
+    )
+
+
+def _nothing_to_save(ctx, inputs, output) -> None:
+    pass
+
+
+klot_features_backward_op.register_autograd(_no_double_backward, setup_context=_nothing_to_save)
+
+
 @torch.library.custom_op("sotalign::klot_dense", mutates_args=())
 def klot_dense_op(
     K: Tensor,
@@ -194,8 +215,11 @@ def klot_dense_op(
     check.check_finite(K=K, K_teacher=K_teacher)
     route = _route(K, None, K.shape[1], options)
     K_aff, K_teacher_aff = Affinity.from_dense(K), Affinity.from_dense(K_teacher)
+    check_scale(K_aff, eps, "K")
+    check_scale(K_teacher_aff, eps_teacher, "K_teacher")
     f, g, f_t, g_t = _solve_both(route, K_aff, K_teacher_aff, eps, eps_teacher, options)
     value = route.backend.klot_value(K_aff, f, g, eps, K_teacher_aff, f_t, g_t, eps_teacher)
+    _check_value(value, f=f, g=g, f_teacher=f_t, g_teacher=g_t)
     return value, f, g, f_t, g_t
 
 
@@ -255,6 +279,7 @@ def _dense_backward(ctx, grad_value, *unused_potential_grads):
 
 
 klot_dense_op.register_autograd(_dense_backward, setup_context=_dense_setup)
+klot_dense_backward_op.register_autograd(_no_double_backward, setup_context=_nothing_to_save)
 
 
 def klot(
@@ -325,9 +350,8 @@ def _klot(x, y, x_teacher, y_teacher, eps, eps_teacher, affinity, options: Solve
     x, y = x.to(dtype), y.to(dtype)
     x_teacher, y_teacher = x_teacher.detach().to(dtype), y_teacher.detach().to(dtype)
     if affinity == "cosine":
-        normalize = torch.nn.functional.normalize
-        x, y = normalize(x, dim=1), normalize(y, dim=1)
-        x_teacher, y_teacher = normalize(x_teacher, dim=1), normalize(y_teacher, dim=1)
+        x, y = check.unit_rows(x), check.unit_rows(y)
+        x_teacher, y_teacher = check.unit_rows(x_teacher), check.unit_rows(y_teacher)
     value, *_ = klot_features_op(
         x.contiguous(),
         y.contiguous(),

@@ -16,6 +16,7 @@ more update of each, so both marginals are approximately (not exactly) satisfied
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,13 +52,22 @@ class SinkhornResult:
     def apply(self, V: Tensor) -> Tensor:
         """P V for an (m, k) tensor V, streamed by the backend's ``plan_matmul``: no n×m
         buffer on an online backend, whatever path the solve took."""
+        self._check_operand("V", V, self.g.shape[0])
         with torch.no_grad():
             return self._kernel().plan_matmul(self.affinity, self.f, self.g, self.eps, V)
 
     def apply_t(self, U: Tensor) -> Tensor:
         """Pᵀ U for an (n, k) tensor U, streamed by the backend's ``plan_t_matmul``."""
+        self._check_operand("U", U, self.f.shape[0])
         with torch.no_grad():
             return self._kernel().plan_t_matmul(self.affinity, self.f, self.g, self.eps, U)
+
+    def _check_operand(self, name: str, t: Tensor, rows: int) -> None:
+        check.check_matrix(name, t)
+        if t.shape[0] != rows:
+            raise ValueError(f"{name} must have shape ({rows}, k), got {tuple(t.shape)}")
+        check.check_same_device(**{name: t, "the plan": self.f})
+        check.check_finite(**{name: t})
 
     def _kernel(self) -> Backend:
         return load_backend(self.backend, self.precision)
@@ -87,6 +97,19 @@ def affinity_spread(K: Affinity) -> float:
     if K.is_dense:
         return float(K.dense.max() - K.dense.min())
     return 2.0 * float(K.x.norm(dim=1).max() * K.y.norm(dim=1).max())
+
+
+def affinity_bound(K: Affinity) -> float:
+    """An upper bound on max |K_ij|, computed in float64 so that it cannot overflow itself:
+    from the stored K, or max‖x_i‖·max‖y_j‖ for K = x yᵀ (Cauchy–Schwarz)."""
+    if K.is_dense:
+        return float(K.dense.abs().max())
+    return float(K.x.double().norm(dim=1).max()) * float(K.y.double().norm(dim=1).max())
+
+
+def check_scale(K: Affinity, eps: float, name: str) -> None:
+    """Refuse an affinity whose K/ε would overflow its dtype (see :func:`check_affinity_scale`)."""
+    check.check_affinity_scale(name, affinity_bound(K), eps, K.dtype)
 
 
 def eps_schedule(eps: float, n_iters: int, eps_scaling: float | None, eps_start: float | None) -> list[float]:
@@ -300,6 +323,37 @@ def _warm_start(warm_start, m: int, dtype, device) -> tuple[Tensor | None, float
     return g.to(dtype=dtype, device=device), (warm_start.eps if result else None)
 
 
+#: Marginal error, as a share of the total mass, above which a returned solve is flagged.
+NOT_CONVERGED = 1e-2
+
+
+def _warn_if_not_converged(
+    error: float, mass: float, eps: float, K: Affinity, options: SolverOptions
+) -> None:
+    """One warning for a plan whose marginals are far from the target, naming the likely cause:
+    an ε that the dtype cannot resolve (potentials carry ~ulp(|K|) of absolute error, and the
+    plan sees it divided by ε), or an iteration budget too small for ε or its schedule."""
+    if error <= NOT_CONVERGED * mass:
+        return
+    resolution = torch.finfo(K.dtype).eps * max(affinity_spread(K), 1.0)
+    if eps < 100 * resolution:
+        cause = (
+            f"eps = {eps:g} is too small for {K.dtype}, which resolves the potentials only to about "
+            f"{resolution:.1g}: use float64 or a larger eps"
+        )
+    else:
+        schedule = f" with eps_scaling = {options.eps_scaling}" if options.eps_scaling is not None else ""
+        cause = (
+            f"n_iters = {options.n_iters}{schedule} is too few for eps = {eps:g}: raise n_iters "
+            "(with tol to stop early)" + (" or lower eps_scaling" if schedule else "")
+        )
+    warnings.warn(
+        f"sinkhorn did not converge: marginal error {error:.3g} of a mass {mass:.3g}; {cause}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _sinkhorn(
     K: Affinity, feature_dim: int | None, eps, options: SolverOptions, a, b, warm_start
 ) -> SinkhornResult:
@@ -318,6 +372,7 @@ def _sinkhorn(
         options.memory_budget,
         options.precision,
     )
+    check_scale(K, eps, "K" if feature_dim is None else "x, y")
     log_a, log_b = _log_weights(a, b, n, m, K.dtype, K.device)
     g_init, warm_eps = _warm_start(warm_start, m, K.dtype, K.device)
     with torch.no_grad():
@@ -336,7 +391,9 @@ def _sinkhorn(
             eps_start=eps_start,
             **options.loop(),
         )
+        check.check_finite_result("sinkhorn", f"eps = {eps:g} in {K.dtype}", f=f, g=g)
         error = marginal_error(route.backend, K_read, f, g, eps, log_a, log_b)
+    _warn_if_not_converged(error, float(log_a.exp().sum()), eps, K, options)
     return SinkhornResult(f, g, eps, done, error, route.backend.name, route.path, K, options.precision)
 
 
@@ -393,7 +450,7 @@ def sinkhorn(
     dtype = check.compute_dtype(x, y)
     x, y = x.detach().to(dtype), y.detach().to(dtype)
     if affinity == "cosine":
-        x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+        x, y = check.unit_rows(x), check.unit_rows(y)
     options = SolverOptions(
         n_iters=n_iters,
         tol=tol,

@@ -18,6 +18,10 @@ def check_matrix(name: str, t) -> None:
     """A non-empty, 2-D floating-point tensor."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.device.type == "meta":
+        raise TypeError(f"{name} is a meta tensor: it has a shape but no values to compute with")
     if not t.dtype.is_floating_point:
         raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
     if t.dim() != 2:
@@ -120,7 +124,9 @@ def as_matrix(name: str, value, dtype: torch.dtype | None = None, *, integers: b
         value = torch.from_numpy(value if value.flags.writeable else np.array(value))
     elif not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
-    if integers and not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+    if integers and not (
+        value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool
+    ):
         value = value.to(torch.float64)
     check_matrix(name, value)
     value = value.detach().to(dtype or compute_dtype(value))
@@ -141,3 +147,31 @@ def check_weights(name: str, w, size: int, dtype: torch.dtype, device: torch.dev
     if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
         raise ValueError(f"{name} must be finite and strictly positive")
     return w.to(dtype)
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """The rows of ``x`` scaled to unit L2 norm without overflow: each row is first divided by
+    its largest magnitude (‖x‖² of entries near 1e20 overflows float32; the direction does
+    not change). The scale is a constant to autograd, and normalisation ignores it, so the
+    gradient is that of ``x / ‖x‖``. Zero rows stay zero."""
+    scale = x.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.nn.functional.normalize(x / scale, dim=1)
+
+
+def check_affinity_scale(name: str, bound: float, eps: float, dtype: torch.dtype) -> None:
+    """The kernels form K/ε in ``dtype`` (and its exponentials after a max-shift), so
+    ``bound`` ≥ max |K_ij| must keep K/ε far from overflowing: a clear error instead of an
+    inf or NaN loss."""
+    limit = torch.finfo(dtype).max / 64
+    if not math.isfinite(bound) or bound / eps > limit:
+        raise ValueError(
+            f"{name}: affinities reach {bound:.3g}, so K/eps overflows {dtype} at eps = {eps:g}; "
+            "rescale the inputs, use affinity='cosine', or float64"
+        )
+
+
+def check_finite_result(what: str, cause: str, **tensors: Tensor) -> None:
+    """A result that came out NaN or Inf is an error naming what and why, never returned."""
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what}: {name} is not finite ({cause})")

@@ -9,6 +9,7 @@ import torch
 from conftest import klot_problem
 
 import sotalign
+from sotalign.ot import validation as check
 
 
 @pytest.fixture
@@ -140,10 +141,14 @@ def test_dense_matrices_of_different_shapes():
 
 
 def test_devices_that_differ(problem):
-    x, y, x_teacher, y_teacher = problem
+    """Without a second real device here, the device check itself, on a meta tensor (which the
+    entry points refuse earlier, as a tensor without values)."""
+    x = problem[0]
     with pytest.raises(ValueError, match="same device.*y on meta"):
+        check.check_same_device(x=x, y=torch.empty(7, 4, device="meta"))
+    with pytest.raises(TypeError, match="y is a meta tensor"):
         call_klot(problem, y=torch.empty(7, 4, device="meta"))
-    with pytest.raises(ValueError, match="same device"):
+    with pytest.raises(TypeError, match="K_teacher is a meta tensor"):
         sotalign.klot_dense(torch.zeros(3, 4), torch.empty(3, 4, device="meta"))
 
 

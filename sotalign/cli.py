@@ -14,14 +14,22 @@ Errors print one line on stderr (no traceback) and exit with status 1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-from rich.console import Console
-from rich.table import Table
+from ._extras import TRAIN_MODULES, require
+
+require("train", TRAIN_MODULES, "the sotalign command")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from .data.spec import role_names  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -92,6 +100,40 @@ def _base_config(config_file: Path | None) -> tuple[dict, str]:
     if config is None:
         raise ConfigError(f"{config_file}: empty configuration")
     return config_dict(config, spec), str(config_file)
+
+
+_ROLE_HELP = {"paired": "Explicit paired", "unpaired": "Unpaired", "val": "Validation", "test": "Test"}
+
+
+def _with_store_options(command):
+    """Add one ``--<role>-<modality>`` option per explicit store (the fields of
+    :func:`sotalign.data.spec.role_names`) to ``command``, which receives them as the dict
+    ``stores``."""
+    options = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Optional[str],
+                Opt(
+                    help=f"{_ROLE_HELP[name.split('_')[0]]} {name.split('_')[1][:-1]} store.",
+                    rich_help_panel=DATA,
+                ),
+            ],
+        )
+        for name in role_names()
+    ]
+    signature = inspect.signature(command, eval_str=True)
+    others = [p for p in signature.parameters.values() if p.name != "stores"]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        stores = {name: kwargs.pop(name) for name in role_names()}
+        return command(*args, stores=stores, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*others, *options])
+    return wrapper
 
 
 # Options shared by `fit` and `compare` (typer needs them spelled out in each signature).
@@ -165,6 +207,7 @@ QuietOpt = Annotated[bool, Opt("--quiet", help="No progress bar.")]
 
 
 @app.command()
+@_with_store_options
 def fit(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to create (or resume).")],
     config_file: ConfigOpt = None,
@@ -179,18 +222,6 @@ def fit(
     unpaired: UnpairedOpt = None,
     split_seed: SplitSeedOpt = None,
     key: KeyOpt = None,
-    paired_images: Annotated[
-        Optional[str], Opt(help="Explicit paired image store.", rich_help_panel=DATA)
-    ] = None,
-    paired_texts: Annotated[
-        Optional[str], Opt(help="Explicit paired text store.", rich_help_panel=DATA)
-    ] = None,
-    unpaired_images: Annotated[Optional[str], Opt(help="Unpaired image store.", rich_help_panel=DATA)] = None,
-    unpaired_texts: Annotated[Optional[str], Opt(help="Unpaired text store.", rich_help_panel=DATA)] = None,
-    val_images: Annotated[Optional[str], Opt(help="Validation image store.", rich_help_panel=DATA)] = None,
-    val_texts: Annotated[Optional[str], Opt(help="Validation text store.", rich_help_panel=DATA)] = None,
-    test_images: Annotated[Optional[str], Opt(help="Test image store.", rich_help_panel=DATA)] = None,
-    test_texts: Annotated[Optional[str], Opt(help="Test text store.", rich_help_panel=DATA)] = None,
     method: MethodOpt = None,
     steps: StepsOpt = None,
     lr: LrOpt = None,
@@ -218,6 +249,7 @@ def fit(
         Opt("--teacher-option", help="Teacher option key=value (repeatable).", rich_help_panel=TRAIN),
     ] = None,
     quiet: QuietOpt = False,
+    stores: dict | None = None,
 ):
     """Train an alignment (stage 1 teacher + stage 2 heads) and write RUN_DIR."""
     with _one_line_errors():
@@ -260,14 +292,7 @@ def fit(
             n_unpaired=unpaired,
             split_seed=split_seed,
             key=key,
-            paired_images=paired_images,
-            paired_texts=paired_texts,
-            unpaired_images=unpaired_images,
-            unpaired_texts=unpaired_texts,
-            val_images=val_images,
-            val_texts=val_texts,
-            test_images=test_images,
-            test_texts=test_texts,
+            **stores,
         )
         config, spec = _configs(base, source, train, data)
         if spec is None:

@@ -10,6 +10,7 @@ gradient through autograd).
 from __future__ import annotations
 
 import torch
+from harness.common import klot_route
 
 import sotalign
 from sotalign.ot.paper import paper_klot_features
@@ -67,6 +68,7 @@ def test_sotalign(benchmark, bench, problem, klot_shape, variant):
         provider=label,
         requested_backend=backend,
         requested_path=path,
+        route=klot_route(x, x_t, y.shape[0], backend, path),
         **meta,
     )
     _check(value, x, y)

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import roofline
@@ -321,5 +321,5 @@ def test_backends_match_paper(device_problem, gpu_device):
             )
             got = step(loss_fn, *args)
             torch.testing.assert_close(got, expected[0], rtol=1e-3, atol=1e-4)
-            for mine, paper in zip((x.grad, y.grad), expected[1:]):
+            for mine, paper in zip((x.grad, y.grad), expected[1:], strict=True):
                 torch.testing.assert_close(mine, paper, rtol=1e-2, atol=1e-3 * float(paper.abs().max()))

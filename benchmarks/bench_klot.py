@@ -103,5 +103,5 @@ def test_sotalign_matches_paper(problem):
         lambda *a: paper_klot_features(*a, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=N_ITERS), x, y, x_t, y_t
     )
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
-    for mine, paper in zip(grads, (x.grad, y.grad)):
+    for mine, paper in zip(grads, (x.grad, y.grad), strict=True):
         torch.testing.assert_close(mine, paper, rtol=1e-2, atol=1e-3 * float(paper.abs().max()))

@@ -363,8 +363,8 @@ def markdown(
         "the shape's best bound (min of fp16-online and fp32-dense: DESIGN.md's 0.56 ms per "
         "iteration at n = 16384, d = 512). *per iter* = call / iterations, including the "
         "call's fixed work. *peak mem Δ*: CUDA max_memory_allocated over the timed rounds "
-        "minus what was allocated before (the inputs); the peak RSS increase on CPU. × vs Flash compares at the same dot "
-        "precision. GeomLoss anneals ε (not the same fixed-ε problem).",
+        "minus what was allocated before (the inputs); the peak RSS increase on CPU. "
+        "× vs Flash compares at the same dot precision. GeomLoss anneals ε (not the same fixed-ε problem).",
         "",
         "## Targets (issue 3)",
         "",
@@ -442,13 +442,13 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
-    for ax, (suite, d, d_t) in zip(axes[0], panels):
+    for ax, (suite, d, d_t) in zip(axes[0], panels, strict=True):
         panel = [r for r in rows if (r["suite"], r["d"], r.get("d_teacher", 0)) == (suite, d, d_t)]
         sinkhorn = suite == "gpu-sinkhorn"
         value = functools.partial(plotted_seconds, per_iteration=sinkhorn)
 
         best = sorted({(r["n"], r["best_bound_s"] / (r["n_iters"] if sinkhorn else 1)) for r in panel})
-        ax.plot(*zip(*best), color="black", linestyle=":", label="best roofline bound")
+        ax.plot(*zip(*best, strict=True), color="black", linestyle=":", label="best roofline bound")
         plot_lines(
             ax,
             curves(panel, "provider", "n", value),

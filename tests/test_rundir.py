@@ -65,7 +65,10 @@ def test_the_file_and_its_directory_are_synced_before_and_after_the_rename(tmp_p
 
 
 def test_temporary_names_are_unique_and_keep_the_suffix(tmp_path):
-    with rundir.atomic_output(tmp_path / "e.npy") as first, rundir.atomic_output(tmp_path / "e.npy") as second:
+    with (
+        rundir.atomic_output(tmp_path / "e.npy") as first,
+        rundir.atomic_output(tmp_path / "e.npy") as second,
+    ):
         assert first != second and first.parent == tmp_path
         assert first.suffix == ".npy" and first.name.startswith(".e.npy.")
         np.save(first, np.zeros(1))

@@ -70,7 +70,7 @@ def available_backends() -> list[str]:
     try:
         return sotalign.available_backends()
     except Exception as error:  # the cpu extension may be mid-build
-        warnings.warn(f"sotalign.available_backends() failed ({error}); timing 'torch' only")
+        warnings.warn(f"sotalign.available_backends() failed ({error}); timing 'torch' only", stacklevel=2)
         return ["reference", "torch"]
 
 

@@ -28,7 +28,6 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ import torch
 from ..rundir import atomic_output
 
 SUFFIXES = (".npy", ".safetensors", ".h5", ".hdf5")
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 _SAFETENSORS_FLOAT = {"F16", "BF16", "F32", "F64"}
 

@@ -120,7 +120,9 @@ def as_matrix(name: str, value, dtype: torch.dtype | None = None, *, integers: b
         value = torch.from_numpy(value if value.flags.writeable else np.array(value))
     elif not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
-    if integers and not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+    if integers and not (
+        value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool
+    ):
         value = value.to(torch.float64)
     check_matrix(name, value)
     value = value.detach().to(dtype or compute_dtype(value))

@@ -218,7 +218,7 @@ def test_results_do_not_depend_on_thread_count(kind):
     finally:
         torch.set_num_threads(previous)
     for out in results[1:]:
-        for actual, expected in zip(out, results[0]):
+        for actual, expected in zip(out, results[0], strict=True):
             scale = expected.abs().max().item() + 1e-300
             assert_close_scaled(actual, expected, 1e-12, scale=scale)
 

@@ -58,7 +58,7 @@ def test_klot_matches_reference(dtype):
 
     expected = run(problem, "reference")
     result = run([t.to(dtype) for t in problem], "keops")
-    for value, reference in zip(result, expected):
+    for value, reference in zip(result, expected, strict=True):
         assert value.dtype == dtype
         assert relative_error(value, reference) < TOLERANCE[dtype]
 
@@ -72,7 +72,7 @@ def test_dense_affinities_fall_back_to_chunked_torch():
         loss = sotalign.klot_dense(K_in, K_teacher, backend=backend, n_iters=50)
         return loss.detach(), torch.autograd.grad(loss, K_in)[0]
 
-    for value, expected in zip(run("keops"), run("reference")):
+    for value, expected in zip(run("keops"), run("reference"), strict=True):
         assert relative_error(value, expected) < 1e-10
     result = sotalign.sinkhorn_dense(K, eps=0.05, backend="keops")
     expected = sotalign.sinkhorn_dense(K, eps=0.05, backend="reference")

@@ -260,9 +260,9 @@ class TritonBackend(Backend):
         n_out = V.shape[1]
         splits = self._split_count(op.rows, op.cols, device)
         out = torch.empty(splits, op.rows, n_out, dtype=dtype, device=device)
-        grid = lambda meta: (
+        grid = lambda meta: (  # noqa: E731
             triton.cdiv(op.rows, meta["BLOCK_M"]),
-            splits,  # noqa: E731
+            splits,
             triton.cdiv(n_out, meta["BLOCK_K"]),
         )
         with on_device(device):

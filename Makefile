@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.sotalign-installed
 
-.PHONY: test demo bench bench-gpu align-report install clean
+.PHONY: test test-fast lint format demo bench bench-gpu align-report install clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,22 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 	SOTALIGN_BENCH_SMOKE=1 $(PY) -m pytest -q benchmarks --benchmark-disable
+
+# The quick answer while working (no slow tests, no benchmark smoke run; under 2 min).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Style, formatting, types (sotalign/ot, sotalign/kernels) and the import layers of
+# ARCHITECTURE.md; the same commands run in .pre-commit-config.yaml and in CI.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 demo: $(STAMP)
 	$(PY) -m sotalign.demo

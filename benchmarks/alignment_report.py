@@ -132,21 +132,25 @@ def markdown(report: dict) -> str:
         "# Alignment benchmark: held-out mean R@1 (%) on the platonic toy",
         "",
         f"Machine: {report['machine']} ({report['threads']} torch threads, torch {report['torch']}); "
-        f"whole run {report['minutes']} min. Seeds {report['seeds']} (pairs drawn and heads trained per seed); "
-        "mean ± sample std over seeds.",
+        f"whole run {report['minutes']} min. Seeds {report['seeds']} (pairs drawn and heads trained "
+        "per seed); mean ± sample std over seeds.",
         "",
-        f"Data: `write_platonic` (image dim {d['image_dim']}, text dim {d['text_dim']}, latent dim {d['latent_dim']}, "
-        f"{d['n_concepts']} concepts, noise {d['noise']}, generator seed {d['seed']}); {d['n_unpaired']} unpaired "
-        f"images and {d['n_unpaired']} unpaired texts from the rows not paired (drawn independently); "
-        f"{d['n_val']} validation pairs (model selection every {c['eval_every']} steps), {d['n_test']} test pairs.",
+        f"Data: `write_platonic` (image dim {d['image_dim']}, text dim {d['text_dim']}, "
+        f"latent dim {d['latent_dim']}, {d['n_concepts']} concepts, noise {d['noise']}, generator "
+        f"seed {d['seed']}); {d['n_unpaired']} unpaired images and {d['n_unpaired']} unpaired texts "
+        "from the rows not paired (drawn independently); "
+        f"{d['n_val']} validation pairs (model selection every {c['eval_every']} steps), "
+        f"{d['n_test']} test pairs.",
         "",
-        f"Training: {c['steps']} steps (the paper: 2000), Lion lr {c['lr']:g}, weight decay {c['weight_decay']:g}, "
-        f"cosine schedule, linear heads to d = {c['out_dim']} (the paper: 1024), all pairs in every batch "
-        f"(≤ {c['paired_batch_size']}), {c['unpaired_batch_size']} unpaired images + {c['unpaired_batch_size']} "
-        f"unpaired texts per step, SigLIP init scale 20 / bias −10. SOTAlign: CCA teacher (λ = 0.1), "
-        f"α = {c['alpha']:g}, ε = {c['eps']:g}, ε* = {c['eps_teacher']:g}, {c['n_iters']} Sinkhorn iterations. "
-        "STRUCTURE: λ = 1, τ = 0.07, levels 1, on pairs + unpaired rows. NNCLR: nearest neighbour (k = 1) in "
-        "the frozen spaces, weight 1. `sail-semi`: unpaired rows as extra SigLIP negatives. `cca+none`: the CCA teacher alone.",
+        f"Training: {c['steps']} steps (the paper: 2000), Lion lr {c['lr']:g}, "
+        f"weight decay {c['weight_decay']:g}, cosine schedule, linear heads to d = {c['out_dim']} "
+        f"(the paper: 1024), all pairs in every batch (≤ {c['paired_batch_size']}), "
+        f"{c['unpaired_batch_size']} unpaired images + {c['unpaired_batch_size']} unpaired texts "
+        "per step, SigLIP init scale 20 / bias −10. SOTAlign: CCA teacher (λ = 0.1), "
+        f"α = {c['alpha']:g}, ε = {c['eps']:g}, ε* = {c['eps_teacher']:g}, {c['n_iters']} Sinkhorn "
+        "iterations. STRUCTURE: λ = 1, τ = 0.07, levels 1, on pairs + unpaired rows. NNCLR: nearest "
+        "neighbour (k = 1) in the frozen spaces, weight 1. `sail-semi`: unpaired rows as extra "
+        "SigLIP negatives. `cca+none`: the CCA teacher alone.",
         "",
         "| method | " + " | ".join(f"{n} pairs" for n in levels) + " |",
         "|---|" + "---:|" * len(levels),
@@ -165,7 +169,7 @@ def markdown(report: dict) -> str:
         if all(g is not None for g in gains):
             lines.append(
                 f"- {method}: "
-                + ", ".join(f"{n} pairs {g[0]:+.1f} ± {g[1]:.1f}" for n, g in zip(levels, gains))
+                + ", ".join(f"{n} pairs {g[0]:+.1f} ± {g[1]:.1f}" for n, g in zip(levels, gains, strict=True))
             )
     seconds = {}
     for level in levels.values():

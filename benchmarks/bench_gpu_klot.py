@@ -29,9 +29,10 @@ targets are checked on; 120 s in the scale run). Without CUDA: smoke runs only, 
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import roofline
@@ -315,12 +316,10 @@ def test_backends_match_paper(device_problem, gpu_device):
         except pytest.skip.Exception:
             continue
         for path in ("online", "dense"):
-            got = step(
-                lambda *a: sotalign.klot(
-                    *a, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=20, backend=backend, path=path
-                ),
-                *args,
+            loss_fn = functools.partial(
+                sotalign.klot, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=20, backend=backend, path=path
             )
+            got = step(loss_fn, *args)
             torch.testing.assert_close(got, expected[0], rtol=1e-3, atol=1e-4)
-            for mine, paper in zip((x.grad, y.grad), expected[1:]):
+            for mine, paper in zip((x.grad, y.grad), expected[1:], strict=True):
                 torch.testing.assert_close(mine, paper, rtol=1e-2, atol=1e-3 * float(paper.abs().max()))

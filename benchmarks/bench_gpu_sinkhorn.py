@@ -39,8 +39,8 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import roofline

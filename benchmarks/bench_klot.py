@@ -10,6 +10,7 @@ gradient through autograd).
 from __future__ import annotations
 
 import torch
+from harness.common import klot_route
 
 import sotalign
 from sotalign.ot.paper import paper_klot_features
@@ -67,6 +68,7 @@ def test_sotalign(benchmark, bench, problem, klot_shape, variant):
         provider=label,
         requested_backend=backend,
         requested_path=path,
+        route=klot_route(x, x_t, y.shape[0], backend, path),
         **meta,
     )
     _check(value, x, y)
@@ -101,5 +103,5 @@ def test_sotalign_matches_paper(problem):
         lambda *a: paper_klot_features(*a, eps=EPS, eps_teacher=EPS_TEACHER, n_iters=N_ITERS), x, y, x_t, y_t
     )
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
-    for mine, paper in zip(grads, (x.grad, y.grad)):
+    for mine, paper in zip(grads, (x.grad, y.grad), strict=True):
         torch.testing.assert_close(mine, paper, rtol=1e-2, atol=1e-3 * float(paper.abs().max()))

@@ -15,8 +15,9 @@ Peers on the same problem:
   symmetric averaged updates; ``scaling`` is set so the schedule has ~100 steps, so it does
   about the same number of log-sum-exp passes but only its last steps are at ε = 0.05: its
   plan ends ~0.04 (L1) from the converged ε = 0.05 plan at n = 128, where the fixed-ε
-  solvers are within 1e-4 (they need ~1000 steps to get to 0.01). ``debias=False`` (one OT problem, not three). Needs ``geomloss`` and ``pykeops``; skipped
-  without them, and at shapes where KeOps' CPU code would take minutes per call.
+  solvers are within 1e-4 (they need ~1000 steps to get to 0.01). ``debias=False`` (one OT
+  problem, not three). Needs ``geomloss`` and ``pykeops``; skipped without them, and at
+  shapes where KeOps' CPU code would take minutes per call.
 """
 
 from __future__ import annotations

@@ -206,7 +206,12 @@ def plot_lines(
     """One marked line per label on log–log axes (x in powers of two); ``dashed(label)``
     marks the peers."""
     for label, points in sorted(curves.items()):
-        ax.plot(*zip(*sorted(points)), marker="o", label=label, linestyle="--" if dashed(label) else "-")
+        ax.plot(
+            *zip(*sorted(points), strict=True),
+            marker="o",
+            label=label,
+            linestyle="--" if dashed(label) else "-",
+        )
     ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.set_xscale("log", base=2)
     ax.grid(True, which="both", alpha=0.3)
@@ -245,7 +250,7 @@ def plot(suite: str, rows: list[dict], title: str, path: Path) -> None:
     else:
         panels = sorted({(r["d"], r.get("d_teacher", 0)) for r in rows})
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-        for ax, (d, d_teacher) in zip(axes[0], panels):
+        for ax, (d, d_teacher) in zip(axes[0], panels, strict=True):
             panel = [r for r in rows if r["d"] == d and r.get("d_teacher", 0) == d_teacher]
             plot_lines(
                 ax,

@@ -5,7 +5,8 @@
     sotalign eval runs/a --images data/images.npy --labels data/labels.npy \\
         --classes data/classes.json --text-encoder platonic:data
     sotalign compare runs/cmp --images ... --texts ... --pairs 300 --methods sail,sotalign --seeds 0,1,2
-    sotalign distance --paired-images a.npy --paired-texts b.npy --unpaired-images x.npy --unpaired-texts y.npy
+    sotalign distance --paired-images a.npy --paired-texts b.npy \\
+        --unpaired-images x.npy --unpaired-texts y.npy
     sotalign info
 
 Errors print one line on stderr (no traceback) and exit with status 1.
@@ -14,16 +15,24 @@ Errors print one line on stderr (no traceback) and exit with status 1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import inspect
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.measure import Measurement
-from rich.table import Table
+from ._extras import TRAIN_MODULES, require
+
+require("train", TRAIN_MODULES, "the sotalign command")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.measure import Measurement  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from .data.spec import role_names  # noqa: E402
 
 # rich_markup_mode=None: help text is plain text, so "[1000]" defaults and brackets survive.
 app = typer.Typer(
@@ -100,16 +109,50 @@ def _base_config(config_file: Path | None) -> tuple[dict, str]:
     return config_dict(config, spec), str(config_file)
 
 
+_ROLE_HELP = {"paired": "Explicit paired", "unpaired": "Unpaired", "val": "Validation", "test": "Test"}
+
+
+def _with_store_options(command):
+    """Add one ``--<role>-<modality>`` option per explicit store (the fields of
+    :func:`sotalign.data.spec.role_names`) to ``command``, which receives them as the dict
+    ``stores``."""
+    options = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                str | None,
+                Opt(
+                    help=f"{_ROLE_HELP[name.split('_')[0]]} {name.split('_')[1][:-1]} store.",
+                    rich_help_panel=DATA,
+                ),
+            ],
+        )
+        for name in role_names()
+    ]
+    signature = inspect.signature(command, eval_str=True)
+    others = [p for p in signature.parameters.values() if p.name != "stores"]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        stores = {name: kwargs.pop(name) for name in role_names()}
+        return command(*args, stores=stores, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*others, *options])
+    return wrapper
+
+
 # Options shared by `fit` and `compare` (typer needs them spelled out in each signature).
 ImagesOpt = Annotated[
-    Optional[str], Opt("--images", help="Aligned image store (row i ↔ texts row i).", rich_help_panel=DATA)
+    str | None, Opt("--images", help="Aligned image store (row i ↔ texts row i).", rich_help_panel=DATA)
 ]
-TextsOpt = Annotated[Optional[str], Opt("--texts", help="Aligned text store.", rich_help_panel=DATA)]
+TextsOpt = Annotated[str | None, Opt("--texts", help="Aligned text store.", rich_help_panel=DATA)]
 PairsOpt = Annotated[
-    Optional[int], Opt("--pairs", help="Pairs to keep from the aligned stores.", rich_help_panel=DATA)
+    int | None, Opt("--pairs", help="Pairs to keep from the aligned stores.", rich_help_panel=DATA)
 ]
 ValOpt = Annotated[
-    Optional[int],
+    int | None,
     Opt(
         "--val",
         help="Validation pairs (model selection) [a tenth of the rows, at most 1000].",
@@ -117,7 +160,7 @@ ValOpt = Annotated[
     ),
 ]
 TestOpt = Annotated[
-    Optional[int],
+    int | None,
     Opt(
         "--test",
         help="Held-out test pairs for reporting [a tenth of the rows, at most 1000].",
@@ -125,62 +168,57 @@ TestOpt = Annotated[
     ),
 ]
 UnpairedOpt = Annotated[
-    Optional[int],
+    int | None,
     Opt("--unpaired", help="Unpaired images and texts each [all the rest].", rich_help_panel=DATA),
 ]
-SplitSeedOpt = Annotated[
-    Optional[int], Opt("--split-seed", help="Seed of the split [0].", rich_help_panel=DATA)
-]
+SplitSeedOpt = Annotated[int | None, Opt("--split-seed", help="Seed of the split [0].", rich_help_panel=DATA)]
 KeyOpt = Annotated[
-    Optional[str], Opt("--key", help="Array name inside .safetensors/.h5 stores.", rich_help_panel=DATA)
+    str | None, Opt("--key", help="Array name inside .safetensors/.h5 stores.", rich_help_panel=DATA)
 ]
 MethodOpt = Annotated[
-    Optional[str], Opt("--method", help="Recipe (see `sotalign info`) [sotalign].", rich_help_panel=TRAIN)
+    str | None, Opt("--method", help="Recipe (see `sotalign info`) [sotalign].", rich_help_panel=TRAIN)
 ]
-StepsOpt = Annotated[Optional[int], Opt("--steps", help="Training steps [2000].", rich_help_panel=TRAIN)]
-LrOpt = Annotated[
-    Optional[float], Opt("--lr", help="Peak learning rate of Lion [1e-4].", rich_help_panel=TRAIN)
-]
-WdOpt = Annotated[Optional[float], Opt("--weight-decay", help="[1e-5]", rich_help_panel=TRAIN)]
-WarmupOpt = Annotated[Optional[int], Opt("--warmup", help="Linear warm-up steps [0].", rich_help_panel=TRAIN)]
+StepsOpt = Annotated[int | None, Opt("--steps", help="Training steps [2000].", rich_help_panel=TRAIN)]
+LrOpt = Annotated[float | None, Opt("--lr", help="Peak learning rate of Lion [1e-4].", rich_help_panel=TRAIN)]
+WdOpt = Annotated[float | None, Opt("--weight-decay", help="[1e-5]", rich_help_panel=TRAIN)]
+WarmupOpt = Annotated[int | None, Opt("--warmup", help="Linear warm-up steps [0].", rich_help_panel=TRAIN)]
 BatchPairsOpt = Annotated[
-    Optional[int], Opt("--batch-pairs", help="Pairs per step [10000].", rich_help_panel=TRAIN)
+    int | None, Opt("--batch-pairs", help="Pairs per step [10000].", rich_help_panel=TRAIN)
 ]
 BatchUnpairedOpt = Annotated[
-    Optional[int],
+    int | None,
     Opt("--batch-unpaired", help="Unpaired images and texts per step, each [11000].", rich_help_panel=TRAIN),
 ]
 AlphaOpt = Annotated[
-    Optional[float], Opt("--alpha", help="Weight of the teacher divergence [1e-4].", rich_help_panel=TRAIN)
+    float | None, Opt("--alpha", help="Weight of the teacher divergence [1e-4].", rich_help_panel=TRAIN)
 ]
-EpsOpt = Annotated[Optional[float], Opt("--eps", help="Student entropic ε [0.05].", rich_help_panel=TRAIN)]
+EpsOpt = Annotated[float | None, Opt("--eps", help="Student entropic ε [0.05].", rich_help_panel=TRAIN)]
 EpsTeacherOpt = Annotated[
-    Optional[float], Opt("--eps-teacher", help="Teacher entropic ε* [0.01].", rich_help_panel=TRAIN)
+    float | None, Opt("--eps-teacher", help="Teacher entropic ε* [0.01].", rich_help_panel=TRAIN)
 ]
-ItersOpt = Annotated[
-    Optional[int], Opt("--n-iters", help="Sinkhorn iterations [100].", rich_help_panel=TRAIN)
-]
-BackendOpt = Annotated[Optional[str], Opt("--backend", help="OT backend [auto].", rich_help_panel=TRAIN)]
+ItersOpt = Annotated[int | None, Opt("--n-iters", help="Sinkhorn iterations [100].", rich_help_panel=TRAIN)]
+BackendOpt = Annotated[str | None, Opt("--backend", help="OT backend [auto].", rich_help_panel=TRAIN)]
 OutDimOpt = Annotated[
-    Optional[int], Opt("--out-dim", help="Shared-space dimension [1024].", rich_help_panel=TRAIN)
+    int | None, Opt("--out-dim", help="Shared-space dimension [1024].", rich_help_panel=TRAIN)
 ]
 HeadOpt = Annotated[
-    Optional[str], Opt("--head", help="Head kind: linear or mlp [linear].", rich_help_panel=TRAIN)
+    str | None, Opt("--head", help="Head kind: linear or mlp [linear].", rich_help_panel=TRAIN)
 ]
 EvalEveryOpt = Annotated[
-    Optional[int], Opt("--eval-every", help="Validate every N steps [100].", rich_help_panel=TRAIN)
+    int | None, Opt("--eval-every", help="Validate every N steps [100].", rich_help_panel=TRAIN)
 ]
 CkptEveryOpt = Annotated[
-    Optional[int], Opt("--checkpoint-every", help="Checkpoint every N steps [100].", rich_help_panel=TRAIN)
+    int | None, Opt("--checkpoint-every", help="Checkpoint every N steps [100].", rich_help_panel=TRAIN)
 ]
-DeviceOpt = Annotated[Optional[str], Opt("--device", help="auto, cpu or cuda [auto].", rich_help_panel=TRAIN)]
+DeviceOpt = Annotated[str | None, Opt("--device", help="auto, cpu or cuda [auto].", rich_help_panel=TRAIN)]
 ConfigOpt = Annotated[
-    Optional[Path], Opt("--config", help="TOML/JSON run configuration (command-line values override it).")
+    Path | None, Opt("--config", help="TOML/JSON run configuration (command-line values override it).")
 ]
 QuietOpt = Annotated[bool, Opt("--quiet", help="No progress bar.")]
 
 
 @app.command()
+@_with_store_options
 def fit(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to create (or resume).")],
     config_file: ConfigOpt = None,
@@ -195,18 +233,6 @@ def fit(
     unpaired: UnpairedOpt = None,
     split_seed: SplitSeedOpt = None,
     key: KeyOpt = None,
-    paired_images: Annotated[
-        Optional[str], Opt(help="Explicit paired image store.", rich_help_panel=DATA)
-    ] = None,
-    paired_texts: Annotated[
-        Optional[str], Opt(help="Explicit paired text store.", rich_help_panel=DATA)
-    ] = None,
-    unpaired_images: Annotated[Optional[str], Opt(help="Unpaired image store.", rich_help_panel=DATA)] = None,
-    unpaired_texts: Annotated[Optional[str], Opt(help="Unpaired text store.", rich_help_panel=DATA)] = None,
-    val_images: Annotated[Optional[str], Opt(help="Validation image store.", rich_help_panel=DATA)] = None,
-    val_texts: Annotated[Optional[str], Opt(help="Validation text store.", rich_help_panel=DATA)] = None,
-    test_images: Annotated[Optional[str], Opt(help="Test image store.", rich_help_panel=DATA)] = None,
-    test_texts: Annotated[Optional[str], Opt(help="Test text store.", rich_help_panel=DATA)] = None,
     method: MethodOpt = None,
     steps: StepsOpt = None,
     lr: LrOpt = None,
@@ -224,16 +250,17 @@ def fit(
     eval_every: EvalEveryOpt = None,
     checkpoint_every: CkptEveryOpt = None,
     device: DeviceOpt = None,
-    seed: Annotated[Optional[int], Opt(help="Training seed [0].", rich_help_panel=TRAIN)] = None,
+    seed: Annotated[int | None, Opt(help="Training seed [0].", rich_help_panel=TRAIN)] = None,
     option: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         Opt("--option", help="Recipe option key=value (repeatable).", rich_help_panel=TRAIN),
     ] = None,
     teacher_option: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         Opt("--teacher-option", help="Teacher option key=value (repeatable).", rich_help_panel=TRAIN),
     ] = None,
     quiet: QuietOpt = False,
+    stores: dict | None = None,
 ):
     """Train an alignment (stage 1 teacher + stage 2 heads) and write RUN_DIR."""
     with _one_line_errors():
@@ -276,14 +303,7 @@ def fit(
             n_unpaired=unpaired,
             split_seed=split_seed,
             key=key,
-            paired_images=paired_images,
-            paired_texts=paired_texts,
-            unpaired_images=unpaired_images,
-            unpaired_texts=unpaired_texts,
-            val_images=val_images,
-            val_texts=val_texts,
-            test_images=test_images,
-            test_texts=test_texts,
+            **stores,
         )
         config, spec = _configs(base, source, train, data)
         if spec is None:
@@ -352,24 +372,20 @@ def _print_metrics(title: str, tables: dict[str, dict]) -> None:
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `sotalign fit`.")],
     images: Annotated[
-        Optional[str], Opt(help="Image store (retrieval with --texts; zero-shot with --labels).")
+        str | None, Opt(help="Image store (retrieval with --texts; zero-shot with --labels).")
     ] = None,
-    texts: Annotated[Optional[str], Opt(help="Text store aligned with --images (retrieval).")] = None,
+    texts: Annotated[str | None, Opt(help="Text store aligned with --images (retrieval).")] = None,
     key: KeyOpt = None,
     split: Annotated[str, Opt(help="Without --images: the run's own split to score, val or test.")] = "test",
-    labels: Annotated[Optional[Path], Opt(help="Class index per image (.npy), for zero-shot.")] = None,
+    labels: Annotated[Path | None, Opt(help="Class index per image (.npy), for zero-shot.")] = None,
     classes: Annotated[
-        Optional[Path], Opt(help="Class names: a JSON list, or an object with concept_names.")
+        Path | None, Opt(help="Class names: a JSON list, or an object with concept_names.")
     ] = None,
-    text_encoder: Annotated[
-        Optional[str], Opt(help="platonic:<dir> or sentence-transformers:<name>.")
-    ] = None,
+    text_encoder: Annotated[str | None, Opt(help="platonic:<dir> or sentence-transformers:<name>.")] = None,
     template: Annotated[
-        Optional[list[str]], Opt(help="Prompt template with {} (repeatable) ['a photo of a {}.'].")
+        list[str] | None, Opt(help="Prompt template with {} (repeatable) ['a photo of a {}.'].")
     ] = None,
-    json_out: Annotated[
-        Optional[Path], Opt("--json", help="Also write the metrics to this JSON file.")
-    ] = None,
+    json_out: Annotated[Path | None, Opt("--json", help="Also write the metrics to this JSON file.")] = None,
     checkpoint: Annotated[
         bool, Opt("--checkpoint", help="Score the last checkpoint of a run that has not finished.")
     ] = False,

@@ -89,9 +89,8 @@ def main(argv=None) -> None:
             ]
             rows.append((label, test["i2t_R@1"], test["t2i_R@1"], test["mean_R@1"], top1, seconds))
 
-    print(
-        f"\n{'held-out test':22s} {'I→T R@1':>8s} {'T→I R@1':>8s} {'mean R@1':>9s} {'zero-shot':>10s} {'time':>6s}"
-    )
+    header = f"{'I→T R@1':>8s} {'T→I R@1':>8s} {'mean R@1':>9s} {'zero-shot':>10s} {'time':>6s}"
+    print(f"\n{'held-out test':22s} {header}")
     for label, i2t, t2i, mean, top1, seconds in rows:
         print(f"{label:22s} {i2t:8.1f} {t2i:8.1f} {mean:9.1f} {top1:10.1f} {seconds:5.0f}s")
     print(f"chance: R@1 {100 / n_test:.1f}, zero-shot {100 / len(names):.1f}")

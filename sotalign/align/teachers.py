@@ -27,10 +27,9 @@ import abc
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
@@ -144,7 +143,7 @@ class Teacher(abc.ABC):
         self.text_map: Tensor | None = None
 
     @abc.abstractmethod
-    def fit(self, images, texts) -> "Teacher":
+    def fit(self, images, texts) -> Teacher:
         """Fit on pairs: ``images`` (n_p×d_x) and ``texts`` (n_p×d_y), torch or numpy."""
 
     @abc.abstractmethod
@@ -232,7 +231,7 @@ class Teacher(abc.ABC):
         atomic_write(directory / JSON_FILE, (json.dumps(meta, indent=2) + "\n").encode())
 
     @staticmethod
-    def load(directory) -> "Teacher":
+    def load(directory) -> Teacher:
         """Rebuild the teacher saved by :meth:`save` (the right subclass, from the JSON name)."""
         directory = Path(directory)
         json_path, tensor_path = directory / JSON_FILE, directory / TENSOR_FILE
@@ -286,8 +285,8 @@ class Teacher(abc.ABC):
         teacher._load_extras(tensors)
         return teacher
 
-    def _load_extras(self, tensors: dict[str, Tensor]) -> None:
-        """Restore :meth:`extra_tensors` after load."""
+    def _load_extras(self, tensors: dict[str, Tensor]) -> None:  # noqa: B027 (optional hook)
+        """Restore :meth:`extra_tensors` after load (nothing to restore by default)."""
 
     def __repr__(self) -> str:
         dims = f", dims=({self.image_dim}, {self.text_dim}) → {self.out_dim}" if self.fitted else ""
@@ -329,14 +328,14 @@ class _StreamedTeacher(Teacher):
 
     cross_only = False
 
-    def fit(self, images, texts) -> "Teacher":
+    def fit(self, images, texts) -> Teacher:
         A, B = _as_pair(images, texts, None)
         return self.fit_stream(
             (A[i : i + FIT_BLOCK_ROWS], B[i : i + FIT_BLOCK_ROWS])
             for i in range(0, A.shape[0], FIT_BLOCK_ROWS)
         )
 
-    def fit_stream(self, batches: Iterable[tuple]) -> "Teacher":
+    def fit_stream(self, batches: Iterable[tuple]) -> Teacher:
         """Fit from an iterable of ``(images_batch, texts_batch)`` pairs in one pass.
 
         Each batch is converted to float64, preprocessed (φ) and folded into a
@@ -532,7 +531,7 @@ class ContrastiveTeacher(Teacher):
             "weight_decay": self.weight_decay,
         }
 
-    def fit(self, images, texts) -> "ContrastiveTeacher":
+    def fit(self, images, texts) -> ContrastiveTeacher:
         device = images.device if isinstance(images, Tensor) else torch.device("cpu")
         A, B = _as_pair(images, texts, torch.float32)
         A, B = A.to(device), B.to(device)

@@ -9,7 +9,7 @@ only the requested rows, so a 1M × 1024 pool never has to fit in memory. Format
   read with `get_slice`, scattered rows through a read-only memmap of the tensor's bytes (the
   format is an 8-byte header length, a JSON header with each tensor's dtype, shape and byte
   offsets, then raw little-endian C-order data), since one `get_slice` call per row costs
-  ~10× more than a memmap gather for a batch of random rows.
+  much more than a memmap gather for a batch of random rows.
 - `.h5` / `.hdf5`: an h5py dataset; scattered rows are one HDF5 point selection of the sorted,
   distinct indices (optional dependency, `pip install sotalign[hdf5]`).
 - a directory of shards, a list of paths or a glob: a `ShardedStore` that concatenates the
@@ -29,7 +29,6 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ import torch
 from ..rundir import atomic_output
 
 SUFFIXES = (".npy", ".safetensors", ".h5", ".hdf5")
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 _SAFETENSORS_FLOAT = {"F16", "BF16", "F32", "F64"}
 

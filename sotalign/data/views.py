@@ -24,7 +24,7 @@ class Rows:
     indices: np.ndarray
 
     @classmethod
-    def whole(cls, store: EmbeddingStore) -> "Rows":
+    def whole(cls, store: EmbeddingStore) -> Rows:
         return cls(store, np.arange(len(store), dtype=np.int64))
 
     def __len__(self) -> int:
@@ -89,7 +89,7 @@ class AlignmentData:
         return {name: len(rows) for name, rows in self.views().items()}
 
     @classmethod
-    def from_spec(cls, spec: DataSpec) -> "AlignmentData":
+    def from_spec(cls, spec: DataSpec) -> AlignmentData:
         """Open the stores of `spec` (lazily) and split an aligned dataset into its roles."""
         if not spec.aligned:
             stores = {name: getattr(spec, name) for name in role_names()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
 import torch
 
 from ..ot.validation import as_matrix, compute_dtype

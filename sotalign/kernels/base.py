@@ -48,18 +48,22 @@ BLOCK_BYTES = 32 * 2**20
 
 @dataclass(frozen=True)
 class Affinity:
-    """An n×m affinity matrix, stored (``dense``) or given by features (``x @ y.T``)."""
+    """An n×m affinity matrix, stored (``dense``) or given by features (``x @ y.T``).
 
-    x: Tensor | None = None
-    y: Tensor | None = None
-    dense: Tensor | None = None
+    Exactly one form is set, the other fields are None. They are typed as tensors: every
+    primitive reads the form it was given (``is_dense``), which a type checker cannot follow.
+    """
+
+    x: Tensor = None  # type: ignore[assignment]
+    y: Tensor = None  # type: ignore[assignment]
+    dense: Tensor = None  # type: ignore[assignment]
 
     @staticmethod
-    def from_features(x: Tensor, y: Tensor) -> "Affinity":
+    def from_features(x: Tensor, y: Tensor) -> Affinity:
         return Affinity(x=x.contiguous(), y=y.contiguous())
 
     @staticmethod
-    def from_dense(K: Tensor) -> "Affinity":
+    def from_dense(K: Tensor) -> Affinity:
         return Affinity(dense=K.contiguous())
 
     @property
@@ -69,7 +73,7 @@ class Affinity:
     @property
     def shape(self) -> tuple[int, int]:
         if self.dense is not None:
-            return tuple(self.dense.shape)
+            return (self.dense.shape[0], self.dense.shape[1])
         return (self.x.shape[0], self.y.shape[0])
 
     @property
@@ -80,7 +84,7 @@ class Affinity:
     def device(self) -> torch.device:
         return self.dense.device if self.dense is not None else self.x.device
 
-    def materialize(self) -> "Affinity":
+    def materialize(self) -> Affinity:
         """The dense form: K = x yᵀ computed once by the BLAS matmul."""
         if self.dense is not None:
             return self

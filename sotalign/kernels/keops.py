@@ -150,8 +150,9 @@ class KeOpsBackend(Backend):
             return self._dense.klot_value(K, f, g, eps, K_t, f_t, g_t, eps_t)
         _check_device(K.x, K_t.x)
         wide = [t.double() for t in (K.x, K.y, f, g, K_t.x, K_t.y, f_t, g_t)]
-        student = _log_plan(*wide[:4], eps)
-        teacher = _log_plan(*wide[4:], eps_t)
+        x, y, f, g, x_t, y_t, f_t, g_t = wide
+        student = _log_plan(x, y, f, g, eps)
+        teacher = _log_plan(x_t, y_t, f_t, g_t, eps_t)
         rows = (teacher.exp() * (teacher - student)).sum(dim=1)
         return rows.sum().to(K.dtype)
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .base import Affinity, Backend, block_rows, row_blocks
 
+
 def workspace(K: Affinity) -> Tensor:
     """One block of :func:`~sotalign.kernels.base.block_rows` rows; each primitive holds at most two."""
     return torch.empty(block_rows(K), K.shape[1], dtype=K.dtype, device=K.device)

@@ -22,10 +22,9 @@ and the free memory:
 
 The crossovers: on CPU (``benchmarks/bench_crossover.py``) recomputing costs 2d flops per
 entry against 4 bytes of memory traffic for reading, and both paths pay the same
-exponentials. On the 2-core Zen 5 machine of benchmarks/results/ (n = m = 2048) the online
-path stays within ~20 % of the dense one up to d = 8, and the stored K wins clearly from
-d = 16 on (×1.4 at 16, ×2.4 at 64, ×4.9 at 256), so below 16 the online path is chosen for
-its memory. On CUDA, 660 is the H100 *roofline estimate* of DESIGN.md §3 (a dense fp32 K read
+exponentials. ``DENSE_MIN_DIM["cpu"]`` is the measured crossover of
+benchmarks/results/*-crossover.md (below it the online path is about as fast, and chosen
+for its memory). On CUDA, 660 is the H100 *roofline estimate* of DESIGN.md §3 (a dense fp32 K read
 twice per iteration against recomputing it on tensor cores), pending a GPU measurement;
 ``KEOPS_MIN_ENTRIES`` is likewise an estimate, not a measurement.
 

@@ -17,12 +17,11 @@ model that uses KLOT without graph breaks: ``sotalign::klot_features`` returns t
 the four potentials (f, g, f*, g*) and ``sotalign::klot_features_backward`` returns
 ``grad_output · (G ŷ, Gᵀ x̂)``; ``sotalign::klot_dense`` / ``klot_dense_backward`` do the same
 for given affinities (gradient ``grad_output · G``). The :class:`SolverOptions` cross the op
-boundary as plain int/float/str/bool arguments (its fields, in order); the backend and path are chosen inside the ops (the backward
-chooses the backend again from the same arguments), and the input values are checked for
-NaN/Inf there too, so the Python front reads no tensor value.
+boundary as plain int/float/str/bool arguments (its fields, in order); the backend and path
+are chosen inside the ops (the backward chooses the backend again from the same arguments),
+and the input values are checked for NaN/Inf there too, so the Python front reads no tensor
+value.
 """
-
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -80,10 +79,10 @@ def klot_features_op(
     eps: float,
     eps_teacher: float,
     n_iters: int,
-    tol: Optional[float],
+    tol: float | None,
     check_every: int,
     symmetric: bool,
-    eps_scaling: Optional[float],
+    eps_scaling: float | None,
     cuda_graph: bool,
     backend: str,
     path: str,
@@ -130,10 +129,10 @@ def klot_features_backward_op(
     eps: float,
     eps_teacher: float,
     n_iters: int,
-    tol: Optional[float],
+    tol: float | None,
     check_every: int,
     symmetric: bool,
-    eps_scaling: Optional[float],
+    eps_scaling: float | None,
     cuda_graph: bool,
     backend: str,
     path: str,
@@ -198,10 +197,10 @@ def klot_dense_op(
     eps: float,
     eps_teacher: float,
     n_iters: int,
-    tol: Optional[float],
+    tol: float | None,
     check_every: int,
     symmetric: bool,
-    eps_scaling: Optional[float],
+    eps_scaling: float | None,
     cuda_graph: bool,
     backend: str,
     path: str,
@@ -241,10 +240,10 @@ def klot_dense_backward_op(
     eps: float,
     eps_teacher: float,
     n_iters: int,
-    tol: Optional[float],
+    tol: float | None,
     check_every: int,
     symmetric: bool,
-    eps_scaling: Optional[float],
+    eps_scaling: float | None,
     cuda_graph: bool,
     backend: str,
     path: str,
@@ -294,11 +293,11 @@ def klot(
     backend: str = "auto",
     *,
     path: str = "auto",
-    tol: Optional[float] = None,
+    tol: float | None = None,
     check_every: int = 10,
     symmetric: bool = True,
     memory_budget: float = DEFAULT_MEMORY_BUDGET,
-    eps_scaling: Optional[float] = None,
+    eps_scaling: float | None = None,
     cuda_graph: bool = False,
     precision: str = "fp32",
 ) -> Tensor:
@@ -372,10 +371,10 @@ def klot_dense(
     n_iters: int = 100,
     backend: str = "auto",
     *,
-    tol: Optional[float] = None,
+    tol: float | None = None,
     check_every: int = 10,
     symmetric: bool = True,
-    eps_scaling: Optional[float] = None,
+    eps_scaling: float | None = None,
     cuda_graph: bool = False,
     precision: str = "fp32",
 ) -> Tensor:

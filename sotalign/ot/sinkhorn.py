@@ -116,7 +116,7 @@ def eps_schedule(eps: float, n_iters: int, eps_scaling: float | None, eps_start:
     """The ε of each iteration: ``max(ε, ε₀·factor^k)`` from ε₀ = ``eps_start``, then ε."""
     if eps_scaling is None or eps_start is None or eps_start <= eps:
         return [eps] * n_iters
-    levels = []
+    levels: list[float] = []
     level = eps_start
     while level > eps and len(levels) < n_iters:
         levels.append(level)

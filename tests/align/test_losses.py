@@ -3,6 +3,7 @@ matrices), limits stated in the paper, and finite differences (gradcheck in floa
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -45,8 +46,13 @@ def cos_np(X, Y):
 
 def siglip_loop(img, txt, t, b, extra_texts=(), extra_images=()):
     img, txt = img.tolist(), txt.tolist()
-    dot = lambda u, v: sum(a * c for a, c in zip(u, v))
-    softplus = lambda z: math.log1p(math.exp(-abs(z))) + max(-z, 0.0)  # −log σ(z)
+
+    def dot(u, v):
+        return sum(a * c for a, c in zip(u, v, strict=True))
+
+    def softplus(z):  # −log σ(z)
+        return math.log1p(math.exp(-abs(z))) + max(-z, 0.0)
+
     total = 0.0
     for i, u in enumerate(img):
         for j, v in enumerate(txt):
@@ -116,7 +122,10 @@ def cka_dense_reference(x, y, xt, yt):
     K, Ks = cos_np(x, y), cos_np(xt, yt)
     n, m = K.shape
     Hn, Hm = np.eye(n) - np.ones((n, n)) / n, np.eye(m) - np.ones((m, m)) / m
-    inner = lambda P, Q: float(np.sum(P * Q))
+
+    def inner(P, Q):
+        return float(np.sum(P * Q))
+
     return inner(K @ Hm, Hn @ Ks) / math.sqrt(inner(K @ Hm, Hn @ K) * inner(Ks @ Hm, Hn @ Ks))
 
 
@@ -138,9 +147,10 @@ def test_cka_is_zero_for_the_same_affinity_and_invariant_to_affine_teacher():
     # Appending a constant coordinate maps K* to cos²θ·K* + sin²θ: a positive scale plus a
     # constant, which CKA's centring and normalisation remove.
     theta = 0.7
-    aug = lambda z: torch.cat(
-        [math.cos(theta) * z, math.sin(theta) * torch.ones(len(z), 1, dtype=z.dtype)], 1
-    )
+
+    def aug(z):
+        return torch.cat([math.cos(theta) * z, math.sin(theta) * torch.ones(len(z), 1, dtype=z.dtype)], 1)
+
     assert cka_divergence(x, y, aug(xt), aug(yt)).item() == pytest.approx(base, rel=1e-10)
     assert 0.0 < base <= 2.0
 
@@ -163,7 +173,7 @@ def gen_infonce_reference(x, y, xt, yt, eps_t, tau):
         p /= p.sum()
         q = np.exp((K[i] - K[i].max()) / tau)
         q /= q.sum()
-        total += sum(pj * math.log(pj / qj) for pj, qj in zip(p, q) if pj > 0)
+        total += sum(pj * math.log(pj / qj) for pj, qj in zip(p, q, strict=True) if pj > 0)
     return total / K.shape[0]
 
 
@@ -194,8 +204,13 @@ def test_generalized_infonce_gradcheck():
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     y = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     xt, yt = torch.randn(4, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    fn = lambda a, b: generalized_infonce_divergence(
-        a, b, xt, yt, eps_teacher=0.1, temperature=0.3, symmetric=True
+    fn = functools.partial(
+        generalized_infonce_divergence,
+        teacher_img=xt,
+        teacher_txt=yt,
+        eps_teacher=0.1,
+        temperature=0.3,
+        symmetric=True,
     )
     assert torch.autograd.gradcheck(fn, (x, y))
 
@@ -267,7 +282,7 @@ def structure_reference(raw, emb, levels, tau):
     for level in range(1, levels + 1):
         P, Q = np.linalg.matrix_power(P1, level), np.linalg.matrix_power(Q1, level)
         js = 0.0
-        for p, q in zip(P, Q):
+        for p, q in zip(P, Q, strict=True):
             m = (p + q) / 2
             js += 0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))
         total += js / len(P)
@@ -303,7 +318,10 @@ def sinkhorn_numpy(K, eps, iters=2000):
     """Plain log-domain Sinkhorn with uniform marginals of mass one, run to convergence."""
     n, m = K.shape
     f, g = np.zeros(n), np.zeros(m)
-    lse = lambda Z, axis: Z.max(axis) + np.log(np.exp(Z - Z.max(axis, keepdims=True)).sum(axis))
+
+    def lse(Z, axis):
+        return Z.max(axis) + np.log(np.exp(Z - Z.max(axis, keepdims=True)).sum(axis))
+
     for _ in range(iters):
         f = -eps * math.log(n) - eps * lse((K + g[None, :]) / eps, 1)
         g = -eps * math.log(m) - eps * lse((K + f[:, None]) / eps, 0)
@@ -365,6 +383,6 @@ def test_nnclr_positives_match_brute_force_with_chunking():
             np.testing.assert_array_equal(idx.numpy(), order[:, :k])
     idx = nnclr_positives(q, pool, k=4)
     picked = sample_neighbors(idx, torch.Generator().manual_seed(0))
-    assert picked.shape == (23,) and all(int(p) in row.tolist() for p, row in zip(picked, idx))
+    assert picked.shape == (23,) and all(int(p) in row.tolist() for p, row in zip(picked, idx, strict=True))
     with pytest.raises(ValueError, match="exceeds the pool size"):
         nnclr_positives(q, pool[:3], k=4)

@@ -229,7 +229,8 @@ def test_small_data_gets_held_out_splits_sized_from_it(tmp_path):
     assert data.sizes()["val_images"] == 20 and data.sizes()["test_images"] == 20
     with pytest.raises(
         ValueError,
-        match=r"images\.npy: --pairs 190 \+ --val 20 \+ --test 20 = 230 rows, but the store has 200; lower --pairs or --val or --test",
+        match=r"images\.npy: --pairs 190 \+ --val 20 \+ --test 20 = 230 rows, but the store has 200; "
+        r"lower --pairs or --val or --test",
     ):
         AlignmentData.from_spec(spec_for(tmp_path, n_pairs=190))
 

@@ -117,7 +117,9 @@ def test_fit_stream_equals_fit_and_numpy_covariance():
     for cls in (CCATeacher, ProcrustesTeacher):
         whole = cls().fit(A, B)
         cuts = [0, 1, 50, 51, 200, 333]
-        streamed = cls().fit_stream((A[a:b], torch.from_numpy(B[a:b])) for a, b in zip(cuts[:-1], cuts[1:]))
+        streamed = cls().fit_stream(
+            (A[a:b], torch.from_numpy(B[a:b])) for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+        )
         for name in ("image_mean", "text_mean", "image_map", "text_map"):
             np.testing.assert_allclose(
                 getattr(streamed, name).numpy(),
@@ -127,7 +129,7 @@ def test_fit_stream_equals_fit_and_numpy_covariance():
                 err_msg=f"{cls.__name__}.{name}",
             )
     acc = CovarianceAccumulator()
-    for a, b in zip(cuts[:-1], cuts[1:]):
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
         acc.update(torch.from_numpy(A[a:b]), torch.from_numpy(B[a:b]))
     np.testing.assert_allclose(
         acc.covariance("xy").numpy(), np.cov(A.T, B.T, bias=True)[:10, 10:], rtol=1e-9, atol=1e-6

@@ -157,7 +157,7 @@ def test_sharded_directory_list_and_glob(tmp_path):
     names = ["part2.npy", "part10.safetensors", "part11.h5", "part30.npy"]  # natural order ≠ lexicographic
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
-    for name, a, b in zip(names, cuts, cuts[1:]):
+    for name, a, b in zip(names, cuts, cuts[1:], strict=True):
         save_store(shard_dir / name, data[a:b])
     (shard_dir / "README.md").write_text("not a shard")
     stores = [

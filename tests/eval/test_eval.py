@@ -25,7 +25,7 @@ def _unit(x):
 def _ranks_numpy(scores, target):
     """Pessimistic 0-based rank, one row at a time: strictly higher + other ties."""
     out = []
-    for row, t in zip(scores, target):
+    for row, t in zip(scores, target, strict=True):
         out.append(sum(1 for j, s in enumerate(row) if s > row[t] or (s == row[t] and j != t)))
     return np.array(out)
 
@@ -175,7 +175,7 @@ def _mutual_knn_numpy(a, b, k):
         np.fill_diagonal(s, -np.inf)
         return [set(np.argsort(-row)[:k]) for row in s]
 
-    return np.mean([len(p & q) / k for p, q in zip(knn(a), knn(b))])
+    return np.mean([len(p & q) / k for p, q in zip(knn(a), knn(b), strict=True)])
 
 
 def test_mutual_knn_brute_force_and_invariances():
@@ -198,12 +198,12 @@ def test_mutual_knn_brute_force_and_invariances():
 def _cka_numpy(a, b):
     n = len(a)
     h = np.eye(n) - 1.0 / n
-    k, l = a @ a.T, b @ b.T
+    ka, kb = a @ a.T, b @ b.T
 
     def hsic(x, y):
         return np.trace(x @ h @ y @ h)
 
-    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+    return hsic(ka, kb) / np.sqrt(hsic(ka, ka) * hsic(kb, kb))
 
 
 def test_linear_cka_brute_force_and_invariances():
@@ -244,7 +244,7 @@ def test_ssw_grows_with_a_shift_on_the_sphere():
     direction[0] = 1.0
     values = [ssw_distance(x, x + t * direction) for t in (0.0, 0.25, 0.5, 1.0, 3.0)]
     assert values[0] == pytest.approx(0.0, abs=1e-12)
-    assert all(a < b for a, b in zip(values, values[1:])), values
+    assert all(a < b for a, b in zip(values, values[1:], strict=True)), values
 
 
 def test_ssw_of_two_point_masses_matches_a_monte_carlo_oracle():

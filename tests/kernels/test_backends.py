@@ -55,7 +55,7 @@ def test_klot_matches_reference(fast_route, n, m, d, d_teacher, affinity, dtype)
     expected = run(problem, backend="reference")
     backend, path = fast_route
     result = run([t.to(dtype) for t in problem], backend=backend, path=path)
-    for value, reference in zip(result, expected):
+    for value, reference in zip(result, expected, strict=True):
         assert value.dtype == dtype
         assert relative_error(value, reference) < TOLERANCE[dtype]
 

@@ -91,7 +91,7 @@ def test_generic_products_match_reference(name, dense, dtype, monkeypatch):
         backend.plan_t_matmul(K, f, g, eps, U.to(dtype)),
         backend.plan_inner(K, f, g, eps, K2),
     )
-    for value, reference in zip(result, expected):
+    for value, reference in zip(result, expected, strict=True):
         assert value.dtype == dtype
         assert relative_error(value, reference) < TOLERANCE[dtype]
     if dense:

@@ -34,9 +34,9 @@ pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
 REFERENCE = ReferenceBackend()
 #: ε·|ΔLSE| (error of a half-step's potential, in units of K, ε = 0.01) per precision flag:
-#: fp32 is exact up to accumulation order, tf32x3 (hi/lo split) close to it; fp16 rounds each operand to 10 mantissa bits
-#: (≈ 2.4e-4 relative), tf32 tensor cores truncate to them (up to 2× that, and biased; see
-#: benchmarks/results/*-precision.md).
+#: fp32 is exact up to accumulation order, tf32x3 (hi/lo split) close to it; fp16 rounds each
+#: operand to 10 mantissa bits (≈ 2.4e-4 relative), tf32 tensor cores truncate to them (up to
+#: 2× that, and biased; see benchmarks/results/*-precision.md).
 LSE_BOUND = {"fp32": 1e-5, "tf32x3": 1e-5, "tf32": 4e-3, "fp16": 2e-3}
 
 
@@ -98,7 +98,7 @@ def test_klot_agrees_with_reference_at_realistic_size(path):
         return (loss.detach(), *torch.autograd.grad(loss, (xs, ys)))
 
     expected = run(torch.float64, "reference", "auto")
-    for value, reference in zip(run(torch.float32, "triton", path), expected):
+    for value, reference in zip(run(torch.float32, "triton", path), expected, strict=True):
         assert bool(torch.isfinite(value).all())
         assert relative_error(value, reference) < 2e-3
 

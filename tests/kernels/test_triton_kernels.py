@@ -181,7 +181,7 @@ def test_klot_primitives_match_reference(case, dense, dense_teacher, splits, dty
     check(backend.klot_grad_dense(*args), REFERENCE.klot_grad_dense(*reference_args), dtype)
     if not dense:
         for value, expected in zip(
-            backend.klot_grad_features(*args), REFERENCE.klot_grad_features(*reference_args)
+            backend.klot_grad_features(*args), REFERENCE.klot_grad_features(*reference_args), strict=True
         ):
             check(value, expected, dtype)
 
@@ -272,7 +272,7 @@ def test_klot_autograd_matches_reference(path, dtype):
         return (loss.detach(), *torch.autograd.grad(loss, (x, y)))
 
     expected = run("reference", torch.float64, torch.device("cpu"), "auto")
-    for value, reference in zip(run("triton", dtype, DEVICE, path), expected):
+    for value, reference in zip(run("triton", dtype, DEVICE, path), expected, strict=True):
         check(value, reference, dtype)
 
 
@@ -288,7 +288,7 @@ def test_dense_klot_autograd_matches_reference():
         return loss.detach(), torch.autograd.grad(loss, K)[0]
 
     expected = run("reference", torch.device("cpu"))
-    for value, reference in zip(run("triton", DEVICE), expected):
+    for value, reference in zip(run("triton", DEVICE), expected, strict=True):
         check(value, reference, torch.float64)
 
 

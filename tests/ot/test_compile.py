@@ -9,6 +9,7 @@ from conftest import klot_problem, relative_error
 from torch import nn
 
 import sotalign
+from sotalign import SolverOptions
 
 OPTIONS = dict(eps=0.05, eps_teacher=0.01, n_iters=40)
 
@@ -47,7 +48,7 @@ def assert_same(result, expected, tolerance):
     (loss, grads), (loss_expected, grads_expected) = result, expected
     assert loss.shape == ()
     assert relative_error(loss, loss_expected) < tolerance
-    for grad, grad_expected in zip(grads, grads_expected):
+    for grad, grad_expected in zip(grads, grads_expected, strict=True):
         assert relative_error(grad, grad_expected) < tolerance
 
 
@@ -106,7 +107,7 @@ def test_backward_scales_by_grad_output(problem, scale):
         (factor * sotalign.klot(xs, ys, x_teacher, y_teacher, **OPTIONS)).backward()
         return xs.grad, ys.grad
 
-    for scaled, plain in zip(grads(scale), grads(1.0)):
+    for scaled, plain in zip(grads(scale), grads(1.0), strict=True):
         torch.testing.assert_close(scaled, scale * plain, rtol=1e-12, atol=0)
     K = (x @ y.T / 10).requires_grad_()
     K_teacher = x_teacher @ y_teacher.T / 10
@@ -117,7 +118,7 @@ def test_backward_scales_by_grad_output(problem, scale):
 
 def feature_args(problem):
     x, y, x_teacher, y_teacher = [t[:, :4].contiguous() for t in problem]
-    options = [0.05, 0.01, 20, "auto", "auto", float(2**30), "fp32", None, 10, True, None, False]
+    options = [0.05, 0.01, *SolverOptions(n_iters=20).op_args()]
     return [x.requires_grad_(), y.requires_grad_(), x_teacher, y_teacher, *options]
 
 
@@ -139,10 +140,7 @@ def test_opcheck_feature_ops(problem):
         g_t,
         0.05,
         0.01,
-        "auto",
-        "auto",
-        float(2**30),
-        "fp32",
+        *SolverOptions(n_iters=20).op_args(),
     ]
     torch.library.opcheck(torch.ops.sotalign.klot_features_backward.default, backward_args)
 
@@ -151,7 +149,8 @@ def test_opcheck_dense_ops(problem):
     x, y, x_teacher, y_teacher = problem
     K = (x @ y.T / 10).requires_grad_()
     K_teacher = x_teacher @ y_teacher.T / 10
-    options = [0.05, 0.01, 20, "auto", "fp32", 1e-6, 5, True, 0.5, False]
+    solver = SolverOptions(n_iters=20, tol=1e-6, check_every=5, eps_scaling=0.5)
+    options = [0.05, 0.01, *solver.op_args()]
     torch.library.opcheck(torch.ops.sotalign.klot_dense.default, [K, K_teacher, *options])
     value, f, g, f_t, g_t = torch.ops.sotalign.klot_dense(K.detach(), K_teacher, *options)
     backward_args = [
@@ -164,7 +163,6 @@ def test_opcheck_dense_ops(problem):
         g_t,
         0.05,
         0.01,
-        "auto",
-        "fp32",
+        *solver.op_args(),
     ]
     torch.library.opcheck(torch.ops.sotalign.klot_dense_backward.default, backward_args)

@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent("""
     backend, n_iters = sys.argv[1], int(sys.argv[2])
     n, d = 24000, 64
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(n, d, generator=g, requires_grad=True), torch.randn(n, d, generator=g, requires_grad=True)
+    x = torch.randn(n, d, generator=g, requires_grad=True)
+    y = torch.randn(n, d, generator=g, requires_grad=True)
     x_t, y_t = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
     routes = []
     original = klot_module.choose_route

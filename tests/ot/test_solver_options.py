@@ -245,3 +245,55 @@ def test_cuda_graph_matches_the_eager_loop_on_cuda(tol):
     loss = sotalign.klot(x, y, x_t.cuda(), y_t.cuda(), cuda_graph=True, backend="torch", n_iters=40)
     expected = sotalign.klot(x, y, x_t.cuda(), y_t.cuda(), backend="torch", n_iters=40)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the SolverOptions object
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(n_iters=0), ValueError, "n_iters must be >= 1"),
+        (dict(n_iters=2.5), TypeError, "n_iters must be an integer"),
+        (dict(tol=-1.0), ValueError, "tol must be a finite number > 0"),
+        (dict(check_every=True), TypeError, "check_every must be an integer"),
+        (dict(symmetric="no"), TypeError, "symmetric must be a bool"),
+        (dict(cuda_graph=1), TypeError, "cuda_graph must be a bool"),
+        (dict(eps_scaling=1.5), ValueError, r"eps_scaling must be a factor in \(0, 1\)"),
+        (dict(backend="nope"), ValueError, "unknown backend 'nope'"),
+        (dict(backend=3), TypeError, "backend must be a string"),
+        (dict(path="sparse"), ValueError, "unknown path 'sparse'"),
+        (dict(precision="fp8"), ValueError, "unknown precision 'fp8'"),
+        (dict(memory_budget=0), ValueError, "memory_budget must be a finite number > 0"),
+    ],
+)
+def test_solver_options_are_validated_once_at_construction(options, error, message):
+    with pytest.raises(error, match=message):
+        sotalign.SolverOptions(**options)
+    x, y = features(6, 5, 3)
+    with pytest.raises(error, match=message):  # the same check behind every entry point
+        sotalign.sinkhorn(x, y, **options)
+    with pytest.raises(error, match=message):
+        sotalign.klot(x, y, x, y, **options)
+
+
+def test_solver_options_are_frozen_and_normalised():
+    options = sotalign.SolverOptions(tol=1, memory_budget=2**20)
+    assert options.tol == 1.0 and isinstance(options.tol, float)
+    with pytest.raises(AttributeError):
+        options.n_iters = 5
+    assert options.op_args()[:3] == (100, 1.0, 10)
+
+
+def test_klot_loss_validates_at_construction():
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        sotalign.KLOTLoss(backend="nope")
+    with pytest.raises(TypeError, match="symmetric must be a bool"):
+        sotalign.KLOTLoss(symmetric="no")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tolerance'"):
+        sotalign.KLOTLoss(tolerance=1e-3)
+    loss = sotalign.KLOTLoss(n_iters=30, backend="torch", tol=1e-6, path="online")
+    assert (loss.n_iters, loss.backend, loss.options.path) == (30, "torch", "online")
+    x, y = features(12, 9, 4)
+    expected = sotalign.klot(x, y, x, y, n_iters=30, backend="torch", tol=1e-6, path="online")
+    assert torch.equal(loss(x, y, x, y), expected)

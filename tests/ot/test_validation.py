@@ -18,7 +18,7 @@ def problem():
 
 
 def call_klot(problem, **changes):
-    arguments = dict(zip(("x", "y", "x_teacher", "y_teacher"), problem))
+    arguments = dict(zip(("x", "y", "x_teacher", "y_teacher"), problem, strict=True))
     arguments.update(changes)
     return sotalign.klot(**arguments)
 

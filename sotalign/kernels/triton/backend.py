@@ -32,12 +32,8 @@ bits), ``"fp16"`` operands rounded to fp16, products
 accumulated in fp32. Potentials, biases, exponents and accumulators are fp32 in every mode
 (never bf16: DESIGN.md §3), and the products with the plan (P V, G y) always use exact fp32
 dots: they are a small part of a step, and P's tiny entries would underflow in fp16.
-``benchmarks/precision_error.py`` measures the error of each flag; at n = m = 512, d = 256
-cosine features, against float64 (benchmarks/results/cpu-amd-epyc-2core-precision.md,
-emulated on CPU and cross-checked with these kernels in the interpreter), relative errors
-at ε = 0.05 / 0.01 were: plan 1.1e-6 / 7.6e-6 (fp32), 1.9e-4 / 6.4e-4 (fp16),
-3.2e-4 / 1.0e-3 (tf32, truncating); KLOT gradient 4.8e-6 / 5.9e-6 (fp32), 4.4e-4 / 4.6e-4
-(fp16), 6.3e-4 / 7.1e-4 (tf32); KLOT value ≤ 7.3e-4 for every flag.
+``benchmarks/precision_error.py`` measures the error of each flag against float64; the
+measured errors are in benchmarks/results/*-precision.md.
 """
 
 from __future__ import annotations
@@ -264,9 +260,9 @@ class TritonBackend(Backend):
         n_out = V.shape[1]
         splits = self._split_count(op.rows, op.cols, device)
         out = torch.empty(splits, op.rows, n_out, dtype=dtype, device=device)
-        grid = lambda meta: (
+        grid = lambda meta: (  # noqa: E731
             triton.cdiv(op.rows, meta["BLOCK_M"]),
-            splits,  # noqa: E731
+            splits,
             triton.cdiv(n_out, meta["BLOCK_K"]),
         )
         with on_device(device):

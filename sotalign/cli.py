@@ -116,6 +116,7 @@ HeadOpt = Annotated[Optional[str], Opt("--head", help="Head kind: linear or mlp 
 EvalEveryOpt = Annotated[Optional[int], Opt("--eval-every", help="Validate every N steps [100].", rich_help_panel=TRAIN)]
 CkptEveryOpt = Annotated[Optional[int], Opt("--checkpoint-every", help="Checkpoint every N steps [100].", rich_help_panel=TRAIN)]
 DeviceOpt = Annotated[Optional[str], Opt("--device", help="auto, cpu or cuda [auto].", rich_help_panel=TRAIN)]
+KlotScopeOpt = Annotated[Optional[str], Opt("--klot-scope", help="Under torchrun: KLOT of the global batch or of each rank's shard: global or local [global].", rich_help_panel=TRAIN)]
 ConfigOpt = Annotated[Optional[Path], Opt("--config", help="TOML/JSON run configuration (command-line values override it).")]
 QuietOpt = Annotated[bool, Opt("--quiet", help="No progress bar.")]
 
@@ -139,13 +140,16 @@ def fit(
     warmup: WarmupOpt = None, batch_pairs: BatchPairsOpt = None, batch_unpaired: BatchUnpairedOpt = None,
     alpha: AlphaOpt = None, eps: EpsOpt = None, eps_teacher: EpsTeacherOpt = None, n_iters: ItersOpt = None,
     backend: BackendOpt = None, out_dim: OutDimOpt = None, head: HeadOpt = None, eval_every: EvalEveryOpt = None,
-    checkpoint_every: CkptEveryOpt = None, device: DeviceOpt = None,
+    checkpoint_every: CkptEveryOpt = None, device: DeviceOpt = None, klot_scope: KlotScopeOpt = None,
     seed: Annotated[Optional[int], Opt(help="Training seed [0].", rich_help_panel=TRAIN)] = None,
     option: Annotated[Optional[list[str]], Opt("--option", help="Recipe option key=value (repeatable).", rich_help_panel=TRAIN)] = None,
     teacher_option: Annotated[Optional[list[str]], Opt("--teacher-option", help="Teacher option key=value (repeatable).", rich_help_panel=TRAIN)] = None,
     quiet: QuietOpt = False,
 ):
-    """Train an alignment (stage 1 teacher + stage 2 heads) and write RUN_DIR."""
+    """Train an alignment (stage 1 teacher + stage 2 heads) and write RUN_DIR.
+
+    Under `torchrun --nproc-per-node N` it trains with DDP on shards of the same global batches
+    (only rank 0 writes; a run resumes on any number of ranks)."""
     with _one_line_errors():
         from .align import AlignmentData, fit as fit_run
         from .align.config import config_dict, load_config
@@ -158,7 +162,7 @@ def fit(
                      paired_batch_size=batch_pairs, unpaired_batch_size=batch_unpaired, alpha=alpha, eps=eps,
                      eps_teacher=eps_teacher, n_iters=n_iters, backend=backend, out_dim=out_dim, head_kind=head,
                      eval_every=eval_every, checkpoint_every=checkpoint_every, device=device, seed=seed,
-                     method_options=_parse_options(option, "--option") or None,
+                     klot_scope=klot_scope, method_options=_parse_options(option, "--option") or None,
                      teacher_options=_parse_options(teacher_option, "--teacher-option") or None)
         data = dict(images=images, texts=texts, n_pairs=pairs, n_val=val, n_test=test, n_unpaired=unpaired,
                     split_seed=split_seed, key=key, paired_images=paired_images, paired_texts=paired_texts,

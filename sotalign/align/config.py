@@ -98,6 +98,8 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     device: str = "auto"
+    #: Under torchrun: the KLOT of the global batch ("global") or of each rank's shard ("local").
+    klot_scope: str = "global"
 
     def __post_init__(self):
         _check_fields(self)
@@ -111,6 +113,8 @@ class TrainConfig:
                       alpha=self.alpha, seed=self.seed)
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"{owner}.warmup_steps must be < steps ({self.warmup_steps} >= {self.steps})")
+        if self.klot_scope not in ("local", "global"):
+            raise ConfigError(f"{owner}.klot_scope must be 'local' or 'global' (got {self.klot_scope!r})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{owner}.device must be 'auto', 'cpu' or 'cuda[:N]' (got {self.device!r})")
         try:

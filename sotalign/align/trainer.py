@@ -27,12 +27,14 @@ import numpy as np
 import torch
 from lion_pytorch import Lion
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..data import BatchSampler, EmbeddingStore, check_aligned, make_split, open_store
 from ..eval import retrieval_metrics
 from ..model import AlignedModel, atomic_write_bytes, read_json, write_json
 from .config import ConfigError, DataSpec, TrainConfig, config_dict
+from .ddp import Ranks, data_parallel
 from .heads import AlignmentHeads
 from .losses import nnclr_positives, sample_neighbors
 from .methods import Batch, Recipe, loss_terms
@@ -147,8 +149,9 @@ class BatchSource:
     """The inputs of step t: pairs, unpaired images and unpaired texts drawn independently."""
 
     def __init__(self, recipe: Recipe, config: TrainConfig, data: AlignmentData, teacher: Teacher | None,
-                 device: torch.device):
+                 device: torch.device, ranks: Ranks = Ranks()):
         self.recipe, self.data, self.teacher, self.device, self.seed = recipe, data, teacher, device, config.seed
+        self.ranks = ranks
 
         def sampler(rows: Rows, batch_size: int, stream: str) -> BatchSampler:
             return BatchSampler(np.arange(len(rows)), min(batch_size, len(rows)), seed=config.seed, stream=stream)
@@ -174,10 +177,12 @@ class BatchSource:
 
     def batch(self, step: int) -> Batch:
         data, parts = self.data, {}
-        pairs = self.paired.batch(step)
+        ranks = self.ranks  # this rank's slice of the global batch
+        pairs = self.paired.shard(step, ranks.rank, ranks.world)
         parts["paired_images"], parts["paired_texts"] = data.paired_images.get(pairs), data.paired_texts.get(pairs)
         if "unpaired" in self.recipe.needs:
-            images, texts = self.images.batch(step), self.texts.batch(step)
+            images = self.images.shard(step, ranks.rank, ranks.world)
+            texts = self.texts.shard(step, ranks.rank, ranks.world)
             parts["unpaired_images"], parts["unpaired_texts"] = data.unpaired_images.get(images), data.unpaired_texts.get(texts)
         if "teacher" in self.recipe.needs:
             parts["teacher_images"] = self.teacher.transform_images(parts["unpaired_images"])
@@ -293,6 +298,17 @@ def _restart_log(path: Path, step: int) -> None:
 
 # ----------------------------------------------------------------------------- fit
 
+class _Step(nn.Module):
+    """The loss terms of one step, as a module (what DistributedDataParallel wraps)."""
+
+    def __init__(self, recipe: Recipe, heads: AlignmentHeads, losses: nn.ModuleDict, ranks: Ranks, options: dict):
+        super().__init__()
+        self.recipe, self.heads, self.losses, self.ranks, self.options = recipe, heads, losses, ranks, options
+
+    def forward(self, batch: Batch) -> dict:
+        return loss_terms(self.recipe, batch, self.heads, self.losses, ranks=self.ranks, **self.options)
+
+
 def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = False, progress: bool = True,
         on_step=None) -> AlignedModel:
     """Train `config.method` on `data`, writing the run directory; returns the selected model.
@@ -301,18 +317,24 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
     be the same) from `checkpoints/last.pt`, or from step 0 if it was stopped before the first
     checkpoint, and ends with the same weights as an uninterrupted run. `on_step(step)` is called after
     every finished step (and its checkpoint), e.g. to stop a run.
+
+    Under torchrun (or in an initialised process group) it trains with DDP on shards of the
+    same global batches (:mod:`sotalign.align.ddp`); only rank 0 writes files, and a run
+    resumes on any number of ranks.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
     recipe = config.recipe()
     _check_data(recipe, data)
     device = resolve_device(config.device)
-    _prepare_run_dir(run_dir, config, data, resume)
+    ranks = Ranks.from_environment(device, config.klot_scope)
+    ranks.on_main(lambda: _prepare_run_dir(run_dir, config, data, resume))
 
-    teacher = _stage1(recipe, config, data, run_dir)
+    ranks.on_main(lambda: _stage1(recipe, config, data, run_dir))
+    teacher = _stage1(recipe, config, data, run_dir)  # read back by every rank
     if not recipe.trains_heads:
         model = AlignedModel(teacher=teacher, method=recipe.name)
-        _finish(run_dir, model, data, None, time.perf_counter() - started)
+        ranks.on_main(lambda: _finish(run_dir, model, data, None, time.perf_counter() - started))
         return model
 
     torch.manual_seed(config.seed)  # the heads' initialisation; everything else is seeded statelessly
@@ -322,10 +344,11 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
     weights = recipe.weights(config.alpha)
     optimizer = Lion([*heads.parameters(), *losses.parameters()], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
-    batches = BatchSource(recipe, config, data, teacher, device)
+    batches = BatchSource(recipe, config, data, teacher, device, ranks)
     model = AlignedModel(heads=heads, teacher=teacher, method=recipe.name)
     divergence_options = dict(eps=config.eps, eps_teacher=config.eps_teacher, n_iters=config.n_iters,
                               backend=config.backend)
+    step_terms = _Step(recipe, heads, losses, ranks, divergence_options)
 
     start, best = 0, {"step": None, "metric": -math.inf, "heads": None, "losses": None}
     checkpoint_path, log_path = run_dir / CHECKPOINT, run_dir / "log.jsonl"
@@ -339,15 +362,16 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start, best = state["step"], state["best"]
-    _restart_log(log_path, start)
+    step_terms = data_parallel(step_terms, ranks, device)  # after loading: all ranks start equal
+    ranks.on_main(lambda: _restart_log(log_path, start))
 
     bar = Progress(TextColumn(f"[bold]{recipe.name}[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"),
-                   disable=not progress, transient=False)
-    with bar, log_path.open("a") as log:
+                   disable=not (progress and ranks.is_main), transient=False)
+    with bar, (log_path.open("a") if ranks.is_main else open(os.devnull, "w")) as log:
         task = bar.add_task("", total=config.steps, completed=start)
         for step in range(start, config.steps):
-            terms = loss_terms(recipe, batches.batch(step), heads, losses, **divergence_options)
+            terms = step_terms(batches.batch(step))
             loss = sum(weights[name] * value for name, value in terms.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -364,7 +388,7 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
                             "heads": _clone(heads.state_dict()), "losses": _clone(losses.state_dict())}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if done % config.checkpoint_every == 0 or done == config.steps:
+            if ranks.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
                 _save_checkpoint(checkpoint_path, {
                     "step": done, "heads": heads.state_dict(), "losses": losses.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -379,8 +403,8 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
     if best["heads"] is not None:  # model selection on the validation split
         heads.load_state_dict(best["heads"])
         losses.load_state_dict(best["losses"])
-    _finish(run_dir, model, data, best["step"] if best["heads"] is not None else config.steps,
-            time.perf_counter() - started)
+    best_step = best["step"] if best["heads"] is not None else config.steps
+    ranks.on_main(lambda: _finish(run_dir, model, data, best_step, time.perf_counter() - started))
     return model
 
 

@@ -11,8 +11,8 @@ plan for a million rows on eight GPUs. This package sits at the ``ot`` layer: it
 :mod:`sotalign.ot` and the kernels' primitive interface, nothing above.
 """
 
-from .api import DistributedSinkhornResult, ddp_scale, klot, sinkhorn
+from .api import DistributedSinkhornResult, all_gather_rows, ddp_scale, klot, sinkhorn
 from .comm import DistributedError, Traffic, traffic
 
-__all__ = ["DistributedError", "DistributedSinkhornResult", "Traffic", "ddp_scale", "klot",
-           "sinkhorn", "traffic"]
+__all__ = ["DistributedError", "DistributedSinkhornResult", "Traffic", "all_gather_rows",
+           "ddp_scale", "klot", "sinkhorn", "traffic"]

@@ -71,6 +71,29 @@ def ddp_scale(group=None) -> int:
     return Comm(group).world
 
 
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, comm: Comm, sizes: tuple[int, ...]):
+        ctx.rows = slice(sum(sizes[: comm.rank]), sum(sizes[: comm.rank + 1]))
+        return comm.all_gather(t.contiguous(), list(sizes))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rows], None, None
+
+
+def all_gather_rows(t: Tensor, group=None) -> Tensor:
+    """The rows of ``t`` of every rank, concatenated in rank order (shards may differ in size).
+
+    Differentiable, with the convention of :func:`klot`: backward returns this rank's rows of
+    the incoming gradient, no communication. A loss computed identically on every rank from
+    gathered rows thus gives each rank the gradient of that loss wrt its own rows, and the
+    parameter gradient of the loss is the sum over ranks (under DDP, scale by :func:`ddp_scale`).
+    """
+    comm = Comm(group)
+    return _GatherRows.apply(t, comm, tuple(comm.sizes(t.shape[0], t.device)))
+
+
 def _validated(affinity, eps, n_iters, tol, check_every, eps_scaling, memory_budget, **tensors):
     """The checks of the single-process front; returns the options as the solvers take them."""
     device = check.check_structure(**tensors)

@@ -125,20 +125,25 @@ class Comm:
         return total.log_().add_(top)
 
     def all_gather(self, t: Tensor, sizes: list[int]) -> Tensor:
-        """The concatenation over ranks of 1-D tensors of lengths ``sizes`` (padded to the
-        largest for the transfer)."""
+        """The concatenation over ranks of tensors whose first dimension is given by ``sizes``
+        (padded to the largest for the transfer)."""
         if self.world == 1:
             return t
-        width = max(sizes)
-        padded = t.new_zeros(width)
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
         padded[: t.shape[0]] = t
         chunks = [torch.empty_like(padded) for _ in range(self.world)]
         traffic.add("all_gather", (self.world - 1) * padded.numel() * padded.element_size())
         try:
-            dist.all_gather(chunks, padded, group=self.group)
+            dist.all_gather(chunks, padded.contiguous(), group=self.group)
         except RuntimeError as error:
             raise self.fail("an all-gather", None, error) from error
         return torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes)])
+
+    def sizes(self, rows: int, device) -> list[int]:
+        """Every rank's ``rows``."""
+        if self.world == 1:
+            return [rows]
+        return self.all_gather(torch.tensor([rows], device=device), [1] * self.world).tolist()
 
     def agree(self, what: str, fingerprint: dict) -> list[dict]:
         """Every rank's ``fingerprint`` (a small dict), after a barrier that names the ranks

@@ -19,6 +19,8 @@ reduce-scatter + all-gather); an all-gather of W chunks of N bytes counts (W−1
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -35,18 +37,30 @@ class DistributedError(RuntimeError):
 
 @dataclass
 class Traffic:
-    """Bytes sent by this process, by kind of operation, since the last :meth:`reset`."""
+    """Bytes sent by this process, by kind of operation, and the seconds it spent blocked in
+    them (waiting for a transfer or a collective: communication not hidden behind compute,
+    plus waiting for slower ranks), since the last :meth:`reset`."""
 
     bytes: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
 
     def add(self, kind: str, nbytes: float) -> None:
         self.bytes[kind] = self.bytes.get(kind, 0) + nbytes
         self.calls[kind] = self.calls.get(kind, 0) + 1
 
+    @contextmanager
+    def blocked(self, kind: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
+
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
+        self.seconds.clear()
 
     @property
     def total(self) -> float:
@@ -101,8 +115,9 @@ class Comm:
 
     def wait(self, works: list) -> None:
         try:
-            for work in works:
-                work.wait()
+            with traffic.blocked("p2p"):
+                for work in works:
+                    work.wait()
         except RuntimeError as error:
             raise self.fail("a ring transfer", [self.prev, self.next], error) from error
 
@@ -113,7 +128,8 @@ class Comm:
         if self.world > 1:
             traffic.add("all_reduce", 2 * (self.world - 1) / self.world * t.numel() * t.element_size())
             try:
-                dist.all_reduce(t, op=op, group=self.group)
+                with traffic.blocked("all_reduce"):
+                    dist.all_reduce(t, op=op, group=self.group)
             except RuntimeError as error:
                 raise self.fail("an all-reduce", None, error) from error
         return t
@@ -134,7 +150,8 @@ class Comm:
         chunks = [torch.empty_like(padded) for _ in range(self.world)]
         traffic.add("all_gather", (self.world - 1) * padded.numel() * padded.element_size())
         try:
-            dist.all_gather(chunks, padded.contiguous(), group=self.group)
+            with traffic.blocked("all_gather"):
+                dist.all_gather(chunks, padded.contiguous(), group=self.group)
         except RuntimeError as error:
             raise self.fail("an all-gather", None, error) from error
         return torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes)])
@@ -153,10 +170,11 @@ class Comm:
             return [fingerprint]
         control = self._control_group()
         try:
-            dist.monitored_barrier(group=control, timeout=group_timeout(self.group),
-                                   wait_all_ranks=True)
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, fingerprint, group=control)
+            with traffic.blocked("agree"):
+                dist.monitored_barrier(group=control, timeout=group_timeout(self.group),
+                                       wait_all_ranks=True)
+                gathered = [None] * self.world
+                dist.all_gather_object(gathered, fingerprint, group=control)
         except RuntimeError as error:
             raise self.fail(f"the start of {what} (every rank must call it)", None, error) from error
         return gathered

@@ -103,8 +103,8 @@ def formula(path: str, world: int, rows: int, dim: int) -> float:
     n = m = world * rows
     if path == "online":
         return (world - 1) * (n + m) * (dim + 1) * 4
-    # all-gather of g: (W−1)·max m_r per rank; two all-reduces of m: 2·2(W−1)/W·m per rank
-    return world * ((world - 1) * rows + 2 * 2 * (world - 1) / world * m) * 4
+    # two all-reduces of the m column partials (max, then the shifted sums), 2·2(W−1)/W·m per rank
+    return world * 2 * 2 * (world - 1) / world * m * 4
 
 
 def main() -> None:
@@ -177,8 +177,8 @@ def markdown(config: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['world']} | {r['path']} | {r['step_s']:.3f} | {efficiency} | "
                      f"{r['blocked_s']:.3f} | {r['bytes_per_iter_all_ranks']:,.0f} | {formula_text} |")
     lines += ["", "Formulas (fp32, W ranks, n = m = W·n_r): ring (online) (W − 1)·(n + m)·(d + 1)·4 "
-              "bytes; block row (dense) W·((W − 1)·m_r + 4·(W − 1)/W·m)·4 bytes (all-gather of g, "
-              "two all-reduces of the column partials, counted as ring algorithms).", ""]
+              "bytes; block row (dense) 4·(W − 1)·m·4 bytes (two all-reduces of the column partials, "
+              "counted as ring all-reduces).", ""]
     return "\n".join(lines)
 
 

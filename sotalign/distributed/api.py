@@ -201,7 +201,7 @@ def sinkhorn(x: Tensor, y: Tensor, eps: float = 0.05, n_iters: int = 100, group=
                            check_every=options["check_every"], symmetric=bool(symmetric),
                            eps_scaling=options["eps_scaling"])
         error = marginal_error(op, f, g, eps)
-    return DistributedSinkhornResult(f, g, eps, done, error, chosen.name, op.path, K.n, K.m,
+    return DistributedSinkhornResult(f, op.own_columns(g), eps, done, error, chosen.name, op.path, K.n, K.m,
                                      K.row_offset, K.col_offset)
 
 
@@ -219,6 +219,7 @@ class _GlobalKLOT(torch.autograd.Function):
         f, g, _ = solve(op, eps, options["n_iters"], **loop)
         f_t, g_t, _ = solve(op_t, eps_t, options["n_iters"], **loop)
         value = op.klot_value(f, g, eps, op_t, f_t, g_t, eps_t)
+        g, g_t = op.own_columns(g), op_t.own_columns(g_t)
         ctx.save_for_backward(x, y, x_teacher, y_teacher, f, g, f_t, g_t)
         ctx.setup, ctx.eps = setup, (eps, eps_t)
         return value.to(x.dtype)

@@ -19,9 +19,10 @@ primitives (``lse_rows`` / ``lse_cols`` of one block, :mod:`sotalign.kernels.bas
   (n − n_next + m − m_next)·(d + 1) numbers: O((n + m)·d), all ranks together
   (W − 1)·(n + m)·(d + 1).
 * **block row** (``path="dense"``): the column shards pass around once per solve so that rank
-  r stores its block row K_r = x_r Yᵀ (n_r×m, the dense path's memory divided by W). A row
-  half-step all-gathers g (m numbers), a column half-step all-reduces the per-rank column
-  partials (max, then Σexp: 2·m numbers). Per iteration O(n + m) — nothing of size d.
+  r stores its block row K_r = x_r Yᵀ (n_r×m, the dense path's memory divided by W). A column
+  half-step all-reduces the per-rank column partials (max, then Σexp: 2·m numbers), after
+  which every rank holds the whole LSE, so g is kept whole on every rank (m numbers) and a row
+  half-step needs no communication. Per iteration O(m) — nothing of size d.
 
 ``path="auto"`` takes the block row when the dense path of :func:`sotalign.ot.dispatch.choose_route`
 would store K for an n_max×m problem on every rank, else the ring.
@@ -72,9 +73,14 @@ class RingOperator:
     Quacks like a :class:`~sotalign.kernels.base.Backend` for ``row_update``/``column_update``."""
 
     path = "online"
+    #: g holds this rank's columns only.
+    whole_columns = False
 
     def __init__(self, backend: Backend, K: Shards):
         self.backend, self.K = backend, K
+
+    def own_columns(self, g: Tensor) -> Tensor:
+        return g
 
     def lse_rows(self, K: Shards, g: Tensor, eps: float) -> Tensor:
         total = None
@@ -111,20 +117,25 @@ class BlockRowOperator:
     """The same reductions from this rank's stored block row K_r = x_r Yᵀ (n_r×m)."""
 
     path = "dense"
+    #: g holds every column (the same on every rank).
+    whole_columns = True
 
     def __init__(self, backend: Backend, K: Shards):
         self.backend, self.K = backend, K
-        blocks = {}
+        row = K.x.new_empty((K.x.shape[0], K.m))
         for owner, (y,) in circulate(K.comm, (K.y,), K.col_sizes):
-            blocks[owner] = Affinity.from_features(K.x, y).materialize().dense
-        self.row = Affinity.from_dense(torch.cat([blocks[s] for s in range(K.comm.world)], dim=1))
+            start = sum(K.col_sizes[:owner])
+            row[:, start: start + y.shape[0]] = Affinity.from_features(K.x, y).materialize().dense
+        self.row = Affinity.from_dense(row)
+
+    def own_columns(self, g: Tensor) -> Tensor:
+        return g[self.K.col_offset: self.K.col_offset + self.K.y.shape[0]]
 
     def lse_rows(self, K: Shards, g: Tensor, eps: float) -> Tensor:
-        return self.backend.lse_rows(self.row, K.comm.all_gather(g, list(K.col_sizes)), eps)
+        return self.backend.lse_rows(self.row, g, eps)
 
     def lse_cols(self, K: Shards, f: Tensor, eps: float) -> Tensor:
-        total = K.comm.logsumexp(self.backend.lse_cols(self.row, f, eps))
-        return total[K.col_offset: K.col_offset + K.y.shape[0]]
+        return K.comm.logsumexp(self.backend.lse_cols(self.row, f, eps))
 
     def spread(self) -> float:
         """max K − min K over the whole K."""
@@ -133,10 +144,7 @@ class BlockRowOperator:
         return float(ends[0] + ends[1])
 
     def klot_value(self, f, g, eps, teacher: "BlockRowOperator", f_t, g_t, eps_t) -> Tensor:
-        sizes = list(self.K.col_sizes)
-        gather = self.K.comm.all_gather
-        local = self.backend.klot_value(self.row, f, gather(g, sizes), eps, teacher.row, f_t,
-                                        gather(g_t, sizes), eps_t)
+        local = self.backend.klot_value(self.row, f, g, eps, teacher.row, f_t, g_t, eps_t)
         return self.K.comm.all_reduce(local.double())
 
 
@@ -153,10 +161,11 @@ def solve(op, eps: float, n_iters: int, *, tol: float | None, check_every: int, 
           eps_scaling: float | None) -> tuple[Tensor, Tensor, int]:
     """The loop of :func:`sotalign.ot.sinkhorn.solve` on a sharded K: same schedule, same
     tolerance test (the row error of this rank's rows, summed over the ranks, so every rank
-    stops at the same iteration), same symmetric final step. Returns this rank's (f, g, done)."""
+    stops at the same iteration), same symmetric final step. Returns this rank's f, g (this
+    rank's columns, or all of them if ``op.whole_columns``) and the iterations done."""
     K = op.K
     log_a = uniform_shard_log_weights(K.x.shape[0], K.n, K.x)
-    log_b = uniform_shard_log_weights(K.y.shape[0], K.m, K.y)
+    log_b = uniform_shard_log_weights(K.m if op.whole_columns else K.y.shape[0], K.m, K.y)
     g = torch.zeros_like(log_b)
     eps_start = op.spread() if eps_scaling is not None else None
     schedule = eps_schedule(eps, n_iters, eps_scaling, eps_start)
@@ -182,6 +191,6 @@ def marginal_error(op, f: Tensor, g: Tensor, eps: float) -> float:
     """max(‖P1 − a‖₁, ‖Pᵀ1 − b‖₁) over the whole plan, the same on every rank."""
     K = op.K
     rows = torch.exp(f / eps + op.lse_rows(K, g, eps)) - 1.0 / K.n
-    cols = torch.exp(g / eps + op.lse_cols(K, f, eps)) - 1.0 / K.m
+    cols = torch.exp(op.own_columns(g / eps + op.lse_cols(K, f, eps))) - 1.0 / K.m
     errors = torch.stack([rows.abs().sum(), cols.abs().sum()])
     return float(K.comm.all_reduce(errors).max())

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .ddp import KLOT_SCOPES
 from .methods import get_method
 
 
@@ -113,8 +114,8 @@ class TrainConfig:
                       alpha=self.alpha, seed=self.seed)
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"{owner}.warmup_steps must be < steps ({self.warmup_steps} >= {self.steps})")
-        if self.klot_scope not in ("local", "global"):
-            raise ConfigError(f"{owner}.klot_scope must be 'local' or 'global' (got {self.klot_scope!r})")
+        if self.klot_scope not in KLOT_SCOPES:
+            raise ConfigError(f"{owner}.klot_scope must be one of {KLOT_SCOPES} (got {self.klot_scope!r})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{owner}.device must be 'auto', 'cpu' or 'cuda[:N]' (got {self.device!r})")
         try:

@@ -42,6 +42,8 @@ import sotalign.distributed as sd
 from .losses import klot_divergence
 
 KLOT_SCOPES = ("local", "global")
+#: The losses' process group, created once per process (groups are never freed).
+_loss_group: dict = {}
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -78,8 +80,9 @@ class Ranks:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if dist.get_world_size() == 1:
             return cls(klot_scope=klot_scope)
-        group = dist.new_group(backend=dist.get_backend())
-        return cls(dist.get_rank(), dist.get_world_size(), group, klot_scope)
+        if "group" not in _loss_group:
+            _loss_group["group"] = dist.new_group(backend=dist.get_backend())
+        return cls(dist.get_rank(), dist.get_world_size(), _loss_group["group"], klot_scope)
 
     @property
     def distributed(self) -> bool:

@@ -18,7 +18,9 @@ must backpropagate through the value, as DDP does).
 the parameter gradient of the global value is the *sum* over ranks of the per-rank parameter
 gradients. DDP *averages* them, so a training loss multiplies the global KLOT by the world size
 (see :func:`ddp_scale`); a per-rank loss (a local KLOT or a mean over the rank's own batch)
-needs no factor.
+needs no factor. When the loss also has parameters that every rank uses in full (SigLIP's
+learned scale), put the factor on the gradient of the rank's own embeddings instead, as
+``sotalign fit`` does (:mod:`sotalign.align.ddp`).
 """
 
 from __future__ import annotations

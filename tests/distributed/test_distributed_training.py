@@ -104,7 +104,7 @@ def test_local_klot_scope_is_the_mean_of_per_rank_klots(cluster, spec):
     per_rank = [klot_divergence(heads.embed_images(x), heads.embed_texts(y), tx, ty, eps=TINY_EPS,
                                 eps_teacher=TINY["eps_teacher"], n_iters=TINY["n_iters"])
                 for x, y, tx, ty in zip(*halves)]
-    mean = float(sum(per_rank)) / 2
+    mean = sum(per_rank).item() / 2
     for rank_terms, rank_grads, _ in ranks:
         assert rank_terms["klot"] == pytest.approx(mean, rel=1e-5)
         assert rank_terms["siglip"] == pytest.approx(terms["siglip"], rel=1e-5)

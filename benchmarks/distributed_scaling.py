@@ -52,7 +52,7 @@ def worker(args) -> None:
     x, y, x_t, y_t = data()
     rows = []
     for path in args.paths:
-        def step():
+        def step(path=path):
             xs, ys = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
             sd.klot(xs, ys, x_t, y_t, n_iters=args.iters, path=path).backward()
 

@@ -67,7 +67,7 @@ class Ranks:
     klot_scope: str = "global"
 
     @classmethod
-    def from_environment(cls, device: torch.device, klot_scope: str = "global") -> "Ranks":
+    def from_environment(cls, device: torch.device, klot_scope: str = "global") -> Ranks:
         """The current process group, or the one ``torchrun`` describes in the environment
         (initialised here: NCCL for CUDA, gloo for CPU), or a single process."""
         if not dist.is_available():

@@ -154,7 +154,7 @@ class Comm:
                 dist.all_gather(chunks, padded.contiguous(), group=self.group)
         except RuntimeError as error:
             raise self.fail("an all-gather", None, error) from error
-        return torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes)])
+        return torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes, strict=True)])
 
     def sizes(self, rows: int, device) -> list[int]:
         """Every rank's ``rows``."""

@@ -102,7 +102,7 @@ class RingOperator:
         norms = self.K.comm.all_reduce(norms, torch.distributed.ReduceOp.MAX)
         return 2.0 * float(norms[0] * norms[1])
 
-    def klot_value(self, f, g, eps, teacher: "RingOperator", f_t, g_t, eps_t) -> Tensor:
+    def klot_value(self, f, g, eps, teacher: RingOperator, f_t, g_t, eps_t) -> Tensor:
         """Σ_ij P*_ij (log P*_ij − log P_ij) over the whole K, in float64, on every rank."""
         K, K_t = self.K, teacher.K
         total = torch.zeros((), dtype=torch.float64, device=K.x.device)
@@ -143,7 +143,7 @@ class BlockRowOperator:
         ends = self.K.comm.all_reduce(ends, torch.distributed.ReduceOp.MAX)
         return float(ends[0] + ends[1])
 
-    def klot_value(self, f, g, eps, teacher: "BlockRowOperator", f_t, g_t, eps_t) -> Tensor:
+    def klot_value(self, f, g, eps, teacher: BlockRowOperator, f_t, g_t, eps_t) -> Tensor:
         local = self.backend.klot_value(self.row, f, g, eps, teacher.row, f_t, g_t, eps_t)
         return self.K.comm.all_reduce(local.double())
 

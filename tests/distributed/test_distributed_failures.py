@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from distributed_cluster import Cluster
 
 TIMEOUT = 4.0

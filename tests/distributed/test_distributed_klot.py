@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import sotalign
 from conftest import klot_problem, relative_error
 from distributed_cluster import Cluster
+
+import sotalign
 
 ROWS, COLS = (5, 9, 3), (7, 4, 8)
 N, M = sum(ROWS), sum(COLS)
@@ -178,10 +178,10 @@ def nan_task(rank, world, x, y):
 
 def test_disagreeing_options_and_bad_input_fail_on_every_rank_naming_the_rank(cluster, problem):
     x, y, _, _ = problem
-    for rank, (ok, error) in enumerate(cluster.outcomes(bad_options_task, x, y)):
+    for ok, error in cluster.outcomes(bad_options_task, x, y):
         assert not ok and error[0] == "ValueError"
         assert "rank 1 has eps=0.2 where rank 0 has 0.1" in error[1]
-    for rank, (ok, error) in enumerate(cluster.outcomes(nan_task, x, y)):
+    for ok, error in cluster.outcomes(nan_task, x, y):
         assert not ok and error[0] == "ValueError"
         assert "rank 2: ValueError: x contains NaN or Inf" in error[1]
     # the group still works afterwards

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
+from distributed_cluster import Cluster, free_port
 from safetensors.torch import load_file
 
-from distributed_cluster import Cluster, free_port
 from sotalign.align import AlignmentData, AlignmentHeads, DataSpec, TrainConfig, fit
 from sotalign.align.ddp import Ranks, data_parallel
 from sotalign.align.losses import klot_divergence
@@ -103,9 +103,9 @@ def test_local_klot_scope_is_the_mean_of_per_rank_klots(cluster, spec):
                                                  batch.teacher_images, batch.teacher_texts)]
     per_rank = [klot_divergence(heads.embed_images(x), heads.embed_texts(y), tx, ty, eps=TINY_EPS,
                                 eps_teacher=TINY["eps_teacher"], n_iters=TINY["n_iters"])
-                for x, y, tx, ty in zip(*halves)]
+                for x, y, tx, ty in zip(*halves, strict=True)]
     mean = sum(per_rank).item() / 2
-    for rank_terms, rank_grads, _ in ranks:
+    for rank_terms, _, _ in ranks:
         assert rank_terms["klot"] == pytest.approx(mean, rel=1e-5)
         assert rank_terms["siglip"] == pytest.approx(terms["siglip"], rel=1e-5)
         assert rank_terms["klot"] != pytest.approx(terms["klot"], rel=1e-3)  # not the global KLOT

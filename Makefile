@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.sotalign-installed
 
-.PHONY: test test-fast lint format demo bench bench-gpu align-report install clean
+.PHONY: test test-fast lint format demo bench bench-gpu bench-distributed align-report install clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench: $(STAMP)
 # `bash benchmarks/run_gpu.sh sinkhorn|klot|scale`.
 bench-gpu: $(STAMP)
 	VENV=$(VENV) INSTALL=1 bash benchmarks/run_gpu.sh
+
+# Weak scaling and bytes per iteration of the global KLOT on 1-4 gloo processes (~5 min on 2 cores):
+# benchmarks/results/<machine>-distributed.{md,json}; see docs/distributed.md.
+bench-distributed: $(STAMP)
+	$(PY) benchmarks/distributed_scaling.py --rows 2048
 
 # SAIL, its semi-supervised baselines and SOTAlign on the synthetic platonic data, 3 seeds
 # (~10 min on 2 idle cores): benchmarks/results/<machine>-alignment.{md,json}.

@@ -211,6 +211,14 @@ CkptEveryOpt = Annotated[
     int | None, Opt("--checkpoint-every", help="Checkpoint every N steps [100].", rich_help_panel=TRAIN)
 ]
 DeviceOpt = Annotated[str | None, Opt("--device", help="auto, cpu or cuda [auto].", rich_help_panel=TRAIN)]
+KlotScopeOpt = Annotated[
+    str | None,
+    Opt(
+        "--klot-scope",
+        help="Under torchrun: KLOT of the global batch or of each rank's shard: global or local [global].",
+        rich_help_panel=TRAIN,
+    ),
+]
 ConfigOpt = Annotated[
     Path | None, Opt("--config", help="TOML/JSON run configuration (command-line values override it).")
 ]
@@ -250,6 +258,7 @@ def fit(
     eval_every: EvalEveryOpt = None,
     checkpoint_every: CkptEveryOpt = None,
     device: DeviceOpt = None,
+    klot_scope: KlotScopeOpt = None,
     seed: Annotated[int | None, Opt(help="Training seed [0].", rich_help_panel=TRAIN)] = None,
     option: Annotated[
         list[str] | None,
@@ -262,7 +271,10 @@ def fit(
     quiet: QuietOpt = False,
     stores: dict | None = None,
 ):
-    """Train an alignment (stage 1 teacher + stage 2 heads) and write RUN_DIR."""
+    """Train an alignment (stage 1 teacher + stage 2 heads) and write RUN_DIR.
+
+    Under `torchrun --nproc-per-node N` it trains with DDP on shards of the same global batches
+    (only rank 0 writes; a run resumes on any number of ranks)."""
     with _one_line_errors():
         from .align import AlignmentData, TrainingInterrupted
         from .align import fit as fit_run
@@ -290,6 +302,7 @@ def fit(
             eval_every=eval_every,
             checkpoint_every=checkpoint_every,
             device=device,
+            klot_scope=klot_scope,
             seed=seed,
             method_options=_parse_options(option, "--option") or None,
             teacher_options=_parse_options(teacher_option, "--teacher-option") or None,

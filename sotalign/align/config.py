@@ -28,6 +28,7 @@ import tomllib
 
 from ..data.spec import ConfigError, DataSpec, check_fields, non_negative, positive
 from ..ot import BACKEND_NAMES
+from .ddp import KLOT_SCOPES
 from .heads import HEAD_KINDS
 from .methods import get_method
 from .teachers import make_teacher
@@ -64,6 +65,8 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     device: str = "auto"
+    #: Under torchrun: the KLOT of the global batch ("global") or of each rank's shard ("local").
+    klot_scope: str = "global"
 
     def __post_init__(self):
         check_fields(self)
@@ -93,6 +96,8 @@ class TrainConfig:
             raise ConfigError(f"{owner}.warmup_steps must be < steps ({self.warmup_steps} >= {self.steps})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{owner}.device must be 'auto', 'cpu' or 'cuda[:N]' (got {self.device!r})")
+        if self.klot_scope not in KLOT_SCOPES:
+            raise ConfigError(f"{owner}.klot_scope must be one of {KLOT_SCOPES} (got {self.klot_scope!r})")
         if self.backend != "auto" and self.backend not in BACKEND_NAMES:
             raise ConfigError(
                 f"{owner}.backend must be 'auto' or one of {', '.join(BACKEND_NAMES)} (got {self.backend!r})"

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.spec import role_fields
+from .ddp import Ranks
 from .losses import DIVERGENCES, SigLIPLoss, divergence, s_clip_loss, structure_regularizer
 
 TEACHERS = ("procrustes", "cca", "contrastive")
@@ -200,51 +201,74 @@ def loss_terms(
     eps_teacher: float = 0.01,
     n_iters: int = 100,
     backend: str = "auto",
+    ranks: Ranks | None = None,
 ) -> dict[str, Tensor]:
     """The raw loss terms of one step of `recipe` (keys as in `recipe.weights`).
 
     `heads` is an :class:`AlignmentHeads`; `losses` the recipe's :meth:`Recipe.loss_modules`.
-    `eps`, `eps_teacher`, `n_iters` and `backend` configure the teacher divergence.
+    `eps`, `eps_teacher`, `n_iters` and `backend` configure the teacher divergence. Under
+    torchrun, `ranks` says which shard of the global batch `batch` is; every term is then the
+    value on the global batch (embeddings gathered across ranks, KLOT as `ranks.klot`; see
+    :mod:`sotalign.align.ddp`).
     """
+    ranks = ranks or Ranks()
+    g = ranks.gather
     siglip = losses["siglip"]
-    img, txt = heads.embed_images(batch.paired_images), heads.embed_texts(batch.paired_texts)
+
+    def embed_images(x):
+        return ranks.local(heads.embed_images(x))
+
+    def embed_texts(y):
+        return ranks.local(heads.embed_texts(y))
+
+    img, txt = g(embed_images(batch.paired_images)), g(embed_texts(batch.paired_texts))
     unpaired = "unpaired" in recipe.needs
-    u_img = heads.embed_images(batch.unpaired_images) if unpaired else None
-    u_txt = heads.embed_texts(batch.unpaired_texts) if unpaired else None
+    u_img = embed_images(batch.unpaired_images) if unpaired else None  # this rank's rows
+    u_txt = embed_texts(batch.unpaired_texts) if unpaired else None
 
     if isinstance(recipe, Sail):
-        return {"siglip": siglip(img, txt, extra_texts=u_txt, extra_images=u_img)}
+        return {"siglip": siglip(img, txt, extra_texts=g(u_txt), extra_images=g(u_img))}
     terms = {"siglip": siglip(img, txt)}
     if isinstance(recipe, TeacherDivergence):
         if recipe.divergence == "none":
             raise ValueError(f"method {recipe.name!r} is the stage-1 teacher alone: it trains no heads")
-        options = {
-            "cka": {},
-            "infonce": dict(eps_teacher=eps_teacher, temperature=eps),
-            "klot": dict(eps=eps, eps_teacher=eps_teacher, n_iters=n_iters, backend=backend),
-        }
-        terms[recipe.divergence] = divergence(
-            recipe.divergence,
-            u_img,
-            u_txt,
-            batch.teacher_images,
-            batch.teacher_texts,
-            **options[recipe.divergence],
-        )
+        if recipe.divergence == "klot":
+            terms["klot"] = ranks.klot(
+                u_img,
+                u_txt,
+                batch.teacher_images,
+                batch.teacher_texts,
+                eps=eps,
+                eps_teacher=eps_teacher,
+                n_iters=n_iters,
+                backend=backend,
+            )
+        else:
+            options = {"cka": {}, "infonce": dict(eps_teacher=eps_teacher, temperature=eps)}
+            terms[recipe.divergence] = divergence(
+                recipe.divergence,
+                g(u_img),
+                g(u_txt),
+                g(batch.teacher_images),
+                g(batch.teacher_texts),
+                **options[recipe.divergence],
+            )
     elif isinstance(recipe, Structure):
-        raw_images, raw_texts, emb_images, emb_texts = batch.paired_images, batch.paired_texts, img, txt
+        raw_images, raw_texts, emb_images, emb_texts = g(batch.paired_images), g(batch.paired_texts), img, txt
         if recipe.semi:
-            raw_images = torch.cat([raw_images, batch.unpaired_images])
-            raw_texts = torch.cat([raw_texts, batch.unpaired_texts])
-            emb_images, emb_texts = torch.cat([img, u_img]), torch.cat([txt, u_txt])
+            raw_images = torch.cat([raw_images, g(batch.unpaired_images)])
+            raw_texts = torch.cat([raw_texts, g(batch.unpaired_texts)])
+            emb_images, emb_texts = torch.cat([img, g(u_img)]), torch.cat([txt, g(u_txt)])
         options = dict(levels=recipe.levels, temperature=recipe.temperature)
         terms["structure"] = structure_regularizer(raw_images, emb_images, **options) + structure_regularizer(
             raw_texts, emb_texts, **options
         )
     elif isinstance(recipe, NNCLR):
-        terms["nn_images"] = siglip(u_img, heads.embed_texts(batch.neighbour_texts))
-        terms["nn_texts"] = siglip(heads.embed_images(batch.neighbour_images), u_txt)
+        terms["nn_images"] = siglip(g(u_img), g(embed_texts(batch.neighbour_texts)))
+        terms["nn_texts"] = siglip(g(embed_images(batch.neighbour_images)), g(u_txt))
     elif isinstance(recipe, SClip):
         options = dict(eps=recipe.eps, scale=1.0 / recipe.temperature, n_iters=n_iters, backend=backend)
-        terms["s_clip"] = s_clip_loss(u_img, img, txt, **options) + s_clip_loss(u_txt, txt, img, **options)
+        terms["s_clip"] = s_clip_loss(g(u_img), img, txt, **options) + s_clip_loss(
+            g(u_txt), txt, img, **options
+        )
     return terms

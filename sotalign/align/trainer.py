@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from lion_pytorch import Lion
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..data import AlignmentData, BatchSampler, Rows
@@ -48,6 +49,7 @@ from ..rundir import (
     write_json,
 )
 from .config import ConfigError, TrainConfig, config_dict
+from .ddp import Ranks, data_parallel
 from .heads import AlignmentHeads
 from .losses import nnclr_positives, sample_neighbors
 from .methods import Batch, Recipe, loss_terms
@@ -69,6 +71,7 @@ class BatchSource:
         data: AlignmentData,
         teacher: Teacher | None,
         device: torch.device,
+        ranks: Ranks | None = None,
     ):
         self.recipe, self.data, self.teacher, self.device, self.seed = (
             recipe,
@@ -77,6 +80,7 @@ class BatchSource:
             device,
             config.seed,
         )
+        self.ranks = ranks or Ranks()
 
         def sampler(rows: Rows, batch_size: int, stream: str) -> BatchSampler:
             return BatchSampler(
@@ -111,13 +115,15 @@ class BatchSource:
 
     def batch(self, step: int) -> Batch:
         data, parts = self.data, {}
-        pairs = self.paired.batch(step)
+        ranks = self.ranks  # this rank's slice of the global batch
+        pairs = self.paired.shard(step, ranks.rank, ranks.world)
         parts["paired_images"], parts["paired_texts"] = (
             data.paired_images.get(pairs),
             data.paired_texts.get(pairs),
         )
         if "unpaired" in self.recipe.needs:
-            images, texts = self.images.batch(step), self.texts.batch(step)
+            images = self.images.shard(step, ranks.rank, ranks.world)
+            texts = self.texts.shard(step, ranks.rank, ranks.world)
             parts["unpaired_images"], parts["unpaired_texts"] = (
                 data.unpaired_images.get(images),
                 data.unpaired_texts.get(texts),
@@ -317,25 +323,45 @@ def fit(
     run_dir = Path(run_dir)
     recipe = config.recipe()
     _check_data(recipe, data)
-    _check_values(data)
     device = resolve_device(config.device)
-    started_here = _prepare_run_dir(run_dir, config, data, resume)
+    ranks = Ranks.from_environment(device, config.klot_scope)
+    prepared = {"started_here": False}
+
+    def prepare() -> None:
+        _check_values(data)
+        prepared["started_here"] = _prepare_run_dir(run_dir, config, data, resume)
+
+    ranks.on_main(prepare)
     try:
-        return _train(recipe, config, data, run_dir, device, resume, progress, on_step, started)
+        return _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_step, started)
     except BaseException:
-        if started_here and not _has_progress(run_dir):
+        if prepared["started_here"] and not _has_progress(run_dir):
             _clear_unstarted(run_dir)
             with suppress(OSError):
                 run_dir.rmdir()  # only if nothing else is in it
         raise
 
 
-def _train(recipe, config, data, run_dir, device, resume, progress, on_step, started) -> AlignedModel:
-    """Stages 1 and 2 of :func:`fit` in a prepared run directory."""
-    teacher = _stage1(recipe, config, data, run_dir)
+class _Step(nn.Module):
+    """The loss terms of one step, as a module (what DistributedDataParallel wraps)."""
+
+    def __init__(
+        self, recipe: Recipe, heads: AlignmentHeads, losses: nn.ModuleDict, ranks: Ranks, options: dict
+    ):
+        super().__init__()
+        self.recipe, self.heads, self.losses, self.ranks, self.options = recipe, heads, losses, ranks, options
+
+    def forward(self, batch: Batch) -> dict:
+        return loss_terms(self.recipe, batch, self.heads, self.losses, ranks=self.ranks, **self.options)
+
+
+def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_step, started) -> AlignedModel:
+    """Stages 1 and 2 of :func:`fit` in a prepared run directory (files written by rank 0)."""
+    ranks.on_main(lambda: _stage1(recipe, config, data, run_dir))
+    teacher = _stage1(recipe, config, data, run_dir)  # read back by every rank
     if not recipe.trains_heads:
         model = AlignedModel(teacher=teacher, method=recipe.name)
-        _finish(run_dir, model, data, None, time.perf_counter() - started)
+        ranks.on_main(lambda: _finish(run_dir, model, data, None, time.perf_counter() - started))
         return model
 
     torch.manual_seed(config.seed)  # the heads' initialisation; everything else is seeded statelessly
@@ -348,11 +374,12 @@ def _train(recipe, config, data, run_dir, device, resume, progress, on_step, sta
         [*heads.parameters(), *losses.parameters()], lr=config.lr, weight_decay=config.weight_decay
     )
     scheduler = LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
-    batches = BatchSource(recipe, config, data, teacher, device)
+    batches = BatchSource(recipe, config, data, teacher, device, ranks)
     model = AlignedModel(heads=heads, teacher=teacher, method=recipe.name)
     divergence_options = dict(
         eps=config.eps, eps_teacher=config.eps_teacher, n_iters=config.n_iters, backend=config.backend
     )
+    step_terms = _Step(recipe, heads, losses, ranks, divergence_options)
 
     start, best = 0, {"step": None, "metric": -math.inf, "heads": None, "losses": None}
     checkpoint_path, log_path = run_dir / CHECKPOINT, run_dir / LOG_FILE
@@ -366,8 +393,10 @@ def _train(recipe, config, data, run_dir, device, resume, progress, on_step, sta
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start, best = state["step"], state["best"]
-    if log_path.exists():
+    step_terms = data_parallel(step_terms, ranks, device)  # after loading: all ranks start equal
+    if ranks.is_main and log_path.exists():
         rewrite_log(log_path, read_log(log_path, start))
+    progress = progress and ranks.is_main
 
     bar = Progress(
         TextColumn(f"[bold]{recipe.name}[/]"),
@@ -400,7 +429,7 @@ def _train(recipe, config, data, run_dir, device, resume, progress, on_step, sta
         task = bar.add_task("", total=config.steps, completed=start)
         first_step_done = None
         for step in range(start, config.steps):
-            terms = loss_terms(recipe, batches.batch(step), heads, losses, **divergence_options)
+            terms = step_terms(batches.batch(step))
             loss = sum(weights[name] * value for name, value in terms.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -423,10 +452,12 @@ def _train(recipe, config, data, run_dir, device, resume, progress, on_step, sta
                         "heads": _clone(heads.state_dict()),
                         "losses": _clone(losses.state_dict()),
                     }
-            checkpoint = done % config.checkpoint_every == 0 or done == config.steps or interrupt["stop"]
-            append_line(log_path, record, durable=checkpoint)
-            if checkpoint:
-                save(done, best)
+            stop = ranks.any(interrupt["stop"])  # every rank stops at the same step
+            checkpoint = done % config.checkpoint_every == 0 or done == config.steps or stop
+            if ranks.is_main:
+                append_line(log_path, record, durable=checkpoint)
+                if checkpoint:
+                    save(done, best)
             bar.update(
                 task,
                 completed=done,
@@ -443,19 +474,15 @@ def _train(recipe, config, data, run_dir, device, resume, progress, on_step, sta
                     f"about {_duration(per_step * (config.steps - done))} left at {per_step:.3g} s per step",
                     markup=False,
                 )
-            if interrupt["stop"] and done < config.steps:
-                if not checkpoint:  # Ctrl-C came after this step's checkpoint decision
+            if ranks.any(interrupt["stop"]) and done < config.steps:
+                if ranks.is_main and not checkpoint:  # Ctrl-C came after this step's checkpoint decision
                     save(done, best)
+                ranks.barrier()
                 raise TrainingInterrupted(run_dir, done, config.steps)
 
     if best["heads"] is not None:  # model selection on the validation split
         heads.load_state_dict(best["heads"])
         losses.load_state_dict(best["losses"])
-    _finish(
-        run_dir,
-        model,
-        data,
-        best["step"] if best["heads"] is not None else config.steps,
-        time.perf_counter() - started,
-    )
+    best_step = best["step"] if best["heads"] is not None else config.steps
+    ranks.on_main(lambda: _finish(run_dir, model, data, best_step, time.perf_counter() - started))
     return model

@@ -149,3 +149,18 @@ class BatchSampler:
         epoch = self.epoch(step)
         b = step % self.batches_per_epoch
         return self.indices[self.permutation(epoch)[b * self.batch_size : (b + 1) * self.batch_size]]
+
+    def shard(self, step: int, rank: int, world_size: int) -> np.ndarray:
+        """Rank ``rank``'s part of ``batch(step)`` among ``world_size`` data-parallel ranks:
+        consecutive slices of sizes differing by at most one (``np.array_split``), disjoint, in
+        rank order, whose concatenation is ``batch(step)``. Stateless like ``batch``, so a run
+        resumes on any number of ranks."""
+        world_size = check_count("world_size", world_size)
+        if not 0 <= check_count("rank", rank, 0) < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if world_size > self.batch_size:
+            raise ValueError(
+                f"a batch of {self.batch_size} rows cannot be split across "
+                f"{world_size} ranks (stream {self.stream!r})"
+            )
+        return np.array_split(self.batch(step), world_size)[rank]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -157,7 +158,7 @@ def test_sharded_directory_list_and_glob(tmp_path):
     names = ["part2.npy", "part10.safetensors", "part11.h5", "part30.npy"]  # natural order ≠ lexicographic
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
-    for name, a, b in zip(names, cuts, cuts[1:], strict=True):
+    for name, (a, b) in zip(names, itertools.pairwise(cuts), strict=True):
         save_store(shard_dir / name, data[a:b])
     (shard_dir / "README.md").write_text("not a shard")
     stores = [

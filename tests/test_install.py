@@ -83,7 +83,7 @@ def test_trainer_names_are_lazy_and_name_the_extra_when_it_is_missing():
     for line in missing:
         assert "sotalign.align (the trainer) needs typer, lion_pytorch from the 'train' extra" in line
         assert "pip install 'sotalign[train]'" in line
-    assert "the sotalign command needs typer from the 'train' extra" in cli
+    assert "the sotalign command needs typer, lion_pytorch from the 'train' extra" in cli
     assert "module 'sotalign' has no attribute 'nope'" in nope
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -244,7 +246,7 @@ def test_ssw_grows_with_a_shift_on_the_sphere():
     direction[0] = 1.0
     values = [ssw_distance(x, x + t * direction) for t in (0.0, 0.25, 0.5, 1.0, 3.0)]
     assert values[0] == pytest.approx(0.0, abs=1e-12)
-    assert all(a < b for a, b in zip(values, values[1:], strict=True)), values
+    assert all(a < b for a, b in itertools.pairwise(values)), values
 
 
 def test_ssw_of_two_point_masses_matches_a_monte_carlo_oracle():

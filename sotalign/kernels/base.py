@@ -14,6 +14,9 @@ A backend provides four streaming primitives over such a K:
 
 * ``lse_rows(K, bias, ε)[i] = LSE_j [(K_ij + bias_j) / ε]``      (the f half-step)
 * ``lse_cols(K, bias, ε)[j] = LSE_i [(K_ij + bias_i) / ε]``      (the g half-step)
+
+  and the half-steps themselves, ``row_update`` (f = ε log a − ε LSE_j[(K + g)/ε]) and
+  ``column_update``, which default to these and which a backend may fuse into one pass.
 * ``klot_value(K, f, g, ε, K*, f*, g*, ε*) = Σ_ij P*_ij (log P*_ij − log P_ij)``
   accumulated in float64 (the terms cancel heavily at small ε).
 * ``klot_grad_features(K=xyᵀ, f, g, ε, K*, f*, g*, ε*) = (G y, Gᵀ x)`` with
@@ -105,6 +108,14 @@ class Backend:
 
     def lse_cols(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         raise NotImplementedError
+
+    def row_update(self, K: Affinity, g: Tensor, eps: float, log_a: Tensor) -> Tensor:
+        """The Sinkhorn row half-step f = ε log a − ε LSE_j[(K + g)/ε] (backends may fuse it)."""
+        return eps * (log_a - self.lse_rows(K, g, eps))
+
+    def column_update(self, K: Affinity, f: Tensor, eps: float, log_b: Tensor) -> Tensor:
+        """The column half-step g = ε log b − ε LSE_i[(K + f)/ε]."""
+        return eps * (log_b - self.lse_cols(K, f, eps))
 
     def klot_value(self, K: Affinity, f: Tensor, g: Tensor, eps: float,
                    K_t: Affinity, f_t: Tensor, g_t: Tensor, eps_t: float) -> Tensor:

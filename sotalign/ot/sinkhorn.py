@@ -64,12 +64,12 @@ class SinkhornResult:
 
 def row_update(backend: Backend, K: Affinity, g: Tensor, eps: float, log_a: Tensor) -> Tensor:
     """f = ε log a − ε LSE_j[(K + g)/ε]: makes the row marginal exact."""
-    return eps * (log_a - backend.lse_rows(K, g, eps))
+    return backend.row_update(K, g, eps, log_a)
 
 
 def column_update(backend: Backend, K: Affinity, f: Tensor, eps: float, log_b: Tensor) -> Tensor:
     """g = ε log b − ε LSE_i[(K + f)/ε]: makes the column marginal exact."""
-    return eps * (log_b - backend.lse_cols(K, f, eps))
+    return backend.column_update(K, f, eps, log_b)
 
 
 def row_error(f: Tensor, f_next: Tensor, eps: float, log_a: Tensor) -> Tensor:

@@ -6,8 +6,8 @@
     model = sotalign.load("runs/sotalign")            # a trained alignment (sotalign fit)
 """
 
-from .ot import (DEFAULT_MEMORY_BUDGET, KLOTLoss, SinkhornResult, available_backends, klot,
-                 klot_dense, sinkhorn, sinkhorn_dense)
+from .ot import (DEFAULT_MEMORY_BUDGET, KLOTLoss, Route, SinkhornResult, available_backends, klot,
+                 klot_dense, plan_route, sinkhorn, sinkhorn_dense)
 from .align import AlignmentData, DataSpec, TrainConfig, compare, fit  # before .model, which it imports
 from .model import AlignedModel, load
 
@@ -15,3 +15,4 @@ __version__ = "0.1.0"
 __all__ = ["DEFAULT_MEMORY_BUDGET", "AlignedModel", "AlignmentData", "DataSpec", "KLOTLoss", "SinkhornResult",
            "TrainConfig", "available_backends", "compare", "fit", "klot", "klot_dense", "load", "sinkhorn",
            "sinkhorn_dense"]
+__all__ += ["Route", "plan_route"]

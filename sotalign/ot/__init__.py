@@ -1,8 +1,8 @@
 """The front of sotalign: Sinkhorn and KLOT, input checks, and backend choice."""
 
-from .dispatch import DEFAULT_MEMORY_BUDGET, available_backends
+from .dispatch import DEFAULT_MEMORY_BUDGET, Route, available_backends, plan_route
 from .klot import KLOTLoss, klot, klot_dense
 from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_dense
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "KLOTLoss", "SinkhornResult", "available_backends", "klot",
-           "klot_dense", "sinkhorn", "sinkhorn_dense"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "KLOTLoss", "Route", "SinkhornResult", "available_backends", "klot",
+           "klot_dense", "plan_route", "sinkhorn", "sinkhorn_dense"]

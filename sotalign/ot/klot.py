@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..kernels import Affinity
 from . import validation as check
-from .dispatch import DEFAULT_MEMORY_BUDGET, Route, choose_route
+from .dispatch import Route, choose_route, record_route, recorded_route
 from .sinkhorn import solve, uniform_log_weights
 
 
@@ -48,23 +48,35 @@ def _solve_both(route: Route, K: Affinity, K_teacher: Affinity, eps: float, eps_
 
 
 def _features_route(x: Tensor, y: Tensor, x_teacher: Tensor, backend: str, path: str,
-                    memory_budget: float, precision: str) -> Route:
+                    memory_budget: Optional[float], precision: str) -> Route:
+    """Three n×m matrices on the dense path: K and K* (forward), and G (backward)."""
     feature_dim = min(x.shape[1], x_teacher.shape[1])
-    return choose_route(backend, path, x.device, x.shape[0], y.shape[0], feature_dim, x.dtype, 2,
+    return choose_route(backend, path, x.device, x.shape[0], y.shape[0], feature_dim, x.dtype, 3,
                         memory_budget, precision)
+
+
+def _stored_feature_grads(backend, K: Affinity, f, g, eps, K_teacher: Affinity, f_t, g_t,
+                          eps_t) -> tuple[Tensor, Tensor]:
+    """(G y, Gᵀ x) on the dense path: K and K* stored once, G = (P − P*)/ε in one pass
+    reading both, then two matrix products (cuBLAS on CUDA, at fp32 accuracy)."""
+    K_stored, K_teacher_stored = K.materialize(), K_teacher.materialize()
+    G = backend.klot_grad_dense(K_stored, f, g, eps, K_teacher_stored, f_t, g_t, eps_t)
+    del K_stored, K_teacher_stored
+    return G @ K.y, G.T @ K.x
 
 
 @torch.library.custom_op("sotalign::klot_features", mutates_args=())
 def klot_features_op(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float,
                      eps_teacher: float, n_iters: int, backend: str, path: str,
-                     memory_budget: float, precision: str, tol: Optional[float],
+                     memory_budget: Optional[float], precision: str, tol: Optional[float],
                      check_every: int, symmetric: bool, eps_scaling: Optional[float],
                      cuda_graph: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(KLOT, f, g, f*, g*) for K = x yᵀ and K* = x* y*ᵀ (rows already normalised for cosine)."""
     check.check_finite(x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
     route = _features_route(x, y, x_teacher, backend, path, memory_budget, precision)
-    K = route.prepare(Affinity.from_features(x, y))
-    K_teacher = route.prepare(Affinity.from_features(x_teacher, y_teacher))
+    route, (K, K_teacher) = route.prepare(Affinity.from_features(x, y),
+                                          Affinity.from_features(x_teacher, y_teacher))
+    record_route(route)
     f, g, f_t, g_t = _solve_both(route, K, K_teacher, eps, eps_teacher, n_iters, tol,
                                  check_every, symmetric, eps_scaling, cuda_graph)
     value = route.backend.klot_value(K, f, g, eps, K_teacher, f_t, g_t, eps_teacher)
@@ -81,13 +93,22 @@ def _(x, y, x_teacher, y_teacher, *options):
 def klot_features_backward_op(grad_output: Tensor, x: Tensor, y: Tensor, x_teacher: Tensor,
                               y_teacher: Tensor, f: Tensor, g: Tensor, f_teacher: Tensor,
                               g_teacher: Tensor, eps: float, eps_teacher: float, backend: str,
-                              path: str, memory_budget: float, precision: str
+                              path: str, memory_budget: Optional[float], precision: str
                               ) -> tuple[Tensor, Tensor]:
-    """grad_output · (G y, Gᵀ x) with G = (P − P*)/ε, streamed (never n×m on an online backend)."""
+    """grad_output · (G y, Gᵀ x) with G = (P − P*)/ε: from stored K, K* and G on the dense
+    path (online if they do not fit after all), streamed otherwise (never n×m)."""
     route = _features_route(x, y, x_teacher, backend, path, memory_budget, precision)
-    grad_x, grad_y = route.backend.klot_grad_features(
-        Affinity.from_features(x, y), f, g, eps,
-        Affinity.from_features(x_teacher, y_teacher), f_teacher, g_teacher, eps_teacher)
+    K, K_teacher = Affinity.from_features(x, y), Affinity.from_features(x_teacher, y_teacher)
+    args = (f, g, eps, K_teacher, f_teacher, g_teacher, eps_teacher)
+    if route.dense:
+        try:
+            grad_x, grad_y = _stored_feature_grads(route.backend, K, *args)
+            return grad_output * grad_x, grad_output * grad_y
+        except torch.cuda.OutOfMemoryError as error:
+            if route.fallback is None:
+                raise
+            route = route.fell_back(error)
+    grad_x, grad_y = route.backend.klot_grad_features(K, *args)
     return grad_output * grad_x, grad_output * grad_y
 
 
@@ -118,6 +139,7 @@ def klot_dense_op(K: Tensor, K_teacher: Tensor, eps: float, eps_teacher: float, 
     """(KLOT, f, g, f*, g*) for given n×m affinities K and K*."""
     check.check_finite(K=K, K_teacher=K_teacher)
     route = _dense_route(K, backend, precision)
+    record_route(route)
     K_aff, K_teacher_aff = Affinity.from_dense(K), Affinity.from_dense(K_teacher)
     f, g, f_t, g_t = _solve_both(route, K_aff, K_teacher_aff, eps, eps_teacher, n_iters, tol,
                                  check_every, symmetric, eps_scaling, cuda_graph)
@@ -133,7 +155,7 @@ def _(K, K_teacher, *options):
 
 def _dense_route(K: Tensor, backend: str, precision: str) -> Route:
     return choose_route(backend, "auto", K.device, K.shape[0], K.shape[1], None, K.dtype, 2,
-                        DEFAULT_MEMORY_BUDGET, precision)
+                        None, precision)
 
 
 @torch.library.custom_op("sotalign::klot_dense_backward", mutates_args=())
@@ -191,8 +213,8 @@ def klot(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float 
          eps_teacher: float = 0.01, n_iters: int = 100, affinity: str = "cosine",
          backend: str = "auto", *, path: str = "auto", tol: Optional[float] = None,
          check_every: int = 10, symmetric: bool = True,
-         memory_budget: float = DEFAULT_MEMORY_BUDGET, eps_scaling: Optional[float] = None,
-         cuda_graph: bool = False, precision: str = "fp32") -> Tensor:
+         memory_budget: Optional[float] = None, eps_scaling: Optional[float] = None,
+         cuda_graph: bool = False, precision: str = "auto", return_route: bool = False):
     """KLOT(K ‖ K*) with K = aff(x, y) (student) and K* = aff(x_teacher, y_teacher) (teacher).
 
     ``x`` (n×d) and ``y`` (m×d) are the student's image and text features; the teacher's
@@ -201,6 +223,10 @@ def klot(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float 
     the exact gradient of Theorem 5.1. Both solves use the same options (``tol``,
     ``eps_scaling``, ``cuda_graph``, ``precision``...); see :func:`sotalign.sinkhorn`.
     Safe under ``torch.compile(fullgraph=True)``.
+
+    With ``return_route=True`` returns ``(value, route)``: the :class:`~sotalign.ot.Route`
+    (backend, path, precision, reason) the forward took, the online fallback included
+    (None under ``torch.compile``, which traces the call instead of running it).
     """
     device = check.check_structure(x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
     check.check_affinity(affinity)
@@ -216,7 +242,8 @@ def klot(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float 
     _check_names(backend, path, precision)
     options = _solver_options(eps, eps_teacher, n_iters, tol, check_every, symmetric,
                               eps_scaling, cuda_graph, device)
-    memory_budget = check.check_positive("memory_budget", memory_budget)
+    if memory_budget is not None:
+        memory_budget = check.check_positive("memory_budget", memory_budget)
     dtype = check.compute_dtype(x, y, x_teacher, y_teacher)
     x, y = x.to(dtype), y.to(dtype)
     x_teacher, y_teacher = x_teacher.detach().to(dtype), y_teacher.detach().to(dtype)
@@ -229,14 +256,21 @@ def klot(x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, eps: float 
                                  y_teacher.contiguous(), eps, eps_teacher, n_iters, backend, path,
                                  memory_budget, precision, tol, check_every, symmetric,
                                  eps_scaling, cuda_graph)
-    return value
+    return _with_route(value, return_route)
+
+
+def _with_route(value: Tensor, return_route: bool):
+    if not return_route:
+        return value
+    return value, (None if torch.compiler.is_compiling() else recorded_route())
 
 
 def klot_dense(K: Tensor, K_teacher: Tensor, eps: float = 0.05, eps_teacher: float = 0.01,
                n_iters: int = 100, backend: str = "auto", *, tol: Optional[float] = None,
                check_every: int = 10, symmetric: bool = True, eps_scaling: Optional[float] = None,
-               cuda_graph: bool = False, precision: str = "fp32") -> Tensor:
-    """KLOT(K ‖ K*) for given n×m affinities; differentiable wrt K (gradient (P − P*)/ε)."""
+               cuda_graph: bool = False, precision: str = "auto", return_route: bool = False):
+    """KLOT(K ‖ K*) for given n×m affinities; differentiable wrt K (gradient (P − P*)/ε).
+    ``return_route`` as in :func:`klot`."""
     device = check.check_structure(K=K, K_teacher=K_teacher)
     if K.shape != K_teacher.shape:
         raise ValueError(f"K and K_teacher must have the same shape, got {tuple(K.shape)} "
@@ -249,7 +283,7 @@ def klot_dense(K: Tensor, K_teacher: Tensor, eps: float = 0.05, eps_teacher: flo
     value, *_ = klot_dense_op(K.to(dtype).contiguous(), K_teacher.detach().to(dtype).contiguous(),
                               eps, eps_teacher, n_iters, backend, precision, tol, check_every,
                               symmetric, eps_scaling, cuda_graph)
-    return value
+    return _with_route(value, return_route)
 
 
 class KLOTLoss(nn.Module):
@@ -257,6 +291,8 @@ class KLOTLoss(nn.Module):
 
     Keyword ``options`` are those of :func:`klot` (``path``, ``tol``, ``check_every``,
     ``symmetric``, ``memory_budget``, ``eps_scaling``, ``cuda_graph``, ``precision``).
+    ``last_route`` is the route (backend, path, precision, reason) of the last forward
+    (None before the first, and under ``torch.compile``).
     """
 
     def __init__(self, eps: float = 0.05, eps_teacher: float = 0.01, n_iters: int = 100,
@@ -268,10 +304,14 @@ class KLOTLoss(nn.Module):
         check.check_affinity(affinity)
         self.eps, self.eps_teacher, self.n_iters = eps, eps_teacher, n_iters
         self.affinity, self.backend, self.options = affinity, backend, options
+        self.last_route: Optional[Route] = None
 
     def forward(self, x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor) -> Tensor:
-        return klot(x, y, x_teacher, y_teacher, self.eps, self.eps_teacher, self.n_iters,
-                    self.affinity, self.backend, **self.options)
+        value, route = klot(x, y, x_teacher, y_teacher, self.eps, self.eps_teacher, self.n_iters,
+                            self.affinity, self.backend, return_route=True, **self.options)
+        if route is not None:
+            self.last_route = route
+        return value
 
     def extra_repr(self) -> str:
         return (f"eps={self.eps}, eps_teacher={self.eps_teacher}, n_iters={self.n_iters}, "

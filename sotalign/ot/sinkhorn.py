@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..kernels import Affinity, Backend, load_backend
 from . import validation as check
-from .dispatch import DEFAULT_MEMORY_BUDGET, choose_route
+from .dispatch import Route, choose_route
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class SinkhornResult:
     affinity: Affinity
     #: Dot-product precision of the backend (``apply`` and ``apply_t`` reuse it).
     precision: str = "fp32"
+    #: The route taken (backend, path, precision) and the one-line reason for it.
+    route: Route | None = None
 
     def plan(self) -> Tensor:
         """The dense n×m plan P (allocates n×m; meant for small problems and tests)."""
@@ -288,7 +290,7 @@ def _sinkhorn(K: Affinity, feature_dim, eps, n_iters, tol, backend, path, a, b, 
     log_a, log_b = _log_weights(a, b, n, m, K.dtype, K.device)
     g_init, warm_eps = _warm_start(warm_start, m, K.dtype, K.device)
     with torch.no_grad():
-        K_read = route.prepare(K)
+        route, (K_read,) = route.prepare(K)
         eps_start = None
         if eps_scaling is not None and warm_eps is not None:
             eps_start = min(affinity_spread(K_read), warm_eps)
@@ -296,15 +298,15 @@ def _sinkhorn(K: Affinity, feature_dim, eps, n_iters, tol, backend, path, a, b, 
                            check_every=check_every, symmetric=symmetric, g_init=g_init,
                            eps_scaling=eps_scaling, eps_start=eps_start, cuda_graph=cuda_graph)
         error = marginal_error(route.backend, K_read, f, g, eps, log_a, log_b)
-    return SinkhornResult(f, g, eps, done, error, route.backend.name, route.path, K, precision)
+    return SinkhornResult(f, g, eps, done, error, route.name, route.path, K, route.precision, route)
 
 
 def sinkhorn(x: Tensor, y: Tensor, eps: float = 0.05, n_iters: int = 100, tol: float | None = None,
              affinity: str = "cosine", backend: str = "auto", *, path: str = "auto",
              a: Tensor | None = None, b: Tensor | None = None, symmetric: bool = True,
              warm_start=None, check_every: int = 10,
-             memory_budget: float = DEFAULT_MEMORY_BUDGET, eps_scaling: float | None = None,
-             cuda_graph: bool = False, precision: str = "fp32") -> SinkhornResult:
+             memory_budget: float | None = None, eps_scaling: float | None = None,
+             cuda_graph: bool = False, precision: str = "auto") -> SinkhornResult:
     """Entropic OT plan between the rows of ``x`` (n×d) and of ``y`` (m×d).
 
     ``affinity="cosine"`` uses K = x̂ ŷᵀ with L2-normalised rows; ``"dot"`` uses K = x yᵀ.
@@ -320,13 +322,16 @@ def sinkhorn(x: Tensor, y: Tensor, eps: float = 0.05, n_iters: int = 100, tol: f
         a, b: positive marginal weights of equal mass (default uniform, mass one).
         symmetric: apply the paper's final averaged half-step.
         warm_start: a previous :class:`SinkhornResult` or ``(f, g)`` to start from.
-        memory_budget: bytes that ``path="auto"`` may spend on a stored K.
+        memory_budget: bytes that ``path="auto"`` may spend on a stored K (default: half
+            of the free CUDA memory on CUDA, 1 GiB on CPU; see :mod:`sotalign.ot.dispatch`).
         eps_scaling: a factor in (0, 1): anneal ε from the spread of K (or from the ε of a
             warm-start result, if lower) by this factor per iteration down to ``eps``.
         cuda_graph: replay ``check_every`` iterations at a time from one captured CUDA graph
             (CUDA tensors only; same result as the eager loop, less launch overhead).
-        precision: dot-product precision, ``"fp32"``; ``"tf32x3"``/``"tf32"``/``"fp16"`` on
-            ``triton`` only (tensor-core dots; errors in benchmarks/results/*-precision.md).
+        precision: dot-product precision: ``"auto"`` (fp32 accuracy: the fp32-accurate
+            tensor-core flag on the online CUDA path, else ``"fp32"``), ``"fp32"``, or on
+            ``triton`` only ``"tf32x3"``/``"fp16x3"`` (fp32-accurate) and ``"tf32"``/``"fp16"``
+            (errors in benchmarks/results/*-precision.md). ``result.route`` says what ran.
     """
     check.check_matrices(x=x, y=y)
     check.check_affinity(affinity)
@@ -345,10 +350,10 @@ def sinkhorn_dense(K: Tensor, eps: float = 0.05, n_iters: int = 100, tol: float 
                    backend: str = "auto", *, a: Tensor | None = None, b: Tensor | None = None,
                    symmetric: bool = True, warm_start=None, check_every: int = 10,
                    eps_scaling: float | None = None, cuda_graph: bool = False,
-                   precision: str = "fp32") -> SinkhornResult:
+                   precision: str = "auto") -> SinkhornResult:
     """Entropic OT plan for a given n×m affinity ``K`` (cost −K); see :func:`sinkhorn`."""
     check.check_matrices(K=K)
     K = K.detach().to(check.compute_dtype(K))
     return _sinkhorn(Affinity.from_dense(K), None, eps, n_iters, tol, backend, "auto", a, b,
-                     symmetric, warm_start, check_every, DEFAULT_MEMORY_BUDGET, eps_scaling,
+                     symmetric, warm_start, check_every, None, eps_scaling,
                      cuda_graph, precision)

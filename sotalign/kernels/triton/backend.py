@@ -103,12 +103,13 @@ class Operand:
     d: int
     d_ceil: int
 
-    @property
-    def resident(self) -> bool:
-        """Whether the half-step keeps the row block of x in registers (:mod:`.lse`)."""
+    def resident(self, dot_precision: str) -> bool:
+        """Whether the half-step keeps the row block of x in registers (:mod:`.lse`): for
+        tensor-core dots only (the CUDA-core fp32 dot spills with it: benchmarks/results/
+        sm90-kernel-resources.md) and rows of at most ``RESIDENT_ROW_BYTES``."""
         size = self.args[0].element_size()
-        return (not self.dense and self.d_ceil & (self.d_ceil - 1) == 0
-                and self.d_ceil * size <= RESIDENT_ROW_BYTES)
+        return (not self.dense and dot_precision != "ieee"
+                and self.d_ceil & (self.d_ceil - 1) == 0 and self.d_ceil * size <= RESIDENT_ROW_BYTES)
 
 
 def fp16_split(t: Tensor, parts: int, low_first: bool = False) -> tuple[Tensor, float]:
@@ -320,10 +321,11 @@ class TritonBackend(Backend):
                                        int(stride_c == 1), EPILOGUE=epilogue)
             else:
                 x, y, _, d, stride_x, stride_y, _, _, k_scale = op.args
+                dot_precision = self._dot_precision(dtype)
                 lse_kernel[grid](x, y, d, stride_x, stride_y, k_scale, bias, log_w_arg, consts, out,
                                  op.rows, op.cols, bucket(op.rows), bucket(op.cols),
-                                 D_CEIL=op.d_ceil, DOT_PRECISION=self._dot_precision(dtype),
-                                 RESIDENT=op.resident, EPILOGUE=epilogue)
+                                 D_CEIL=op.d_ceil, DOT_PRECISION=dot_precision,
+                                 RESIDENT=op.resident(dot_precision), EPILOGUE=epilogue)
             if epilogue:
                 return out
             if log_w is None:

@@ -38,7 +38,8 @@ TILE_KEY = ONLINE_KEY + ["DENSE"]
 #: d is rounded up to a multiple of this for the compile-time d loop (the largest BLOCK_D).
 D_QUANTUM = 64
 #: Feature rows of at most this many bytes (d_ceil × element size) stay resident in
-#: registers across the column loop of the half-step (e.g. d ≤ 128 in fp32, ≤ 256 in fp16).
+#: registers across the column loop of the half-step (e.g. d ≤ 128 in fp32, ≤ 256 in fp16;
+#: tensor-core dots only).
 RESIDENT_ROW_BYTES = 512
 
 
@@ -83,9 +84,9 @@ def product_configs() -> list[triton.Config]:
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
     return [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=3),
     ]
 
 

@@ -30,6 +30,13 @@ import triton.language as tl
 
 #: Read when this module is imported, the same moment ``triton.jit`` reads it.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+#: ``SOTALIGN_TRITON_CONFIGS=first`` keeps only the first config of each kernel (no autotuning:
+#: quick GPU test runs, where tuning every new shape would dominate).
+FIRST_CONFIG_ONLY = os.environ.get("SOTALIGN_TRITON_CONFIGS") == "first"
+
+
+def _tuned(configs: list[triton.Config]) -> list[triton.Config]:
+    return configs[:1] if FIRST_CONFIG_ONLY else configs
 
 #: Keys of the autotuner: bucketed sizes plus every flag that changes the compiled code
 #: (Triton adds the dtypes of the tensor arguments).
@@ -54,12 +61,12 @@ def online_configs() -> list[triton.Config]:
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 16, "STAGES": 1},
                               num_warps=4, num_stages=1)]
-    return [
+    return _tuned([
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 32, "STAGES": 2}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32, "STAGES": 2}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 32, "STAGES": 3}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "STAGES": 3}, num_warps=4, num_stages=3),
-    ]
+    ])
 
 
 def dense_configs() -> list[triton.Config]:
@@ -69,12 +76,12 @@ def dense_configs() -> list[triton.Config]:
     ``tl.range(..., num_stages=...)``)."""
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "STAGES": 1}, num_warps=4, num_stages=1)]
-    return [
+    return _tuned([
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "STAGES": 3}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 256, "STAGES": 3}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "STAGES": 3}, num_warps=8, num_stages=1),
-    ]
+    ])
 
 
 def product_configs() -> list[triton.Config]:
@@ -83,11 +90,11 @@ def product_configs() -> list[triton.Config]:
     are formed once, not once per output slice."""
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
-    return [
+    return _tuned([
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-    ]
+    ])
 
 
 #: The widest output block of a plan product; wider outputs take several programs.

@@ -269,9 +269,25 @@ def test_unavailable_backends_say_why(monkeypatch):
 
 
 def test_keops_probe_reports_failures(monkeypatch):
-    """The probe's own failure paths: a formula that does not run, and a timeout."""
-    monkeypatch.setattr(keops_module, "_PROBE", "raise RuntimeError('simulated compiler failure')")
-    assert "simulated compiler failure" in keops_module.keops_error.__wrapped__()
+    """The probe's own failure paths, in one line: a formula that does not run (the error
+    line, not trailing noise), no nvcc for CUDA, and a timeout."""
+    monkeypatch.setattr(keops_module, "_PROBE", "import sys; print('[KeOps] warning', file=sys.stderr); "
+                        "raise RuntimeError('simulated compiler failure on ' + sys.argv[1])")
+    reason = keops_module._probe.__wrapped__("cpu")
+    assert "simulated compiler failure on cpu" in reason and "\n" not in reason
+    monkeypatch.setattr(keops_module.shutil, "which", lambda name: None)
+    reason = keops_module._probe.__wrapped__("cuda")
+    assert "on cuda" in reason and "no nvcc on PATH" in reason
     monkeypatch.setattr(keops_module, "_PROBE", "import time; time.sleep(30)")
     monkeypatch.setattr(keops_module, "PROBE_TIMEOUT_S", 0.5)
-    assert "took more than 0.5 s" in keops_module.keops_error.__wrapped__()
+    assert "took more than 0.5 s" in keops_module._probe.__wrapped__("cpu")
+
+
+def test_keops_is_probed_on_the_device_auto_uses_it_on(monkeypatch):
+    probed = []
+    monkeypatch.setattr(keops_module, "_probe", lambda device: probed.append(device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    keops_module.keops_error()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    keops_module.keops_error()
+    assert probed == ["cuda", "cpu"]

@@ -10,7 +10,8 @@ What counts as *available* (``available_backends()``):
 * ``triton``: when ``triton`` imports *and* it can run: on a CUDA device, or on CPU tensors
   under Triton's interpreter (``TRITON_INTERPRET=1``, slow, for tests).
 * ``keops``: when ``pykeops`` imports and compiles a trivial formula (probed once per
-  process in a subprocess with a timeout, see :func:`sotalign.kernels.keops.keops_error`).
+  process, on CUDA when torch sees a GPU, else on CPU, in a subprocess with a timeout; see
+  :func:`sotalign.kernels.keops.keops_error`).
 """
 
 from __future__ import annotations

@@ -290,13 +290,13 @@ def test_fp16_split_and_its_cache():
     from sotalign.kernels.triton import backend as host
 
     x = unit_rows(40, 24, 16).float() * 3.0
-    split, inverse = host.fp16_split(x, 3)
-    hi, hi_again, lo = split.float().split(24, dim=1)
+    split, inverse = host.fp16_split(x, 3, "x")
+    lo, hi, hi_again = split.float().split(24, dim=1)
     assert torch.equal(hi, hi_again) and split.dtype == torch.float16
     assert 2 ** 14 <= float(hi.abs().max()) * (1 + 2 ** -10) and float(hi.abs().max()) < 2 ** 15
     assert float(((hi + lo) * inverse - x).abs().max()) <= 2 ** -22 * float(x.abs().max())
-    low_first, _ = host.fp16_split(x, 3, low_first=True)
-    assert torch.equal(low_first[:, 24:48], split[:, 48:])
+    as_y, _ = host.fp16_split(x, 3, "y")       # [hi, lo, hi]
+    assert torch.equal(as_y[:, :24], split[:, 24:48]) and torch.equal(as_y[:, 24:48], split[:, :24])
     first = host.prepared(x, "fp16x3", "x")
     assert host.prepared(x, "fp16x3", "x")[0] is first[0]
     assert host.prepared(x, "fp16x3", "y")[0] is not first[0]

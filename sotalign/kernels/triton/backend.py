@@ -37,9 +37,9 @@ flag sets how the affinity tiles x yᵀ are computed, the bulk of the work:
 * ``"fp16x3"``: the same split done once per solve on the host in fp16: each operand is
   scaled by a power of two 2^s (so its largest entry is in [2^14, 2^15) and the low parts
   stay normal fp16 numbers), split as hi = fp16(x·2^s), lo = fp16(x·2^s − hi), and the
-  plain fp16 kernel runs on 3·d columns, [x_hi, x_hi, x_lo]·[y_hi, y_lo, y_hi]ᵀ, with
-  2^{−s_x−s_y} folded into the tile (``k_scale``): fp32 accuracy for the same error reason
-  as tf32x3, at fp16 tensor-core speed;
+  plain fp16 kernel runs on 3·d columns, [x_lo, x_hi, x_hi]·[y_hi, y_lo, y_hi]ᵀ (the
+  small cross terms first), with 2^{−s_x−s_y} folded into the tile (``k_scale``): fp32
+  accuracy for the same reason as tf32x3, at fp16 tensor-core speed;
 * ``"tf32"``: tensor-core tf32 dots (operands keep 10 mantissa bits);
 * ``"fp16"``: operands rounded to fp16 (scaled like fp16x3, hi part only) once per solve,
   products accumulated in fp32.
@@ -112,10 +112,14 @@ class Operand:
                 and self.d_ceil & (self.d_ceil - 1) == 0 and self.d_ceil * size <= RESIDENT_ROW_BYTES)
 
 
-def fp16_split(t: Tensor, parts: int, low_first: bool = False) -> tuple[Tensor, float]:
-    """(t·2^s split into fp16 parts, 2^−s): ``parts`` = 1 gives [hi], 3 gives
-    [hi, hi, lo] (or [hi, lo, hi] with ``low_first``, the other operand's pattern), so that
-    [x_hi, x_hi, x_lo]·[y_hi, y_lo, y_hi]ᵀ = x_hi y_hiᵀ + x_hi y_loᵀ + x_lo y_hiᵀ.
+def fp16_split(t: Tensor, parts: int, role: str = "x") -> tuple[Tensor, float]:
+    """(t·2^s split into fp16 parts, 2^−s): ``parts`` = 1 gives [hi]; 3 gives [lo, hi, hi]
+    for the ``role`` "x" operand and [hi, lo, hi] for "y", so that
+
+        [x_lo, x_hi, x_hi]·[y_hi, y_lo, y_hi]ᵀ = x_lo y_hiᵀ + x_hi y_loᵀ + x_hi y_hiᵀ,
+
+    the two small cross terms first: the fp32 accumulator of the d loop sums them before it
+    holds the large hi·hi part (the lo·lo term, 2^−22 of the product, is dropped).
 
     s puts the largest |t| in [2^14, 2^15): the split is exact up to fp16's rounding of lo,
     about 2^−22 of the largest entry, and lo stays a normal fp16 number for every entry
@@ -132,7 +136,7 @@ def fp16_split(t: Tensor, parts: int, low_first: bool = False) -> tuple[Tensor, 
             split = hi
         else:
             lo = (scaled - hi.float()).half()
-            split = torch.cat((hi, lo, hi) if low_first else (hi, hi, lo), dim=1)
+            split = torch.cat((lo, hi, hi) if role == "x" else (hi, lo, hi), dim=1)
     return split.contiguous(), 2.0 ** -shift
 
 
@@ -152,7 +156,7 @@ def prepared(t: Tensor, precision: str, role: str) -> tuple[Tensor, float]:
         return entry[2], entry[3]
     for key in [key for key, value in _PREPARED.items() if value[0]() is None]:
         del _PREPARED[key]
-    split, scale = fp16_split(t, 1 if precision == "fp16" else 3, low_first=role == "y")
+    split, scale = fp16_split(t, 1 if precision == "fp16" else 3, role)
     _PREPARED[(id(t), kind)] = (weakref.ref(t), t._version, split, scale)
     return split, scale
 

@@ -166,6 +166,25 @@ def test_klot_primitives_match_reference(case, dense, dense_teacher, splits, dty
             check(value, expected, dtype)
 
 
+@DTYPES
+@pytest.mark.parametrize("splits", [None, 3], ids=["fused-epilogue", "three-splits"])
+@pytest.mark.parametrize("dense", [False, True], ids=["online", "dense"])
+def test_half_step_updates_match_reference(dense, splits, dtype):
+    """row_update / column_update: the LSE kernel writing ε (log w − LSE) itself (one
+    split), or the partial LSEs combined by the update kernel (several splits)."""
+    case = problem(37, 53, 20, 12, seed=17)
+    reference_K, _ = affinities(case, dense, False)
+    t = cast(case, dtype)
+    K, _ = affinities(t, dense, False)
+    log_a = torch.linspace(-4.0, -3.0, 37, dtype=torch.float64)
+    log_b = torch.linspace(-3.5, -4.5, 53, dtype=torch.float64)
+    backend = TritonBackend(splits=splits)
+    f = backend.row_update(K, t["g"], EPS, log_a.to(dtype=dtype, device=DEVICE))
+    g = backend.column_update(K, t["f"], EPS, log_b.to(dtype=dtype, device=DEVICE))
+    check(f, REFERENCE.row_update(reference_K, case["g"], EPS, log_a), dtype)
+    check(g, REFERENCE.column_update(reference_K, case["f"], EPS, log_b), dtype)
+
+
 def test_klot_value_is_a_kl_divergence():
     """Hand-checkable case: the same affinity and ε for student and teacher give KL = 0,
     and the gradient (P − P)/ε vanishes."""

@@ -84,16 +84,30 @@ class Affinity:
         return self.dense.device if self.dense is not None else self.x.device
 
     def materialize(self) -> "Affinity":
-        """The dense form: K = x yᵀ computed once by the BLAS matmul."""
+        """The dense form: K = x yᵀ computed once by the BLAS matmul, in full fp32."""
         if self.dense is not None:
             return self
-        return Affinity.from_dense(self.x @ self.y.T)
+        return Affinity.from_dense(fp32_matmul(self.x, self.y.T))
 
     def rows(self, start: int, stop: int) -> Tensor:
         """The dense block K[start:stop, :] (for chunked backends)."""
         if self.dense is not None:
             return self.dense[start:stop]
         return self.x[start:stop] @ self.y.T
+
+
+def fp32_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b at full fp32 accuracy even when the caller allowed TF32 matmuls
+    (``torch.set_float32_matmul_precision("high")``, common in training scripts): a stored K
+    is read at ε = 0.01, where TF32's 10-bit operands would change the plan by ~1e-3."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest" or a.dtype != torch.float32:
+        return a @ b
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return a @ b
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 class Backend:

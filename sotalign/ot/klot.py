@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import Affinity
+from ..kernels.base import fp32_matmul
 from . import validation as check
 from .dispatch import Route, choose_route, record_route, recorded_route
 from .sinkhorn import solve, uniform_log_weights
@@ -62,7 +63,7 @@ def _stored_feature_grads(backend, K: Affinity, f, g, eps, K_teacher: Affinity, 
     K_stored, K_teacher_stored = K.materialize(), K_teacher.materialize()
     G = backend.klot_grad_dense(K_stored, f, g, eps, K_teacher_stored, f_t, g_t, eps_t)
     del K_stored, K_teacher_stored
-    return G @ K.y, G.T @ K.x
+    return fp32_matmul(G, K.y), fp32_matmul(G.T, K.x)
 
 
 @torch.library.custom_op("sotalign::klot_features", mutates_args=())

@@ -150,7 +150,8 @@ def environment(device: torch.device) -> dict:
             peers[name] = f"missing: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "triton": triton.__version__, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
             "available_backends": sotalign.available_backends(),
             "backend_errors": {name: backend_error(name) for name in BACKEND_NAMES if backend_error(name)},
             "peers": peers, "dispatch_json": dispatch.TUNING}

@@ -13,8 +13,9 @@ the strides of a stored K swapped), and Gᵀ x is the G y kernel on the transpos
 **Split reduction** (flash-decoding). A half-step has only cdiv(n, BLOCK_M) row blocks;
 when that is below the number of SMs (n small, m large) most of the GPU would idle, so the
 columns are shared out over ``splits`` programs per row block, each writing a partial
-result (an LSE, a partial sum, a partial product) that the host combines (``logsumexp`` or
-``sum`` over the splits). With r = cdiv(n, 64) row blocks at the smallest BLOCK_M:
+result (an LSE, a partial sum, a partial product) that is combined afterwards (the update
+kernel, or a ``sum`` over the splits). With r = cdiv(n, BLOCK_M) row blocks at the smallest
+BLOCK_M of the kernel's configs (64 online, 16 for the dense half-step):
 
     splits = 1                                  if r ≥ #SMs,
              min(cdiv(2·#SMs, r), m // 512)     otherwise (≥ 1),
@@ -81,8 +82,10 @@ PRODUCT_PRECISION = {"fp32": "ieee", "tf32x3": "tf32x3", "fp16x3": "tf32x3", "tf
                      "fp16": "tf32"}
 #: The fewest columns one split of a reduction should cover (see the module docstring).
 MIN_SPLIT_COLUMNS = 512
-#: Row-block size that the split heuristic assumes (the smallest BLOCK_M of the configs).
-SPLIT_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in online_configs() + dense_configs())
+#: Row-block sizes that the split heuristic assumes (the smallest BLOCK_M of the configs of
+#: the online and of the dense kernels).
+SPLIT_BLOCK_M = {False: min(config.kwargs["BLOCK_M"] for config in online_configs()),
+                 True: min(config.kwargs["BLOCK_M"] for config in dense_configs())}
 #: Exponent of the power-of-two scale of fp16 operands: the largest entry lands in
 #: [2^(FP16_TOP − 1), 2^FP16_TOP), below fp16's maximum 65504 ≈ 2^16.
 FP16_TOP = 15
@@ -258,13 +261,13 @@ class TritonBackend(Backend):
             return "ieee"
         return self.precision if self.precision in ("tf32", "tf32x3") else "tf32"
 
-    def _split_count(self, rows: int, cols: int, device: torch.device) -> int:
+    def _split_count(self, rows: int, cols: int, device: torch.device, dense: bool = False) -> int:
         if self.splits is not None:
             return self.splits
         if device.type != "cuda":
             return 1
         sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        row_blocks = triton.cdiv(rows, SPLIT_BLOCK_M)
+        row_blocks = triton.cdiv(rows, SPLIT_BLOCK_M[dense])
         if row_blocks >= sms:
             return 1
         return max(1, min(triton.cdiv(2 * sms, row_blocks), cols // MIN_SPLIT_COLUMNS))
@@ -311,7 +314,7 @@ class TritonBackend(Backend):
         if log_w is not None:
             log_w = self._vector("log_w", log_w, op.rows, K)
         dtype, device = K.dtype, K.device
-        splits = self._split_count(op.rows, op.cols, device)
+        splits = self._split_count(op.rows, op.cols, device, op.dense)
         epilogue = log_w is not None and splits == 1
         consts = constants((LOG2E / eps, LN2, eps), dtype, device)
         out = torch.empty((op.rows,) if epilogue else (splits, op.rows), dtype=dtype, device=device)

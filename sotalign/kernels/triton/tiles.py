@@ -76,11 +76,13 @@ def dense_configs() -> list[triton.Config]:
     ``tl.range(..., num_stages=...)``)."""
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "STAGES": 1}, num_warps=4, num_stages=1)]
+    # ~140 registers each on sm_90 (32 entries of K per thread, plus 64-bit addresses):
+    # 4-warp programs with 64 entries per thread took ~245 (sm90-kernel-resources.md).
     return _tuned([
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "STAGES": 3}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 256, "STAGES": 3}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "STAGES": 3}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "STAGES": 3}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "STAGES": 3}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 256, "STAGES": 3}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4}, num_warps=16, num_stages=1),
     ])
 
 

@@ -39,6 +39,7 @@ def test_install_without_a_compiler(tmp_path):
     (wheel,) = (tmp_path / "wheels").glob("sotalign-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "sotalign/ot/klot.py" in names
+    assert "sotalign/ot/dispatch.json" in names     # read by the dispatch at import
     assert not [name for name in names if name.startswith("sotalign/_C")]
 
     target = tmp_path / "site"

@@ -14,4 +14,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="$PEERS${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ! why=$("$PY" -c "import sotalign" 2>&1); then
+    echo "gpu_check.sh: sotalign does not import here: ${why##*$'\n'}" >&2
+    echo "  (a missing dependency can travel as a wheel: make gpu-wheels, then carry .whl)" >&2
+    exit 2
+fi
 exec "$PY" benchmarks/gpu_check.py "$@"

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.sotalign-installed
 
-.PHONY: test test-fast lint format demo bench bench-gpu bench-distributed align-report install clean
+.PHONY: test test-fast lint format demo bench bench-gpu bench-distributed gpu-check gpu-wheels kernel-resources align-report install clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,16 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -c "import sotalign; print('sotalign backends:', sotalign.available_backends())"
 	touch $(STAMP)
 
-install: $(STAMP)
+# Triton 3.6 (what torch 2.11 ships, the GPU machines' version) beside the pinned one, for
+# the sm_90 compile test (tests/kernels/test_kernel_compile.py): a --target folder, no venv.
+TRITON36 := $(HOME)/.cache/sotalign/triton-3.6.0
+$(TRITON36)/.installed: | $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --target $(TRITON36) triton==3.6.0
+	touch $@
 
-test: $(STAMP)
+install: $(STAMP) $(TRITON36)/.installed
+
+test: $(STAMP) $(TRITON36)/.installed
 	$(PY) -m pytest -q tests
 	SOTALIGN_BENCH_SMOKE=1 $(PY) -m pytest -q benchmarks --benchmark-disable
 
@@ -62,6 +69,25 @@ bench-gpu: $(STAMP)
 # benchmarks/results/<machine>-distributed.{md,json}; see docs/distributed.md.
 bench-distributed: $(STAMP)
 	$(PY) benchmarks/distributed_scaling.py --rows 2048
+
+# The device check in one command, on a GPU machine with no network: its own python3, torch
+# and triton, sotalign from this tree; peer wheels from .whl/ (`make gpu-wheels` fetches them
+# where pip works). < 6 min on one H100/H200; JSON + Markdown under $$OUT or benchmarks/results.
+# `bash benchmarks/gpu_check.sh --smoke` runs it on CPU (Triton interpreter, tiny shapes).
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+# Peers of gpu-check as wheels for the GPU machine's Python 3.12 (run where pip reaches PyPI).
+GPU_PEERS := pot==0.9.7.post1 geomloss==0.3.1 pykeops==2.3 keopscore==2.3 flash-sinkhorn==0.4.1 lion-pytorch==0.2.5
+gpu-wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -d .whl $(GPU_PEERS)
+
+# Registers and stack (spill) bytes of every Triton kernel and config, compiled for sm_90
+# under both tritons (no GPU): benchmarks/results/sm90-kernel-resources.{md,json}.
+kernel-resources: $(STAMP) $(TRITON36)/.installed
+	$(PY) benchmarks/kernel_resources.py
 
 # SAIL, its semi-supervised baselines and SOTAlign on the synthetic platonic data, 3 seeds
 # (~10 min on 2 idle cores): benchmarks/results/<machine>-alignment.{md,json}.

@@ -10,7 +10,7 @@ code). Providers:
 
 * ``sotalign-auto``: ``backend="auto"``, ``path="auto"`` (what users get; the report holds it
   to the roofline of the path it picked);
-* ``sotalign-triton-online[-tf32|-fp16]``, ``sotalign-triton-dense``: the Triton backend on
+* ``sotalign-triton-online[-tf32x3|-fp16x3|-tf32|-fp16]``, ``sotalign-triton-dense``: the Triton backend on
   one path and dot precision; ``sotalign-keops`` (online) and ``sotalign-torch`` (portable);
 * ``paper-dense``: the SOTAlign authors' step (:func:`sotalign.ot.paper.paper_klot_features`:
   two dense solves, stored plans, surrogate gradient through autograd);
@@ -136,7 +136,7 @@ PROVIDERS = [
         "auto",
         "default",
         2.0,
-        lambda n, d, d_t: min(2 * n * n * 4, sotalign.DEFAULT_MEMORY_BUDGET) + online_memory(n, d, d_t),
+        lambda n, d, d_t: (3 * n * n * 4 if auto_dense(n, d, d_t) else 0) + online_memory(n, d, d_t),
         max_call_seconds=30.0,
     ),
     Provider(
@@ -152,6 +152,14 @@ PROVIDERS = [
         sotalign_klot("triton", "online", precision="tf32x3"),
         "online",
         "tf32x3",
+        1.5,
+        online_memory,
+    ),
+    Provider(
+        "sotalign-triton-online-fp16x3",
+        sotalign_klot("triton", "online", precision="fp16x3"),
+        "online",
+        "fp16x3",
         1.5,
         online_memory,
     ),
@@ -205,14 +213,21 @@ SCALE_CASES = [
 def predicted_seconds(provider: Provider, n: int, d: int, d_t: int, n_iters: int, gpu: str) -> float:
     """Roofline bound of one step × the assumed slowdown; for ``auto`` the faster path among
     those it may pick (dense only when K and K* fit sotalign's default memory budget)."""
-    paths = (provider.path,)
-    if provider.path == "auto":
-        fits = 2 * n * n * 4 <= sotalign.DEFAULT_MEMORY_BUDGET
-        paths = ("online", "dense") if fits else ("online",)
-    precision = "fp32" if provider.precision == "default" else provider.precision
-    return provider.slowdown * min(
-        roofline.klot_step_bound(n, n, d, d_t, path, gpu, precision, n_iters) for path in paths
-    )
+    path, precision = provider.path, provider.precision
+    if path == "auto":
+        route = auto_route(n, d, d_t)
+        path, precision = route.path, route.precision
+    precision = "fp32" if precision == "default" else precision
+    return provider.slowdown * roofline.klot_step_bound(n, n, d, d_t, path, gpu, precision, n_iters)
+
+
+def auto_route(n: int, d: int, d_t: int):
+    """The route ``auto`` takes for this step here (free memory read now)."""
+    return sotalign.plan_route(n, n, d, teacher_dim=d_t)
+
+
+def auto_dense(n: int, d: int, d_t: int) -> bool:
+    return auto_route(n, d, d_t).dense
 
 
 # --------------------------------------------------------------------------- tests

@@ -10,7 +10,7 @@ dense K build, the final symmetric step and sotalign's marginal-error pass — i
 
 Providers (``PROVIDERS``; ``precision`` is the precision of the dot products behind K):
 
-* ``sotalign-triton-online[-tf32|-fp16|-graph]``, ``sotalign-triton-dense``: sotalign's
+* ``sotalign-triton-online[-tf32x3|-fp16x3|-tf32|-fp16|-graph]``, ``sotalign-triton-dense``: sotalign's
   Triton backend on one path (``-graph``: ``cuda_graph=True``, at n = 4096 only, where launch
   overhead matters); ``sotalign-keops``: its KeOps backend (online); ``sotalign-torch``: the
   portable chunked torch backend (up to n = 32768). ``backend="auto"`` is timed in the KLOT
@@ -282,6 +282,15 @@ PROVIDERS = [
         "tf32x3",
         1.5,
         lambda n, d: features_bytes(n, d, 6),
+    ),
+    Provider(
+        "sotalign-triton-online-fp16x3",
+        sotalign_runner("triton", "online", precision="fp16x3"),
+        _finite_potentials,
+        "online",
+        "fp16x3",
+        1.5,
+        lambda n, d: features_bytes(n, d, 9),
     ),
     Provider(
         "sotalign-triton-online-tf32",

@@ -1,4 +1,4 @@
-r"""Error of the Triton backend's precision flags (fp32, tf32x3, tf32, fp16) against float64.
+r"""Error of the Triton backend's precision flags (fp32, tf32x3, fp16x3, tf32, fp16) against float64.
 
     .venv/bin/python benchmarks/precision_error.py [--n 512] [--d 256] [--iters 100]
 
@@ -18,9 +18,12 @@ How each flag is reproduced:
   step runs the reference formulas in fp32, and the gradient products G ŷ use unrounded
   operands, as the kernels do. tf32 is shown with round-to-nearest-even and with
   truncation (what a tensor core does when given fp32 registers; the bound to quote);
-  tf32x3 as hi·hi + hi·lo + lo·hi of truncated tf32 parts, summed in fp32. A
-  cross-check runs the actual kernels in Triton's interpreter (fp32 and fp16; it computes
-  tf32 dots exactly) on a smaller problem next to the emulation.
+  tf32x3 as hi·hi + hi·lo + lo·hi of truncated tf32 parts, summed in fp32; fp16 and
+  fp16x3 with the kernels' own host-side split (:func:`sotalign.kernels.triton.backend.
+  fp16_split`: power-of-two scaling, fp16 hi and lo parts), whose fp16 products are exact
+  in fp32, summed in fp32. A cross-check runs the actual kernels in Triton's interpreter
+  (fp32, fp16 and fp16x3; it computes tf32 dots exactly) on a smaller problem next to the
+  emulation.
 
 Writes ``benchmarks/results/<machine>-precision.md`` (machine as in ``report.py``).
 """
@@ -44,12 +47,21 @@ from report import RESULTS, local_machine, machine_slug  # noqa: E402
 
 from sotalign.kernels.base import Affinity  # noqa: E402
 from sotalign.kernels.reference import ReferenceBackend  # noqa: E402
+from sotalign.kernels.triton.backend import fp16_split  # noqa: E402
 from sotalign.ot.sinkhorn import solve, uniform_log_weights  # noqa: E402
 
 REFERENCE = ReferenceBackend()
 EPS_TEACHER = 0.01
 #: How a precision flag of the kernels rounds the operands of its dots.
-KERNEL_ROUNDING = {"fp32": "fp32", "tf32x3": "tf32x3", "tf32": "tf32-trunc", "fp16": "fp16"}
+KERNEL_ROUNDING = {
+    "fp32": "fp32",
+    "tf32x3": "tf32x3",
+    "fp16x3": "fp16x3",
+    "tf32": "tf32-trunc",
+    "fp16": "fp16",
+}
+#: Modes whose dot is not a product of rounded operands.
+SPLIT_MODES = ("tf32x3", "fp16x3")
 
 
 def round_operands(t: torch.Tensor, mode: str) -> torch.Tensor:
@@ -57,7 +69,8 @@ def round_operands(t: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "fp32":
         return t
     if mode == "fp16":
-        return t.half().float()
+        hi, inverse = fp16_split(t, 1)
+        return hi.float() * inverse
     bits = t.contiguous().view(torch.int32)
     if mode == "tf32-rne":
         bits = bits + 0xFFF + ((bits >> 13) & 1)
@@ -66,7 +79,11 @@ def round_operands(t: torch.Tensor, mode: str) -> torch.Tensor:
 
 def dot_as_computed(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     """a bᵀ as a dot of the given mode computes it. tf32x3 splits each fp32 operand into a
-    truncated tf32 part and the tf32 of its remainder and drops the lo·lo product."""
+    truncated tf32 part and the tf32 of its remainder and drops the lo·lo product; fp16x3 is
+    the plain fp16 dot of the host-side splits [a_lo, a_hi, a_hi]·[b_hi, b_lo, b_hi]ᵀ."""
+    if mode == "fp16x3":
+        (a3, scale_a), (b3, scale_b) = fp16_split(a, 3, "x"), fp16_split(b, 3, "y")
+        return ((a3.float() @ b3.float().T) * (scale_a * scale_b)).to(a.dtype)
     if mode != "tf32x3":
         return round_operands(a, mode) @ round_operands(b, mode).T
 
@@ -126,7 +143,7 @@ def run(features, eps: float, iters: int, backend, mode: str | None):
         rounding = mode or KERNEL_ROUNDING[backend.precision]
         K_used = (
             dot_as_computed(x.double(), y.double(), rounding)
-            if rounding == "tf32x3"
+            if rounding in SPLIT_MODES
             else round_operands(x, rounding).double() @ round_operands(y, rounding).double().T
         )
     return f, g, K_used, value, grad_x, grad_y
@@ -185,7 +202,7 @@ def main() -> None:
     if CUDA:
         device = torch.device("cuda")
         where = f"Triton kernels on {torch.cuda.get_device_name()}"
-        modes = [(p, TritonBackend(p), None) for p in ("fp32", "tf32x3", "tf32", "fp16")]
+        modes = [(p, TritonBackend(p), None) for p in ("fp32", "tf32x3", "fp16x3", "tf32", "fp16")]
         main_rows = measure(args.n, args.d, args.iters, device, modes)
         check_rows = []
         machine = "gpu-" + "-".join(torch.cuda.get_device_name().lower().split()[-2:])
@@ -195,6 +212,7 @@ def main() -> None:
         modes = [
             ("fp32", None, "fp32"),
             ("tf32x3", None, "tf32x3"),
+            ("fp16x3", None, "fp16x3"),
             ("tf32 (RNE)", None, "tf32-rne"),
             ("tf32 (truncated)", None, "tf32-trunc"),
             ("fp16", None, "fp16"),
@@ -205,6 +223,8 @@ def main() -> None:
             ("fp32 Triton (interpreter)", TritonBackend("fp32"), None),
             ("fp16 emulated", None, "fp16"),
             ("fp16 Triton (interpreter)", TritonBackend("fp16"), None),
+            ("fp16x3 emulated", None, "fp16x3"),
+            ("fp16x3 Triton (interpreter)", TritonBackend("fp16x3"), None),
         ]
         check_rows = measure(args.check_n, 32, 20, device, check)
         machine = machine_slug(local_machine())

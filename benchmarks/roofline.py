@@ -16,6 +16,7 @@ log-sum-exp), each touching every one of the n·m entries of K:
 =========  =============================================================================
 fp32       FP32 CUDA-core FMA peak (what an IEEE-fp32 ``tl.dot`` or KeOps runs on)
 tf32x3     a third of the TF32 peak (three tf32 products per fp32 product: hi/lo split)
+fp16x3     a third of the FP16 peak (the same split, in fp16 on the host)
 tf32       dense TF32 tensor-core peak (no sparsity)
 fp16       dense FP16/BF16 tensor-core peak with fp32 accumulation (no sparsity)
 =========  =============================================================================
@@ -51,7 +52,7 @@ from dataclasses import dataclass
 
 #: DESIGN.md's sustained HBM bandwidth on an H100 SXM over its spec bandwidth.
 SUSTAINED_FRACTION = 3.0 / 3.35
-PRECISIONS = ("fp32", "tf32x3", "tf32", "fp16")
+PRECISIONS = ("fp32", "tf32x3", "fp16x3", "tf32", "fp16")
 PATHS = ("online", "dense")
 
 
@@ -81,10 +82,11 @@ class GPU:
     def flops(self, precision: str) -> float:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
-        # tf32x3: three tf32 tensor-core products per fp32 product (hi·hi + hi·lo + lo·hi)
+        # tf32x3 / fp16x3: three tensor-core products per fp32 product (hi·hi + hi·lo + lo·hi)
         return {
             "fp32": self.fp32_flops,
             "tf32x3": self.tf32_flops / 3,
+            "fp16x3": self.fp16_flops / 3,
             "tf32": self.tf32_flops,
             "fp16": self.fp16_flops,
         }[precision]

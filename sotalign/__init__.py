@@ -18,11 +18,13 @@ from . import _openmp  # noqa: F401  (first: before anything loads torch)
 from .ot import (
     DEFAULT_MEMORY_BUDGET,
     KLOTLoss,
+    Route,
     SinkhornResult,
     SolverOptions,
     available_backends,
     klot,
     klot_dense,
+    plan_route,
     sinkhorn,
     sinkhorn_dense,
 )
@@ -57,6 +59,7 @@ __all__ = [
     "AlignmentData",
     "DataSpec",
     "KLOTLoss",
+    "Route",
     "SinkhornResult",
     "SolverOptions",
     "TrainConfig",
@@ -66,6 +69,7 @@ __all__ = [
     "klot",
     "klot_dense",
     "load",
+    "plan_route",
     "sinkhorn",
     "sinkhorn_dense",
 ]

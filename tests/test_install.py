@@ -157,6 +157,7 @@ def test_a_wheel_built_without_a_compiler_installs_and_imports_in_a_fresh_venv(t
     (wheel,) = (tmp_path / "wheels").glob("sotalign-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "sotalign/ot/klot.py" in names
+    assert "sotalign/ot/dispatch.json" in names  # read by the dispatch at import
     assert not [name for name in names if name.startswith("sotalign/_C")]
 
     venv = tmp_path / "venv"

@@ -10,7 +10,8 @@ What counts as *available* (``available_backends()``):
 * ``triton``: when ``triton`` imports *and* it can run: on a CUDA device, or on CPU tensors
   under Triton's interpreter (``TRITON_INTERPRET=1``, slow, for tests).
 * ``keops``: when ``pykeops`` imports and compiles a trivial formula (probed once per
-  process in a subprocess with a timeout, see :func:`sotalign.kernels.keops.keops_error`).
+  process, on CUDA when torch sees a GPU, else on CPU, in a subprocess with a timeout; see
+  :func:`sotalign.kernels.keops.keops_error`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .base import Affinity, Backend
 
 BACKEND_NAMES = ("reference", "torch", "cpu", "triton", "keops")
 #: Dot-product precisions; anything but fp32 is a Triton-only flag (see DESIGN.md §3).
-PRECISIONS = ("fp32", "tf32x3", "tf32", "fp16")
+PRECISIONS = ("fp32", "tf32x3", "fp16x3", "tf32", "fp16")
 
 
 def cpu_extension_error() -> str | None:

@@ -14,6 +14,9 @@ A backend provides four streaming primitives over such a K:
 
 * ``lse_rows(K, bias, ε)[i] = LSE_j [(K_ij + bias_j) / ε]``      (the f half-step)
 * ``lse_cols(K, bias, ε)[j] = LSE_i [(K_ij + bias_i) / ε]``      (the g half-step)
+
+  and the half-steps themselves, ``row_update`` (f = ε log a − ε LSE_j[(K + g)/ε]) and
+  ``column_update``, which default to these and which a backend may fuse into one pass.
 * ``klot_value(K, f, g, ε, K*, f*, g*, ε*) = Σ_ij P*_ij (log P*_ij − log P_ij)``
   accumulated in float64 (the terms cancel heavily at small ε).
 * ``klot_grad_features(K=xyᵀ, f, g, ε, K*, f*, g*, ε*) = (G y, Gᵀ x)`` with
@@ -85,16 +88,30 @@ class Affinity:
         return self.dense.device if self.dense is not None else self.x.device
 
     def materialize(self) -> Affinity:
-        """The dense form: K = x yᵀ computed once by the BLAS matmul."""
+        """The dense form: K = x yᵀ computed once by the BLAS matmul, in full fp32."""
         if self.dense is not None:
             return self
-        return Affinity.from_dense(self.x @ self.y.T)
+        return Affinity.from_dense(fp32_matmul(self.x, self.y.T))
 
     def rows(self, start: int, stop: int) -> Tensor:
         """The dense block K[start:stop, :] (for chunked backends)."""
         if self.dense is not None:
             return self.dense[start:stop]
         return self.x[start:stop] @ self.y.T
+
+
+def fp32_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b at full fp32 accuracy even when the caller allowed TF32 matmuls
+    (``torch.set_float32_matmul_precision("high")``, common in training scripts): a stored K
+    is read at ε = 0.01, where TF32's 10-bit operands would change the plan by ~1e-3."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest" or a.dtype != torch.float32:
+        return a @ b
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return a @ b
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 class Backend:
@@ -109,6 +126,14 @@ class Backend:
 
     def lse_cols(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         raise NotImplementedError
+
+    def row_update(self, K: Affinity, g: Tensor, eps: float, log_a: Tensor) -> Tensor:
+        """The Sinkhorn row half-step f = ε log a − ε LSE_j[(K + g)/ε] (backends may fuse it)."""
+        return eps * (log_a - self.lse_rows(K, g, eps))
+
+    def column_update(self, K: Affinity, f: Tensor, eps: float, log_b: Tensor) -> Tensor:
+        """The column half-step g = ε log b − ε LSE_i[(K + f)/ε]."""
+        return eps * (log_b - self.lse_cols(K, f, eps))
 
     def klot_value(
         self,

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from .base import Backend, check_plan_affinity, check_plan_factor
@@ -44,10 +47,12 @@ CACHE_FOLDER = Path.home() / ".cache" / "sotalign" / "keops"
 PROBE_TIMEOUT_S = 300
 
 _PROBE = """
+import sys
 import torch
 from pykeops.torch import LazyTensor
-x = torch.arange(6.0).reshape(3, 2) / 6
-y = torch.arange(8.0).reshape(4, 2) / 8
+device = torch.device(sys.argv[1])
+x = (torch.arange(6.0).reshape(3, 2) / 6).to(device)
+y = (torch.arange(8.0).reshape(4, 2) / 8).to(device)
 out = (LazyTensor(x[:, None, :]) | LazyTensor(y[None, :, :])).logsumexp(dim=1).squeeze(1)
 expected = torch.logsumexp(x @ y.T, dim=1)
 assert torch.allclose(out, expected, atol=1e-5), (out, expected)
@@ -61,31 +66,44 @@ def _environment() -> dict[str, str]:
     return dict(os.environ)
 
 
-@functools.cache
-def keops_error() -> str | None:
-    """Why KeOps cannot run here, or None: imports pykeops and compiles a trivial formula.
+def keops_error(device: str | None = None) -> str | None:
+    """Why KeOps cannot run here on ``device`` ("cpu" or "cuda"; default: CUDA when torch
+    sees a GPU, since that is where ``auto`` uses it), or None when it can."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _probe(device)
 
-    The probe runs in a subprocess with a timeout, so a missing compiler or a hanging build
-    is reported instead of blocking the caller; its compiled formula stays in the cache, so
-    the probe is fast after the first time. The answer is cached for the process.
+
+@functools.cache
+def _probe(device: str) -> str | None:
+    """Import pykeops and compile and run a trivial formula on ``device``, in a subprocess
+    with a timeout, so a missing compiler or a hanging build is reported instead of blocking
+    the caller. KeOps builds CPU formulas with a C++ compiler and CUDA formulas with the CUDA
+    toolkit (NVRTC and its headers), so each device is probed on its own: a probe on CPU
+    tensors says nothing about CUDA (the cause of ``keops`` missing on a GPU machine whose
+    pykeops imported). The compiled formula stays in the cache, so the probe is fast after
+    the first time; the answer is cached for the process.
     """
     try:
         run = subprocess.run(
-            [sys.executable, "-c", _PROBE],
+            [sys.executable, "-c", _PROBE, device],
             capture_output=True,
             text=True,
             timeout=PROBE_TIMEOUT_S,
             env=_environment(),
         )
     except subprocess.TimeoutExpired:
-        return f"compiling a trivial KeOps formula took more than {PROBE_TIMEOUT_S} s"
+        return f"compiling a trivial KeOps formula on {device} took more than {PROBE_TIMEOUT_S} s"
     if run.returncode == 0 and "keops-ok" in run.stdout:
         return None
-    lines = (run.stderr or run.stdout).strip().splitlines()
-    reason = lines[-1] if lines else f"exit status {run.returncode}"
+    lines = [line.strip() for line in (run.stderr + "\n" + run.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    reason = (errors or lines or [f"exit status {run.returncode}"])[-1][:300]
     if "No module named 'pykeops'" in reason:
         return "pykeops is not installed (pip install pykeops==2.3)"
-    return f"pykeops failed to import or compile a trivial formula ({reason})"
+    if device == "cuda" and shutil.which("nvcc") is None:
+        reason += "; no nvcc on PATH: KeOps needs the CUDA toolkit (nvcc, NVRTC, headers) for CUDA"
+    return f"pykeops failed to compile or run a trivial formula on {device} ({reason})"
 
 
 @functools.cache

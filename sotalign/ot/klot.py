@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import Affinity
+from ..kernels.base import fp32_matmul
 from . import validation as check
-from .dispatch import DEFAULT_MEMORY_BUDGET, Route, choose_route
+from .dispatch import Route, choose_route, record_route, recorded_route
 from .options import N_OPTIONS, SolverOptions
 from .sinkhorn import check_scale, solve, uniform_log_weights
 
@@ -48,7 +49,9 @@ def _solve_both(
 
 
 def _route(K: Tensor, feature_dim: int | None, n_columns: int, options: SolverOptions) -> Route:
-    """The route of both solves: ``K`` is the student's stored affinity or its row features."""
+    """The route of both solves: ``K`` is the student's stored affinity or its row features.
+    On the dense path of features three n×m matrices are stored: K and K* (forward) and G
+    (backward)."""
     return choose_route(
         options.backend,
         options.path,
@@ -57,7 +60,7 @@ def _route(K: Tensor, feature_dim: int | None, n_columns: int, options: SolverOp
         n_columns,
         feature_dim,
         K.dtype,
-        2,
+        2 if feature_dim is None else 3,
         options.memory_budget,
         options.precision,
     )
@@ -65,6 +68,17 @@ def _route(K: Tensor, feature_dim: int | None, n_columns: int, options: SolverOp
 
 def _features_route(x: Tensor, y: Tensor, x_teacher: Tensor, options: SolverOptions) -> Route:
     return _route(x, min(x.shape[1], x_teacher.shape[1]), y.shape[0], options)
+
+
+def _stored_feature_grads(
+    backend, K: Affinity, f, g, eps, K_teacher: Affinity, f_t, g_t, eps_t
+) -> tuple[Tensor, Tensor]:
+    """(G y, Gᵀ x) on the dense path: K and K* stored once, G = (P − P*)/ε in one pass
+    reading both, then two matrix products (cuBLAS on CUDA, at fp32 accuracy)."""
+    K_stored, K_teacher_stored = K.materialize(), K_teacher.materialize()
+    G = backend.klot_grad_dense(K_stored, f, g, eps, K_teacher_stored, f_t, g_t, eps_t)
+    del K_stored, K_teacher_stored
+    return fp32_matmul(G, K.y), fp32_matmul(G.T, K.x)
 
 
 # The ops take SolverOptions flattened into its fields, in order (SolverOptions.op_args).
@@ -87,7 +101,7 @@ def klot_features_op(
     backend: str,
     path: str,
     precision: str,
-    memory_budget: float,
+    memory_budget: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(KLOT, f, g, f*, g*) for K = x yᵀ and K* = x* y*ᵀ (rows already normalised for cosine)."""
     options = SolverOptions(
@@ -97,8 +111,10 @@ def klot_features_op(
     check_scale(Affinity.from_features(x, y), eps, "x, y")
     check_scale(Affinity.from_features(x_teacher, y_teacher), eps_teacher, "x_teacher, y_teacher")
     route = _features_route(x, y, x_teacher, options)
-    K = route.prepare(Affinity.from_features(x, y))
-    K_teacher = route.prepare(Affinity.from_features(x_teacher, y_teacher))
+    route, (K, K_teacher) = route.prepare(
+        Affinity.from_features(x, y), Affinity.from_features(x_teacher, y_teacher)
+    )
+    record_route(route)
     f, g, f_t, g_t = _solve_both(route, K, K_teacher, eps, eps_teacher, options)
     value = route.backend.klot_value(K, f, g, eps, K_teacher, f_t, g_t, eps_teacher)
     _check_value(value, f=f, g=g, f_teacher=f_t, g_teacher=g_t)
@@ -137,23 +153,25 @@ def klot_features_backward_op(
     backend: str,
     path: str,
     precision: str,
-    memory_budget: float,
+    memory_budget: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """grad_output · (G y, Gᵀ x) with G = (P − P*)/ε, streamed (never n×m on an online backend)."""
+    """grad_output · (G y, Gᵀ x) with G = (P − P*)/ε: from stored K, K* and G on the dense
+    path (online if they do not fit after all), streamed otherwise (never n×m)."""
     options = SolverOptions(
         n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph, backend, path, precision, memory_budget
     )
     route = _features_route(x, y, x_teacher, options)
-    grad_x, grad_y = route.backend.klot_grad_features(
-        Affinity.from_features(x, y),
-        f,
-        g,
-        eps,
-        Affinity.from_features(x_teacher, y_teacher),
-        f_teacher,
-        g_teacher,
-        eps_teacher,
-    )
+    K, K_teacher = Affinity.from_features(x, y), Affinity.from_features(x_teacher, y_teacher)
+    args = (f, g, eps, K_teacher, f_teacher, g_teacher, eps_teacher)
+    if route.dense:
+        try:
+            grad_x, grad_y = _stored_feature_grads(route.backend, K, *args)
+            return grad_output * grad_x, grad_output * grad_y
+        except torch.cuda.OutOfMemoryError as error:
+            if route.fallback is None:
+                raise
+            route = route.fell_back(error)
+    grad_x, grad_y = route.backend.klot_grad_features(K, *args)
     return grad_output * grad_x, grad_output * grad_y
 
 
@@ -205,7 +223,7 @@ def klot_dense_op(
     backend: str,
     path: str,
     precision: str,
-    memory_budget: float,
+    memory_budget: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(KLOT, f, g, f*, g*) for given n×m affinities K and K*."""
     options = SolverOptions(
@@ -213,6 +231,7 @@ def klot_dense_op(
     )
     check.check_finite(K=K, K_teacher=K_teacher)
     route = _route(K, None, K.shape[1], options)
+    record_route(route)
     K_aff, K_teacher_aff = Affinity.from_dense(K), Affinity.from_dense(K_teacher)
     check_scale(K_aff, eps, "K")
     check_scale(K_teacher_aff, eps_teacher, "K_teacher")
@@ -248,7 +267,7 @@ def klot_dense_backward_op(
     backend: str,
     path: str,
     precision: str,
-    memory_budget: float,
+    memory_budget: float | None,
 ) -> Tensor:
     """grad_output · G with G = (P − P*)/ε (n×m, like the input K)."""
     options = SolverOptions(
@@ -296,11 +315,12 @@ def klot(
     tol: float | None = None,
     check_every: int = 10,
     symmetric: bool = True,
-    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    memory_budget: float | None = None,
     eps_scaling: float | None = None,
     cuda_graph: bool = False,
-    precision: str = "fp32",
-) -> Tensor:
+    precision: str = "auto",
+    return_route: bool = False,
+):
     """KLOT(K ‖ K*) with K = aff(x, y) (student) and K* = aff(x_teacher, y_teacher) (teacher).
 
     ``x`` (n×d) and ``y`` (m×d) are the student's image and text features; the teacher's
@@ -309,6 +329,10 @@ def klot(
     the exact gradient of Theorem 5.1. Both solves use the same options (``tol``,
     ``eps_scaling``, ``cuda_graph``, ``precision``...: :class:`~sotalign.ot.options.SolverOptions`);
     see :func:`sotalign.sinkhorn`. Safe under ``torch.compile(fullgraph=True)``.
+
+    With ``return_route=True`` returns ``(value, route)``: the :class:`~sotalign.ot.Route`
+    (backend, path, precision, reason) the forward took, the online fallback included
+    (None under ``torch.compile``, which traces the call instead of running it).
     """
     options = SolverOptions(
         n_iters=n_iters,
@@ -322,7 +346,13 @@ def klot(
         precision=precision,
         memory_budget=memory_budget,
     )
-    return _klot(x, y, x_teacher, y_teacher, eps, eps_teacher, affinity, options)
+    return _with_route(_klot(x, y, x_teacher, y_teacher, eps, eps_teacher, affinity, options), return_route)
+
+
+def _with_route(value: Tensor, return_route: bool):
+    if not return_route:
+        return value
+    return value, (None if torch.compiler.is_compiling() else recorded_route())
 
 
 def _klot(x, y, x_teacher, y_teacher, eps, eps_teacher, affinity, options: SolverOptions) -> Tensor:
@@ -376,9 +406,11 @@ def klot_dense(
     symmetric: bool = True,
     eps_scaling: float | None = None,
     cuda_graph: bool = False,
-    precision: str = "fp32",
-) -> Tensor:
-    """KLOT(K ‖ K*) for given n×m affinities; differentiable wrt K (gradient (P − P*)/ε)."""
+    precision: str = "auto",
+    return_route: bool = False,
+):
+    """KLOT(K ‖ K*) for given n×m affinities; differentiable wrt K (gradient (P − P*)/ε).
+    ``return_route`` as in :func:`klot`."""
     device = check.check_structure(K=K, K_teacher=K_teacher)
     if K.shape != K_teacher.shape:
         raise ValueError(
@@ -405,7 +437,7 @@ def klot_dense(
         eps_teacher,
         *options.op_args(),
     )
-    return value
+    return _with_route(value, return_route)
 
 
 class KLOTLoss(nn.Module):
@@ -413,7 +445,9 @@ class KLOTLoss(nn.Module):
 
     Keyword ``options`` are the fields of :class:`~sotalign.ot.options.SolverOptions` (``path``,
     ``tol``, ``check_every``, ``symmetric``, ``memory_budget``, ``eps_scaling``, ``cuda_graph``,
-    ``precision``); every argument is validated here, at construction.
+    ``precision``); every argument is validated here, at construction. ``last_route`` is the
+    route (backend, path, precision, reason) of the last forward (None before the first, and
+    under ``torch.compile``).
     """
 
     def __init__(
@@ -430,6 +464,7 @@ class KLOTLoss(nn.Module):
         self.eps_teacher = check.check_positive("eps_teacher", eps_teacher)
         self.affinity = check.check_affinity(affinity)
         self.options = SolverOptions(n_iters=n_iters, backend=backend, **options)
+        self.last_route: Route | None = None
 
     @property
     def n_iters(self) -> int:
@@ -440,7 +475,10 @@ class KLOTLoss(nn.Module):
         return self.options.backend
 
     def forward(self, x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor) -> Tensor:
-        return _klot(x, y, x_teacher, y_teacher, self.eps, self.eps_teacher, self.affinity, self.options)
+        value = _klot(x, y, x_teacher, y_teacher, self.eps, self.eps_teacher, self.affinity, self.options)
+        if not torch.compiler.is_compiling():
+            self.last_route = recorded_route()
+        return value
 
     def extra_repr(self) -> str:
         return (

@@ -12,9 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..kernels import BACKEND_NAMES, PRECISIONS
+from ..kernels import BACKEND_NAMES
 from . import validation as check
-from .dispatch import DEFAULT_MEMORY_BUDGET, PATHS
+from .dispatch import PATHS, PRECISIONS
 
 
 def _choice(name: str, value, choices: tuple[str, ...]) -> str:
@@ -45,8 +45,10 @@ class SolverOptions:
         cuda_graph: replay ``check_every`` iterations at a time from one CUDA graph.
         backend: ``"auto"`` or one of :data:`sotalign.kernels.BACKEND_NAMES`.
         path: ``"auto"``, ``"dense"`` (K stored once) or ``"online"`` (K recomputed).
-        precision: the dot-product precision flag, one of :data:`sotalign.kernels.PRECISIONS`.
-        memory_budget: bytes that ``path="auto"`` may spend on stored n×m matrices.
+        precision: the dot-product precision flag, one of :data:`sotalign.ot.dispatch.PRECISIONS`
+            (``"auto"``: fp32 accuracy, on tensor cores where that pays; see the dispatch module).
+        memory_budget: bytes that ``path="auto"`` may spend on stored n×m matrices, or None for
+            the device's default (:func:`sotalign.ot.dispatch.dense_budget`).
 
     ``backend``, ``path`` and ``precision`` are checked for their spelling here; whether the
     backend runs here, on these tensors, with this precision, is the route's decision
@@ -61,8 +63,8 @@ class SolverOptions:
     cuda_graph: bool = False
     backend: str = "auto"
     path: str = "auto"
-    precision: str = "fp32"
-    memory_budget: float = DEFAULT_MEMORY_BUDGET
+    precision: str = "auto"
+    memory_budget: float | None = None
 
     def __post_init__(self) -> None:
         checked: dict[str, Any] = {
@@ -75,7 +77,9 @@ class SolverOptions:
             "backend": _choice("backend", self.backend, ("auto", *BACKEND_NAMES)),
             "path": _choice("path", self.path, PATHS),
             "precision": _choice("precision", self.precision, PRECISIONS),
-            "memory_budget": check.check_positive("memory_budget", self.memory_budget),
+            "memory_budget": None
+            if self.memory_budget is None
+            else check.check_positive("memory_budget", self.memory_budget),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

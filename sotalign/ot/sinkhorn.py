@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..kernels import Affinity, Backend, load_backend
 from . import validation as check
-from .dispatch import DEFAULT_MEMORY_BUDGET, choose_route
+from .dispatch import Route, choose_route
 from .options import SolverOptions
 
 
@@ -43,6 +43,8 @@ class SinkhornResult:
     affinity: Affinity
     #: Dot-product precision of the backend (``apply`` and ``apply_t`` reuse it).
     precision: str = "fp32"
+    #: The route taken (backend, path, precision) and the one-line reason for it.
+    route: Route | None = None
 
     def plan(self) -> Tensor:
         """The dense n×m plan P (allocates n×m; meant for small problems and tests)."""
@@ -75,12 +77,12 @@ class SinkhornResult:
 
 def row_update(backend: Backend, K: Affinity, g: Tensor, eps: float, log_a: Tensor) -> Tensor:
     """f = ε log a − ε LSE_j[(K + g)/ε]: makes the row marginal exact."""
-    return eps * (log_a - backend.lse_rows(K, g, eps))
+    return backend.row_update(K, g, eps, log_a)
 
 
 def column_update(backend: Backend, K: Affinity, f: Tensor, eps: float, log_b: Tensor) -> Tensor:
     """g = ε log b − ε LSE_i[(K + f)/ε]: makes the column marginal exact."""
-    return eps * (log_b - backend.lse_cols(K, f, eps))
+    return backend.column_update(K, f, eps, log_b)
 
 
 def row_error(f: Tensor, f_next: Tensor, eps: float, log_a: Tensor) -> Tensor:
@@ -376,7 +378,7 @@ def _sinkhorn(
     log_a, log_b = _log_weights(a, b, n, m, K.dtype, K.device)
     g_init, warm_eps = _warm_start(warm_start, m, K.dtype, K.device)
     with torch.no_grad():
-        K_read = route.prepare(K)
+        route, (K_read,) = route.prepare(K)
         eps_start = None
         if options.eps_scaling is not None and warm_eps is not None:
             eps_start = min(affinity_spread(K_read), warm_eps)
@@ -394,7 +396,7 @@ def _sinkhorn(
         check.check_finite_result("sinkhorn", f"eps = {eps:g} in {K.dtype}", f=f, g=g)
         error = marginal_error(route.backend, K_read, f, g, eps, log_a, log_b)
     _warn_if_not_converged(error, float(log_a.exp().sum()), eps, K, options)
-    return SinkhornResult(f, g, eps, done, error, route.backend.name, route.path, K, options.precision)
+    return SinkhornResult(f, g, eps, done, error, route.name, route.path, K, route.precision, route)
 
 
 def sinkhorn(
@@ -412,10 +414,10 @@ def sinkhorn(
     symmetric: bool = True,
     warm_start=None,
     check_every: int = 10,
-    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    memory_budget: float | None = None,
     eps_scaling: float | None = None,
     cuda_graph: bool = False,
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> SinkhornResult:
     """Entropic OT plan between the rows of ``x`` (n×d) and of ``y`` (m×d).
 
@@ -435,13 +437,16 @@ def sinkhorn(
         a, b: positive marginal weights of equal mass (default uniform, mass one).
         symmetric: apply the paper's final averaged half-step.
         warm_start: a previous :class:`SinkhornResult` or ``(f, g)`` to start from.
-        memory_budget: bytes that ``path="auto"`` may spend on a stored K.
+        memory_budget: bytes that ``path="auto"`` may spend on a stored K (default: half
+            of the free CUDA memory on CUDA, 1 GiB on CPU; see :mod:`sotalign.ot.dispatch`).
         eps_scaling: a factor in (0, 1): anneal ε from the spread of K (or from the ε of a
             warm-start result, if lower) by this factor per iteration down to ``eps``.
         cuda_graph: replay ``check_every`` iterations at a time from one captured CUDA graph
             (CUDA tensors only; same result as the eager loop, less launch overhead).
-        precision: dot-product precision, ``"fp32"``; ``"tf32x3"``/``"tf32"``/``"fp16"`` on
-            ``triton`` only (tensor-core dots; errors in benchmarks/results/*-precision.md).
+        precision: dot-product precision: ``"auto"`` (fp32 accuracy: the fp32-accurate
+            tensor-core flag on the online CUDA path, else ``"fp32"``), ``"fp32"``, or on
+            ``triton`` only ``"tf32x3"``/``"fp16x3"`` (fp32-accurate) and ``"tf32"``/``"fp16"``
+            (errors in benchmarks/results/*-precision.md). ``result.route`` says what ran.
     """
     check.check_matrices(x=x, y=y)
     check.check_affinity(affinity)
@@ -480,7 +485,7 @@ def sinkhorn_dense(
     check_every: int = 10,
     eps_scaling: float | None = None,
     cuda_graph: bool = False,
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> SinkhornResult:
     """Entropic OT plan for a given n×m affinity ``K`` (cost −K); see :func:`sinkhorn`."""
     check.check_matrices(K=K)

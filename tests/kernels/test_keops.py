@@ -17,8 +17,9 @@ import sotalign
 from sotalign.kernels import Affinity, load_backend
 from sotalign.kernels.keops import keops_error
 
-# Probed once, in a subprocess with a timeout (see sotalign.kernels.keops.keops_error).
-_ERROR = keops_error()
+# Probed once, on CPU (these tests use CPU tensors), in a subprocess with a timeout (see
+# sotalign.kernels.keops.keops_error).
+_ERROR = keops_error("cpu")
 if _ERROR is not None:
     pytest.skip(f"KeOps cannot run here: {_ERROR}", allow_module_level=True)
 

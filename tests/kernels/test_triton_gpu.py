@@ -4,7 +4,9 @@ memory of a KLOT step at n = m = 65536 (no n×m buffer anywhere).
 
 Skipped without CUDA (before triton is imported, so that the interpreter tests of
 ``test_triton_kernels.py`` in the same session still get an interpreted triton) and under
-``TRITON_INTERPRET=1`` (these sizes are out of the interpreter's reach).
+``TRITON_INTERPRET=1`` (these sizes are out of the interpreter's reach). The module is
+sized to take at most 90 s on an H100 (most of it compiling kernel variants), so that it
+fits ``make gpu-check``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip(
         "compiled kernels only; the interpreter runs tests/test_triton_kernels.py", allow_module_level=True
     )
+# Correctness, not speed: the first config of each kernel, so that no test autotunes (tuning
+# each new shape bucket took most of the 170 s of an earlier run). Effective only when the
+# kernels are first imported here; benchmarks/gpu_check.py sets it for its pytest run.
+os.environ.setdefault("SOTALIGN_TRITON_CONFIGS", "first")
 pytest.importorskip("triton")
 
 from conftest import relative_error  # noqa: E402
@@ -34,10 +40,10 @@ pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
 REFERENCE = ReferenceBackend()
 #: ε·|ΔLSE| (error of a half-step's potential, in units of K, ε = 0.01) per precision flag:
-#: fp32 is exact up to accumulation order, tf32x3 (hi/lo split) close to it; fp16 rounds each
-#: operand to 10 mantissa bits (≈ 2.4e-4 relative), tf32 tensor cores truncate to them (up to
-#: 2× that, and biased; see benchmarks/results/*-precision.md).
-LSE_BOUND = {"fp32": 1e-5, "tf32x3": 1e-5, "tf32": 4e-3, "fp16": 2e-3}
+#: fp32 is exact up to accumulation order, tf32x3 and fp16x3 (hi/lo splits) close to it;
+#: fp16 rounds each operand to 10 mantissa bits (≈ 2.4e-4 relative), tf32 tensor cores
+#: truncate to them (up to 2× that, and biased; see benchmarks/results/*-precision.md).
+LSE_BOUND = {"fp32": 1e-5, "tf32x3": 1e-5, "fp16x3": 1e-5, "tf32": 4e-3, "fp16": 2e-3}
 
 
 def unit_rows(rows: int, d: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -75,8 +81,9 @@ def test_primitives_agree_with_reference_at_realistic_size():
 
 @pytest.mark.parametrize("path", ["online", "dense"])
 def test_klot_agrees_with_reference_at_realistic_size(path):
-    """Value and gradients of a full KLOT step (100 iterations) against fp64, relative 2e-3."""
-    n, m, d, d_teacher = 4096, 3000, 512, 256
+    """Value and gradients of a full KLOT step (100 iterations, the default precision of the
+    path: fp32-accurate) against fp64, relative 2e-4."""
+    n, m, d, d_teacher = 2048, 1500, 512, 256
     x, y = clustered(n, m, d, seed=1)
     x_t, y_t = clustered(n, m, d_teacher, seed=2)
     x_t, y_t = x_t + 0.5 * x[:, :d_teacher], y_t + 0.5 * y[:, :d_teacher]
@@ -100,7 +107,7 @@ def test_klot_agrees_with_reference_at_realistic_size(path):
     expected = run(torch.float64, "reference", "auto")
     for value, reference in zip(run(torch.float32, "triton", path), expected, strict=True):
         assert bool(torch.isfinite(value).all())
-        assert relative_error(value, reference) < 2e-3
+        assert relative_error(value, reference) < 2e-4
 
 
 def test_split_reduction_on_gpu():
@@ -122,8 +129,10 @@ def test_split_reduction_on_gpu():
     )
 
 
-@pytest.mark.parametrize("precision", ["fp32", "tf32x3", "tf32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32x3", "fp16x3", "tf32", "fp16"])
 def test_precision_flags_are_finite_and_bounded(precision):
+    """One half-step per flag against fp64 (the KLOT step at each flag is timed and checked
+    against the paper by benchmarks/gpu_check.py)."""
     n, m, d = 2048, 2048, 512
     x, y = clustered(n, m, d, seed=4)
     g = torch.zeros(m, device=CUDA, dtype=torch.float64)
@@ -131,18 +140,6 @@ def test_precision_flags_are_finite_and_bounded(precision):
     out = TritonBackend(precision).lse_rows(Affinity.from_features(x.float(), y.float()), g.float(), 0.01)
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
     assert 0.01 * float((out.double() - expected).abs().max()) < LSE_BOUND[precision]
-    x_t, y_t = clustered(n, m, 256, seed=40)
-    loss = sotalign.klot(
-        x.float(),
-        y.float(),
-        x_t.float(),
-        y_t.float(),
-        n_iters=50,
-        backend="triton",
-        path="online",
-        precision=precision,
-    )
-    assert bool(torch.isfinite(loss))
 
 
 def test_half_steps_do_not_synchronise():
@@ -206,3 +203,13 @@ def test_klot_step_memory_stays_online():
     extra = torch.cuda.max_memory_allocated() - baseline
     assert bool(torch.isfinite(loss)) and x.grad is not None and y.grad is not None
     assert extra < 2 * 2**30, f"KLOT step used {extra / 2**30:.2f} GiB beyond its inputs"
+
+
+def test_dense_allocation_failure_falls_back_online():
+    """A memory budget that lets ``auto`` choose a stored 262144² K (256 GiB, more than any
+    GPU has): storing it fails, and the solve runs online instead of failing."""
+    n, d = 262144, 64
+    x, y = unit_rows(n, d, 11), unit_rows(n, d, 12)
+    result = sotalign.sinkhorn(x, y, n_iters=1, memory_budget=2**40)
+    assert result.path == "online" and "fell back to online" in result.route.reason
+    assert bool(torch.isfinite(result.f).all())

@@ -13,8 +13,9 @@ the strides of a stored K swapped), and Gᵀ x is the G y kernel on the transpos
 **Split reduction** (flash-decoding). A half-step has only cdiv(n, BLOCK_M) row blocks;
 when that is below the number of SMs (n small, m large) most of the GPU would idle, so the
 columns are shared out over ``splits`` programs per row block, each writing a partial
-result (an LSE, a partial sum, a partial product) that the host combines (``logsumexp`` or
-``sum`` over the splits). With r = cdiv(n, 64) row blocks at the smallest BLOCK_M:
+result (an LSE, a partial sum, a partial product) that is combined afterwards (the update
+kernel, or a ``sum`` over the splits). With r = cdiv(n, BLOCK_M) row blocks at the smallest
+BLOCK_M of the kernel's configs (64 online, 16 for the dense half-step):
 
     splits = 1                                  if r ≥ #SMs,
              min(cdiv(2·#SMs, r), m // 512)     otherwise (≥ 1),
@@ -23,17 +24,35 @@ i.e. about two programs per SM, each still reducing at least 512 columns. The SM
 ``torch.cuda.get_device_properties(device).multi_processor_count``; off GPU (the
 interpreter) the default is 1, and ``TritonBackend(splits=k)`` forces k (tests use it).
 
+**Launches**: a Sinkhorn half-step (``row_update`` / ``column_update``) is one launch whose
+epilogue writes the new potential ε (log w − LSE), or two with a split reduction (the
+partial LSEs, then :func:`.lse.update_kernel`); the bias is scaled inside the kernel and the
+kernel constants are cached device tensors, so nothing else runs on the device.
+
 **Precision** (``precision=``, float32 inputs; float64 inputs always use fp64 dots): the
 flag sets how the affinity tiles x yᵀ are computed, the bulk of the work:
-``"fp32"`` exact fp32 FMA dots (``input_precision="ieee"``), ``"tf32x3"`` three tensor-core
-tf32 dots per product (each operand split as hi + lo, hi·hi + hi·lo + lo·hi: close to fp32
-accuracy at tensor-core speed), ``"tf32"`` tensor-core tf32 dots (operands keep 10 mantissa
-bits), ``"fp16"`` operands rounded to fp16, products
-accumulated in fp32. Potentials, biases, exponents and accumulators are fp32 in every mode
-(never bf16: DESIGN.md §3), and the products with the plan (P V, G y) always use exact fp32
-dots: they are a small part of a step, and P's tiny entries would underflow in fp16.
-``benchmarks/precision_error.py`` measures the error of each flag against float64; the
-measured errors are in benchmarks/results/*-precision.md.
+
+* ``"fp32"``: exact fp32 FMA dots on CUDA cores (``input_precision="ieee"``);
+* ``"tf32x3"``: three tensor-core tf32 dots per product (each operand split as hi + lo,
+  hi·hi + hi·lo + lo·hi): fp32 accuracy at tensor-core speed;
+* ``"fp16x3"``: the same split done once per solve on the host in fp16: each operand is
+  scaled by a power of two 2^s (so its largest entry is in [2^14, 2^15) and the low parts
+  stay normal fp16 numbers), split as hi = fp16(x·2^s), lo = fp16(x·2^s − hi), and the
+  plain fp16 kernel runs on 3·d columns, [x_lo, x_hi, x_hi]·[y_hi, y_lo, y_hi]ᵀ (the
+  small cross terms first), with 2^{−s_x−s_y} folded into the tile (``k_scale``): fp32
+  accuracy for the same reason as tf32x3, at fp16 tensor-core speed;
+* ``"tf32"``: tensor-core tf32 dots (operands keep 10 mantissa bits);
+* ``"fp16"``: operands rounded to fp16 (scaled like fp16x3, hi part only) once per solve,
+  products accumulated in fp32.
+
+The host-side fp16 operands are cached per input tensor (its identity and version), so a
+solve rounds x and y once, not once per tile or per half-step. Potentials, biases,
+exponents and accumulators are fp32 in every mode (never bf16: DESIGN.md §3). The products
+with the plan (P V, G y) run on the tensor cores in tf32x3 for the fp32-accurate flags and
+tf32 for tf32/fp16, never in fp16 (P's tiny entries would underflow).
+``benchmarks/precision_error.py`` measures the error of each flag against float64
+(benchmarks/results/cpu-amd-epyc-2core-precision.md: emulated on CPU and cross-checked
+with these kernels in the interpreter; the GPU run will replace them with measurements).
 """
 
 from __future__ import annotations
@@ -41,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -48,32 +68,113 @@ import triton
 from torch import Tensor
 
 from ..base import Affinity, Backend, check_plan_affinity, check_plan_factor
-from .lse import lse_kernel
+from .lse import lse_dense_kernel, lse_kernel, update_kernel
 from .plan import plan_difference_kernel, plan_product_kernel, plan_sum_kernel
-from .tiles import INTERPRETING, tile_configs
+from .tiles import D_QUANTUM, INTERPRETING, RESIDENT_ROW_BYTES, dense_configs, online_configs
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
-PRECISIONS = ("fp32", "tf32x3", "tf32", "fp16")
+PRECISIONS = ("fp32", "tf32x3", "fp16x3", "tf32", "fp16")
+#: Flags whose operands are rounded to fp16 on the host.
+FP16_PRECISIONS = ("fp16", "fp16x3")
+#: Tensor-core precision of the plan products (P V, G y) for each flag.
+PRODUCT_PRECISION = {"fp32": "ieee", "tf32x3": "tf32x3", "fp16x3": "tf32x3", "tf32": "tf32", "fp16": "tf32"}
 #: The fewest columns one split of a reduction should cover (see the module docstring).
 MIN_SPLIT_COLUMNS = 512
-#: Row-block size that the split heuristic assumes (the smallest BLOCK_M of the configs).
-SPLIT_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in tile_configs())
+#: Row-block sizes that the split heuristic assumes (the smallest BLOCK_M of the configs of
+#: the online and of the dense kernels).
+SPLIT_BLOCK_M = {
+    False: min(config.kwargs["BLOCK_M"] for config in online_configs()),
+    True: min(config.kwargs["BLOCK_M"] for config in dense_configs()),
+}
+#: Exponent of the power-of-two scale of fp16 operands: the largest entry lands in
+#: [2^(FP16_TOP − 1), 2^FP16_TOP), below fp16's maximum 65504 ≈ 2^16.
+FP16_TOP = 15
+#: Elements per program of the split-combining update kernel.
+UPDATE_BLOCK = 1024
 
 
 @dataclass(frozen=True)
 class Operand:
     """An affinity as a kernel reads it: ``args`` = (x, y, k, d, stride_x, stride_y,
-    stride_r, stride_c), ``rows × cols``; see :mod:`.tiles`."""
+    stride_r, stride_c, k_scale), ``rows × cols``, and the compile-time d ``d_ceil``;
+    see :mod:`.tiles`."""
 
     args: tuple
     dense: bool
     rows: int
     cols: int
     d: int
+    d_ceil: int
+
+    def resident(self, dot_precision: str) -> bool:
+        """Whether the half-step keeps the row block of x in registers (:mod:`.lse`): for
+        tensor-core dots only (the CUDA-core fp32 dot spills with it: benchmarks/results/
+        sm90-kernel-resources.md) and rows of at most ``RESIDENT_ROW_BYTES``."""
+        size = self.args[0].element_size()
+        return (
+            not self.dense
+            and dot_precision != "ieee"
+            and self.d_ceil & (self.d_ceil - 1) == 0
+            and self.d_ceil * size <= RESIDENT_ROW_BYTES
+        )
 
 
-def operand(K: Affinity, transpose: bool = False) -> Operand:
+def fp16_split(t: Tensor, parts: int, role: str = "x") -> tuple[Tensor, float]:
+    """(t·2^s split into fp16 parts, 2^−s): ``parts`` = 1 gives [hi]; 3 gives [lo, hi, hi]
+    for the ``role`` "x" operand and [hi, lo, hi] for "y", so that
+
+        [x_lo, x_hi, x_hi]·[y_hi, y_lo, y_hi]ᵀ = x_lo y_hiᵀ + x_hi y_loᵀ + x_hi y_hiᵀ,
+
+    the two small cross terms first: the fp32 accumulator of the d loop sums them before it
+    holds the large hi·hi part (the lo·lo term, 2^−22 of the product, is dropped).
+
+    s puts the largest |t| in [2^14, 2^15): the split is exact up to fp16's rounding of lo,
+    about 2^−22 of the largest entry, and lo stays a normal fp16 number for every entry
+    above 2^−22 of the largest. Reads max |t| once (a host synchronisation, once per solve).
+    """
+    with torch.no_grad():
+        t = t.detach().float()
+        largest = float(t.abs().max())
+        exponent = math.frexp(largest)[1] if largest > 0 else 0  # largest < 2^exponent
+        shift = max(-120, min(120, FP16_TOP - exponent))
+        scaled = t * 2.0**shift
+        hi = scaled.half()
+        if parts == 1:
+            split = hi
+        else:
+            lo = (scaled - hi.float()).half()
+            split = torch.cat((lo, hi, hi) if role == "x" else (hi, lo, hi), dim=1)
+    return split.contiguous(), 2.0**-shift
+
+
+#: Host-prepared fp16 operands: (id(tensor), kind) -> (weak reference, version, split, scale).
+_PREPARED: dict[tuple[int, str], tuple] = {}
+
+
+def prepared(t: Tensor, precision: str, role: str) -> tuple[Tensor, float]:
+    """The operand of a feature tensor for ``precision`` (its fp16 split and scale), made
+    once per tensor and version and reused while the tensor lives; ``role`` is "x" or
+    "y" (which side of the fp16x3 pattern). fp32/tf32 operands are the tensor itself."""
+    if precision not in FP16_PRECISIONS or t.dtype == torch.float64:
+        return t, 1.0
+    kind = precision if precision == "fp16" else f"{precision}-{role}"
+    entry = _PREPARED.get((id(t), kind))
+    if entry is not None and entry[0]() is t and entry[1] == t._version:
+        return entry[2], entry[3]
+    for key in [key for key, value in _PREPARED.items() if value[0]() is None]:
+        del _PREPARED[key]
+    split, scale = fp16_split(t, 1 if precision == "fp16" else 3, role)
+    _PREPARED[(id(t), kind)] = (weakref.ref(t), t._version, split, scale)
+    return split, scale
+
+
+def d_ceil(d: int) -> int:
+    """d rounded up to a multiple of ``D_QUANTUM`` (the kernels' compile-time d)."""
+    return max(D_QUANTUM, -(-d // D_QUANTUM) * D_QUANTUM)
+
+
+def operand(K: Affinity, transpose: bool = False, precision: str = "fp32") -> Operand:
     """K (or Kᵀ) as kernel arguments; unused pointers are filled with a tensor of K's dtype."""
     if K.is_dense:
         dense = K.dense
@@ -81,11 +182,24 @@ def operand(K: Affinity, transpose: bool = False) -> Operand:
         rows, cols = dense.shape
         if transpose:
             stride_r, stride_c, rows, cols = stride_c, stride_r, cols, rows
-        return Operand((dense, dense, dense, 0, 0, 0, stride_r, stride_c), True, rows, cols, 0)
-    x, y = (K.y, K.x) if transpose else (K.x, K.y)
-    x, y = x.contiguous(), y.contiguous()
+        return Operand(
+            (dense, dense, dense, 0, 0, 0, stride_r, stride_c, 1.0), True, rows, cols, 0, D_QUANTUM
+        )
+    (x, scale_x), (y, scale_y) = (
+        prepared(K.x.contiguous(), precision, "x"),
+        prepared(K.y.contiguous(), precision, "y"),
+    )
+    if transpose:
+        x, y = y, x
     d = x.shape[1]
-    return Operand((x, y, x, d, x.stride(0), y.stride(0), 0, 0), False, x.shape[0], y.shape[0], d)
+    return Operand(
+        (x, y, x, d, x.stride(0), y.stride(0), 0, 0, scale_x * scale_y),
+        False,
+        x.shape[0],
+        y.shape[0],
+        d,
+        d_ceil(d),
+    )
 
 
 def bucket(size: int) -> int:
@@ -131,8 +245,8 @@ class TritonBackend(Backend):
     """The Backend primitives as fused Triton kernels; see the module docstring.
 
     Args:
-        precision: ``"fp32"`` (default), ``"tf32x3"``, ``"tf32"`` or ``"fp16"``: how float32
-            affinity tiles x yᵀ are multiplied.
+        precision: ``"fp32"`` (default), ``"tf32x3"``, ``"fp16x3"``, ``"tf32"`` or
+            ``"fp16"``: how float32 affinity tiles x yᵀ are multiplied.
         splits: force this many column splits per reduction (default: the heuristic).
     """
 
@@ -152,22 +266,22 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ helpers
 
-    def _dot_flags(self, dtype: torch.dtype) -> dict:
-        """The constexpr flags of the affinity dots for inputs of this dtype."""
-        if dtype == torch.float64 or self.precision == "fp32":
-            return dict(DOT_PRECISION="ieee", CAST_FP16=False)
-        if self.precision in ("tf32", "tf32x3"):
-            return dict(DOT_PRECISION=self.precision, CAST_FP16=False)
-        # fp16 operands: input_precision only concerns fp32 operands; keep Triton's default.
-        return dict(DOT_PRECISION="tf32", CAST_FP16=True)
+    def _operand(self, K: Affinity, transpose: bool = False) -> Operand:
+        return operand(K, transpose, self.precision)
 
-    def _split_count(self, rows: int, cols: int, device: torch.device) -> int:
+    def _dot_precision(self, dtype: torch.dtype) -> str:
+        """``input_precision`` of the affinity dots (fp16 operands ignore it)."""
+        if dtype == torch.float64 or self.precision == "fp32":
+            return "ieee"
+        return self.precision if self.precision in ("tf32", "tf32x3") else "tf32"
+
+    def _split_count(self, rows: int, cols: int, device: torch.device, dense: bool = False) -> int:
         if self.splits is not None:
             return self.splits
         if device.type != "cuda":
             return 1
         sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        row_blocks = triton.cdiv(rows, SPLIT_BLOCK_M)
+        row_blocks = triton.cdiv(rows, SPLIT_BLOCK_M[dense])
         if row_blocks >= sms:
             return 1
         return max(1, min(triton.cdiv(2 * sms, row_blocks), cols // MIN_SPLIT_COLUMNS))
@@ -211,37 +325,89 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ half-steps
 
-    def _lse(self, K: Affinity, bias: Tensor, eps: float, transpose: bool) -> Tensor:
+    def _half_step(
+        self, K: Affinity, bias: Tensor, eps: float, transpose: bool, log_w: Tensor | None
+    ) -> Tensor:
+        """LSE_j (K_ij + bias_j)/ε over the rows of K (or Kᵀ); with ``log_w`` the potential
+        ε (log w − LSE) instead."""
         self._check(K)
-        op = operand(K, transpose)
+        op = self._operand(K, transpose)
         bias = self._vector("bias", bias, op.cols, K)
-        scale = LOG2E / eps
-        splits = self._split_count(op.rows, op.cols, K.device)
-        out = torch.empty(splits, op.rows, dtype=K.dtype, device=K.device)
+        if log_w is not None:
+            log_w = self._vector("log_w", log_w, op.rows, K)
+        dtype, device = K.dtype, K.device
+        splits = self._split_count(op.rows, op.cols, device, op.dense)
+        epilogue = log_w is not None and splits == 1
+        consts = constants((LOG2E / eps, LN2, eps), dtype, device)
+        out = torch.empty((op.rows,) if epilogue else (splits, op.rows), dtype=dtype, device=device)
+        log_w_arg = bias if log_w is None else log_w
         grid = lambda meta: (triton.cdiv(op.rows, meta["BLOCK_M"]), splits)  # noqa: E731
-        with on_device(K.device):
-            lse_kernel[grid](
-                *op.args,
-                bias * scale,
-                constants((scale, LN2), K.dtype, K.device),
-                out,
-                op.rows,
-                op.cols,
-                bucket(op.rows),
-                bucket(op.cols),
-                bucket(op.d),
-                DENSE=op.dense,
-                **self._dot_flags(K.dtype),
+        with on_device(device):
+            if op.dense:
+                k, stride_r, stride_c = op.args[2], op.args[6], op.args[7]
+                lse_dense_kernel[grid](
+                    k,
+                    stride_r,
+                    stride_c,
+                    bias,
+                    log_w_arg,
+                    consts,
+                    out,
+                    op.rows,
+                    op.cols,
+                    bucket(op.rows),
+                    bucket(op.cols),
+                    int(stride_c == 1),
+                    EPILOGUE=epilogue,
+                )
+            else:
+                x, y, _, d, stride_x, stride_y, _, _, k_scale = op.args
+                dot_precision = self._dot_precision(dtype)
+                lse_kernel[grid](
+                    x,
+                    y,
+                    d,
+                    stride_x,
+                    stride_y,
+                    k_scale,
+                    bias,
+                    log_w_arg,
+                    consts,
+                    out,
+                    op.rows,
+                    op.cols,
+                    bucket(op.rows),
+                    bucket(op.cols),
+                    D_CEIL=op.d_ceil,
+                    DOT_PRECISION=dot_precision,
+                    RESIDENT=op.resident(dot_precision),
+                    EPILOGUE=epilogue,
+                )
+            if epilogue:
+                return out
+            if log_w is None:
+                return out[0] if splits == 1 else torch.logsumexp(out, dim=0)
+            potential = torch.empty(op.rows, dtype=dtype, device=device)
+            update_kernel[(triton.cdiv(op.rows, UPDATE_BLOCK),)](
+                out, splits, log_w, consts, potential, op.rows, BLOCK=UPDATE_BLOCK
             )
-        return out[0] if splits == 1 else torch.logsumexp(out, dim=0)
+        return potential
 
     def lse_rows(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         """out_i = LSE_j (K_ij + bias_j)/ε."""
-        return self._lse(K, bias, eps, transpose=False)
+        return self._half_step(K, bias, eps, False, None)
 
     def lse_cols(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         """out_j = LSE_i (K_ij + bias_i)/ε: the row kernel on Kᵀ."""
-        return self._lse(K, bias, eps, transpose=True)
+        return self._half_step(K, bias, eps, True, None)
+
+    def row_update(self, K: Affinity, g: Tensor, eps: float, log_a: Tensor) -> Tensor:
+        """f = ε log a − ε LSE_j[(K + g)/ε], the LSE kernel with its epilogue."""
+        return self._half_step(K, g, eps, False, log_a)
+
+    def column_update(self, K: Affinity, f: Tensor, eps: float, log_b: Tensor) -> Tensor:
+        """g = ε log b − ε LSE_i[(K + f)/ε], the row kernel on Kᵀ with its epilogue."""
+        return self._half_step(K, f, eps, True, log_b)
 
     # ------------------------------------------------------------------ plan products
 
@@ -265,6 +431,7 @@ class TritonBackend(Backend):
             splits,
             triton.cdiv(n_out, meta["BLOCK_K"]),
         )
+        product_precision = "ieee" if dtype == torch.float64 else PRODUCT_PRECISION[self.precision]
         with on_device(device):
             plan_product_kernel[grid](
                 *op.args,
@@ -282,13 +449,14 @@ class TritonBackend(Backend):
                 n_out,
                 bucket(op.rows),
                 bucket(op.cols),
-                bucket(max(op.d, op_t.d)),
                 bucket(n_out),
                 DENSE=op.dense,
+                D_CEIL=op.d_ceil,
                 DENSE_T=op_t.dense,
+                D_CEIL_T=op_t.d_ceil,
                 HAS_TEACHER=teacher is not None,
-                PRODUCT_PRECISION="ieee",
-                **self._dot_flags(dtype),
+                DOT_PRECISION=self._dot_precision(dtype),
+                PRODUCT_PRECISION=product_precision,
             )
         return out[0] if splits == 1 else out.sum(dim=0)
 
@@ -298,7 +466,7 @@ class TritonBackend(Backend):
         check_plan_factor("V", V, K.shape[1], K)
         f, g = self._vector("f", f, K.shape[0], K), self._vector("g", g, K.shape[1], K)
         scale = LOG2E / eps
-        return self._product(operand(K), f * scale, g * scale, scale, V)
+        return self._product(self._operand(K), f * scale, g * scale, scale, V)
 
     def plan_t_matmul(self, K: Affinity, f: Tensor, g: Tensor, eps: float, U: Tensor) -> Tensor:
         """Pᵀ U: the product kernel on Kᵀ with the potentials' roles swapped."""
@@ -306,7 +474,7 @@ class TritonBackend(Backend):
         check_plan_factor("U", U, K.shape[0], K)
         f, g = self._vector("f", f, K.shape[0], K), self._vector("g", g, K.shape[1], K)
         scale = LOG2E / eps
-        return self._product(operand(K, transpose=True), g * scale, f * scale, scale, U)
+        return self._product(self._operand(K, transpose=True), g * scale, f * scale, scale, U)
 
     def _plan_sum(
         self,
@@ -321,7 +489,7 @@ class TritonBackend(Backend):
         w: float,
     ) -> Tensor:
         """Σ_ij 2^{A_ij·scale + a_i + b_j} (u·A_ij + w·B_ij + r_i + c_j), summed in float64."""
-        op, op_b = operand(A), operand(B)
+        op, op_b = self._operand(A), self._operand(B)
         splits = self._split_count(op.rows, op.cols, A.device)
         # One partial per row and split: its shape does not depend on the tuned BLOCK_M.
         partials = torch.empty(splits, op.rows, dtype=A.dtype, device=A.device)
@@ -340,10 +508,11 @@ class TritonBackend(Backend):
                 op.cols,
                 bucket(op.rows),
                 bucket(op.cols),
-                bucket(max(op.d, op_b.d)),
                 DENSE=op.dense,
+                D_CEIL=op.d_ceil,
                 DENSE_B=op_b.dense,
-                **self._dot_flags(A.dtype),
+                D_CEIL_B=op_b.d_ceil,
+                DOT_PRECISION=self._dot_precision(A.dtype),
             )
         return partials.sum(dtype=torch.float64)
 
@@ -392,15 +561,15 @@ class TritonBackend(Backend):
         scale, scale_t = LOG2E / eps, LOG2E / eps_t
         a, b, a_t, b_t = f * scale, g * scale, f_t * scale_t, g_t * scale_t
         grad_x = self._product(
-            operand(K), a, b, scale, K.y, teacher=(operand(K_t), a_t, b_t, scale_t, 1.0 / eps)
+            self._operand(K), a, b, scale, K.y, teacher=(self._operand(K_t), a_t, b_t, scale_t, 1.0 / eps)
         )
         grad_y = self._product(
-            operand(K, transpose=True),
+            self._operand(K, transpose=True),
             b,
             a,
             scale,
             K.x,
-            teacher=(operand(K_t, transpose=True), b_t, a_t, scale_t, 1.0 / eps),
+            teacher=(self._operand(K_t, transpose=True), b_t, a_t, scale_t, 1.0 / eps),
         )
         return grad_x, grad_y
 
@@ -411,7 +580,7 @@ class TritonBackend(Backend):
         f, g = self._vector("f", f, n, K), self._vector("g", g, m, K)
         f_t, g_t = self._vector("f_t", f_t, n, K), self._vector("g_t", g_t, m, K)
         scale, scale_t = LOG2E / eps, LOG2E / eps_t
-        op, op_t = operand(K), operand(K_t)
+        op, op_t = self._operand(K), self._operand(K_t)
         G = torch.empty(n, m, dtype=K.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]))  # noqa: E731
         with on_device(K.device):
@@ -428,9 +597,10 @@ class TritonBackend(Backend):
                 m,
                 bucket(n),
                 bucket(m),
-                bucket(max(op.d, op_t.d)),
                 DENSE=op.dense,
+                D_CEIL=op.d_ceil,
                 DENSE_T=op_t.dense,
-                **self._dot_flags(K.dtype),
+                D_CEIL_T=op_t.d_ceil,
+                DOT_PRECISION=self._dot_precision(K.dtype),
             )
         return G

@@ -10,9 +10,11 @@ Three kernels, each walking the columns of a block of rows like :mod:`.lse`:
 * ``plan_product_kernel``: out = W V with W = P, or W = G = (P − P*)/ε when a teacher is
   given (the KLOT backward: G y over row blocks, and Gᵀ x as the same kernel on the
   transposed operands, so no atomics). The W tile is formed in registers and fed to
-  ``tl.dot`` against a (BLOCK_N × BLOCK_K) tile of V, accumulating in fp32 (fp64 inputs:
-  fp64). Output columns are split over grid axis 2 in blocks of BLOCK_K, each recomputing
-  its W tiles: a full 512-wide accumulator would not fit in registers.
+  ``tl.dot`` against a (BLOCK_N × BLOCK_K) tile of V on the tensor cores, accumulating in
+  fp32 (fp64 inputs: fp64), with ``PRODUCT_PRECISION`` "tf32x3" for the fp32-accurate
+  precisions, "tf32" for tf32/fp16 and "ieee" for fp32/fp64 (never fp16 operands: P's tiny
+  entries would underflow). The output block is the whole output width up to 256
+  (``BLOCK_K``), so each W tile is formed once; wider outputs take several programs.
 * ``plan_sum_kernel``: Σ_ij P_ij (u·A_ij + w·B_ij + r_i + c_j) with P formed from A. The
   KLOT value is A = K*, B = K, u = 1/ε*, w = −1/ε, r_i = f*_i/ε* − f_i/ε,
   c_j = g*_j/ε* − g_j/ε, i.e. Σ P*_ij (log P*_ij − log P_ij) with the difference of logs
@@ -28,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import TILE_KEY, affinity_tile, product_configs, split_columns, tile_configs
+from .tiles import TILE_KEY, affinity_tile, online_configs, product_block_k, product_configs, split_columns
 
 
 @triton.jit
@@ -41,6 +43,7 @@ def plan_tile(
     stride_y,
     stride_r,
     stride_c,
+    k_scale,
     a_ptr,
     b_ptr,
     scale,
@@ -49,13 +52,13 @@ def plan_tile(
     row_mask,
     col_mask,
     DENSE: tl.constexpr,
+    D_CEIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    CAST_FP16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """(P tile, K tile) with P_ij = 2^{K_ij·scale + a_i + b_j}."""
+    """(P tile, K tile) with P_ij = 2^{K_ij·scale + a_i + b_j}, in the potentials' dtype."""
     K = affinity_tile(
         x_ptr,
         y_ptr,
@@ -65,13 +68,15 @@ def plan_tile(
         stride_y,
         stride_r,
         stride_c,
+        k_scale,
         rows,
         cols,
         row_mask,
         col_mask,
+        a_ptr.dtype.element_ty,
         DENSE,
+        D_CEIL,
         DOT_PRECISION,
-        CAST_FP16,
         BLOCK_M,
         BLOCK_N,
         BLOCK_D,
@@ -81,7 +86,12 @@ def plan_tile(
     return tl.exp2(K * scale + a[:, None] + b[None, :]), K
 
 
-@triton.autotune(configs=product_configs(), key=TILE_KEY + ["OUT_BUCKET", "DENSE_T", "HAS_TEACHER"])
+@triton.autotune(
+    configs=product_configs(),
+    key=TILE_KEY + ["D_CEIL_T", "OUT_BUCKET", "DENSE_T", "HAS_TEACHER", "PRODUCT_PRECISION"],
+    cache_results=True,
+)
+@triton.heuristics({"BLOCK_K": product_block_k})
 @triton.jit
 def plan_product_kernel(
     x_ptr,
@@ -92,6 +102,7 @@ def plan_product_kernel(
     stride_y,
     stride_r,
     stride_c,
+    k_scale,
     a_ptr,
     b_ptr,
     xt_ptr,
@@ -102,6 +113,7 @@ def plan_product_kernel(
     stride_yt,
     stride_rt,
     stride_ct,
+    k_scale_t,
     at_ptr,
     bt_ptr,
     v_ptr,
@@ -113,13 +125,13 @@ def plan_product_kernel(
     n_out,
     ROWS_BUCKET,
     COLS_BUCKET,
-    D_BUCKET,
     OUT_BUCKET,
     DENSE: tl.constexpr,
+    D_CEIL: tl.constexpr,
     DENSE_T: tl.constexpr,
+    D_CEIL_T: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    CAST_FP16: tl.constexpr,
     PRODUCT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -151,6 +163,7 @@ def plan_product_kernel(
             stride_y,
             stride_r,
             stride_c,
+            k_scale,
             a_ptr,
             b_ptr,
             scale,
@@ -159,8 +172,8 @@ def plan_product_kernel(
             row_mask,
             col_mask,
             DENSE,
+            D_CEIL,
             DOT_PRECISION,
-            CAST_FP16,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
@@ -175,6 +188,7 @@ def plan_product_kernel(
                 stride_yt,
                 stride_rt,
                 stride_ct,
+                k_scale_t,
                 at_ptr,
                 bt_ptr,
                 tl.load(consts_ptr + 1),
@@ -183,8 +197,8 @@ def plan_product_kernel(
                 row_mask,
                 col_mask,
                 DENSE_T,
+                D_CEIL_T,
                 DOT_PRECISION,
-                CAST_FP16,
                 BLOCK_M,
                 BLOCK_N,
                 BLOCK_D,
@@ -196,13 +210,13 @@ def plan_product_kernel(
             mask=col_mask[:, None] & out_mask[None, :],
             other=0.0,
         )
-        acc = tl.dot(W, V, acc, input_precision=PRODUCT_PRECISION)
+        acc = tl.dot(W, V, acc, input_precision=PRODUCT_PRECISION, out_dtype=acc.dtype)
 
     offsets = (tl.program_id(1).to(tl.int64) * n_rows + rows[:, None]) * n_out + outs[None, :]
     tl.store(out_ptr + offsets, acc, mask=row_mask[:, None] & out_mask[None, :])
 
 
-@triton.autotune(configs=tile_configs(), key=TILE_KEY + ["DENSE_B"])
+@triton.autotune(configs=online_configs(), key=TILE_KEY + ["DENSE_B", "D_CEIL_B"], cache_results=True)
 @triton.jit
 def plan_sum_kernel(
     x_ptr,
@@ -213,6 +227,7 @@ def plan_sum_kernel(
     stride_y,
     stride_r,
     stride_c,
+    k_scale,
     a_ptr,
     b_ptr,
     xb_ptr,
@@ -223,6 +238,7 @@ def plan_sum_kernel(
     stride_yb,
     stride_rb,
     stride_cb,
+    k_scale_b,
     r_ptr,
     c_ptr,
     consts_ptr,
@@ -231,14 +247,15 @@ def plan_sum_kernel(
     n_cols,
     ROWS_BUCKET,
     COLS_BUCKET,
-    D_BUCKET,
     DENSE: tl.constexpr,
+    D_CEIL: tl.constexpr,
     DENSE_B: tl.constexpr,
+    D_CEIL_B: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    CAST_FP16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """out[split, i] = Σ_{j ∈ split} P_ij (u·A_ij + w·B_ij + r_i + c_j), P from A;
     ``consts_ptr`` holds [log2(e)/ε_A, u, w]."""
@@ -265,6 +282,7 @@ def plan_sum_kernel(
             stride_y,
             stride_r,
             stride_c,
+            k_scale,
             a_ptr,
             b_ptr,
             scale,
@@ -273,8 +291,8 @@ def plan_sum_kernel(
             row_mask,
             col_mask,
             DENSE,
+            D_CEIL,
             DOT_PRECISION,
-            CAST_FP16,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
@@ -288,13 +306,15 @@ def plan_sum_kernel(
             stride_yb,
             stride_rb,
             stride_cb,
+            k_scale_b,
             rows,
             cols,
             row_mask,
             col_mask,
+            a_ptr.dtype.element_ty,
             DENSE_B,
+            D_CEIL_B,
             DOT_PRECISION,
-            CAST_FP16,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
@@ -306,7 +326,7 @@ def plan_sum_kernel(
     tl.store(out_ptr + tl.program_id(1) * n_rows + rows, acc, mask=row_mask)
 
 
-@triton.autotune(configs=tile_configs(), key=TILE_KEY + ["DENSE_T"])
+@triton.autotune(configs=online_configs(), key=TILE_KEY + ["DENSE_T", "D_CEIL_T"], cache_results=True)
 @triton.jit
 def plan_difference_kernel(
     x_ptr,
@@ -317,6 +337,7 @@ def plan_difference_kernel(
     stride_y,
     stride_r,
     stride_c,
+    k_scale,
     a_ptr,
     b_ptr,
     xt_ptr,
@@ -327,6 +348,7 @@ def plan_difference_kernel(
     stride_yt,
     stride_rt,
     stride_ct,
+    k_scale_t,
     at_ptr,
     bt_ptr,
     consts_ptr,
@@ -335,16 +357,19 @@ def plan_difference_kernel(
     n_cols,
     ROWS_BUCKET,
     COLS_BUCKET,
-    D_BUCKET,
     DENSE: tl.constexpr,
+    D_CEIL: tl.constexpr,
     DENSE_T: tl.constexpr,
+    D_CEIL_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    CAST_FP16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """out[tile] = (P − P*)/ε on the (program 0, program 1) tile; consts as in the product."""
+    """out[tile] = (P − P*)/ε on the (program 0, program 1) tile; consts as in the product.
+    ``out`` may be the student's stored K itself: each program reads its tiles before it
+    writes the same offsets."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -358,6 +383,7 @@ def plan_difference_kernel(
         stride_y,
         stride_r,
         stride_c,
+        k_scale,
         a_ptr,
         b_ptr,
         tl.load(consts_ptr),
@@ -366,8 +392,8 @@ def plan_difference_kernel(
         row_mask,
         col_mask,
         DENSE,
+        D_CEIL,
         DOT_PRECISION,
-        CAST_FP16,
         BLOCK_M,
         BLOCK_N,
         BLOCK_D,
@@ -381,6 +407,7 @@ def plan_difference_kernel(
         stride_yt,
         stride_rt,
         stride_ct,
+        k_scale_t,
         at_ptr,
         bt_ptr,
         tl.load(consts_ptr + 1),
@@ -389,8 +416,8 @@ def plan_difference_kernel(
         row_mask,
         col_mask,
         DENSE_T,
+        D_CEIL_T,
         DOT_PRECISION,
-        CAST_FP16,
         BLOCK_M,
         BLOCK_N,
         BLOCK_D,

@@ -74,7 +74,7 @@ def test_cuda_crossover_is_data_with_provenance():
     """The crossover and the online precision come from ot/dispatch.json, each with where it
     comes from; an estimate must agree with the H200 baseline in which the stored K won at
     d = 256 (KLOT) and d = 512 (Sinkhorn)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     tuning = json.loads((root / "sotalign" / "ot" / "dispatch.json").read_text())
     for entry in (*tuning["dense_min_dim"].values(), tuning["online_precision"]["cuda"]):
         assert entry["provenance"] in ("measured", "estimate")

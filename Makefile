@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.sotalign-installed
 
-.PHONY: test demo bench bench-gpu align-report install clean
+.PHONY: test data demo demo-full bench bench-gpu align-report install clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,12 +18,22 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The Debian data packages of sotalign.data.datasets (emoji font, OpenClipArt, Fashion-MNIST,
+# WordNet): installed when root and missing, else the command is printed (their tests then skip).
+data: $(STAMP)
+	$(PY) -m sotalign.data.datasets --install
+
+test: $(STAMP) data
 	$(PY) -m pytest -q tests
 	SOTALIGN_BENCH_SMOKE=1 $(PY) -m pytest -q benchmarks --benchmark-disable
 
-demo: $(STAMP)
+# Real encoders on real data (emoji, OpenClipArt, WordNet; embeddings cached under ~/.cache/sotalign):
+# teacher, SAIL and SOTAlign at 100 and 300 pairs, table + plot. `make demo-full`: the whole benchmark.
+demo: $(STAMP) data
 	$(PY) -m sotalign.demo
+
+demo-full: $(STAMP) data
+	$(PY) -m sotalign.demo --full
 
 # The full CPU benchmark run (~15 min on 2 cores) whose results are committed under
 # benchmarks/results/<machine>-<suite>.{json,md,png}. Run it on an otherwise idle machine.

@@ -275,31 +275,52 @@ def compare(
     seeds: Annotated[str, Opt(help="Comma-separated seeds (split and training).")] = "0,1,2",
     config_file: ConfigOpt = None,
     images: ImagesOpt = None, texts: TextsOpt = None, pairs: PairsOpt = None, val: ValOpt = None,
-    test: TestOpt = None, unpaired: UnpairedOpt = None, key: KeyOpt = None,
-    steps: StepsOpt = None, lr: LrOpt = None, warmup: WarmupOpt = None, batch_pairs: BatchPairsOpt = None,
+    test: TestOpt = None, unpaired: UnpairedOpt = None, key: KeyOpt = None, split_seed: SplitSeedOpt = None,
+    disjoint_unpaired: Annotated[Optional[bool], Opt("--disjoint-unpaired/--shared-unpaired", help="Unpaired images and texts from disjoint halves of the rows left [shared].", rich_help_panel=DATA)] = None,
+    paired_images: Annotated[Optional[str], Opt(help="Explicit paired image store (a pool with --pairs: redrawn per seed).", rich_help_panel=DATA)] = None,
+    paired_texts: Annotated[Optional[str], Opt(help="Explicit paired text store.", rich_help_panel=DATA)] = None,
+    unpaired_images: Annotated[Optional[str], Opt(help="Unpaired image store.", rich_help_panel=DATA)] = None,
+    unpaired_texts: Annotated[Optional[str], Opt(help="Unpaired text store.", rich_help_panel=DATA)] = None,
+    val_images: Annotated[Optional[str], Opt(help="Validation image store.", rich_help_panel=DATA)] = None,
+    val_texts: Annotated[Optional[str], Opt(help="Validation text store.", rich_help_panel=DATA)] = None,
+    test_images: Annotated[Optional[str], Opt(help="Test image store.", rich_help_panel=DATA)] = None,
+    test_texts: Annotated[Optional[str], Opt(help="Test text store.", rich_help_panel=DATA)] = None,
+    steps: StepsOpt = None, lr: LrOpt = None, weight_decay: WdOpt = None, warmup: WarmupOpt = None,
+    batch_pairs: BatchPairsOpt = None,
     batch_unpaired: BatchUnpairedOpt = None, alpha: AlphaOpt = None, eps: EpsOpt = None,
     eps_teacher: EpsTeacherOpt = None, n_iters: ItersOpt = None, backend: BackendOpt = None,
-    out_dim: OutDimOpt = None, eval_every: EvalEveryOpt = None, checkpoint_every: CkptEveryOpt = None,
+    out_dim: OutDimOpt = None, head: HeadOpt = None,
+    head_init: Annotated[Optional[str], Opt(help="Heads start random or as the teacher's maps [teacher for sotalign].", rich_help_panel=TRAIN)] = None,
+    eval_every: EvalEveryOpt = None, checkpoint_every: CkptEveryOpt = None,
     device: DeviceOpt = None, quiet: QuietOpt = False,
 ):
-    """Train several methods on the same data and seeds; table of held-out mean R@1 ± std."""
+    """Train several methods on the same data and seeds; table of held-out mean R@1 ± std.
+
+    Each seed redraws the pairs (from an aligned dataset, or from the --paired-* pool with
+    --pairs) unless --split-seed fixes them; the training seed is always the seed.
+    """
     with _one_line_errors():
         from .align import compare as compare_runs
 
         base, source = _base_config(config_file)
-        train = dict(steps=steps, lr=lr, warmup_steps=warmup, paired_batch_size=batch_pairs,
+        train = dict(steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup, paired_batch_size=batch_pairs,
                      unpaired_batch_size=batch_unpaired, alpha=alpha, eps=eps, eps_teacher=eps_teacher,
-                     n_iters=n_iters, backend=backend, out_dim=out_dim, eval_every=eval_every,
-                     checkpoint_every=checkpoint_every, device=device)
-        data = dict(images=images, texts=texts, n_pairs=pairs, n_val=val, n_test=test, n_unpaired=unpaired, key=key)
+                     n_iters=n_iters, backend=backend, out_dim=out_dim, head_kind=head, head_init=head_init,
+                     eval_every=eval_every, checkpoint_every=checkpoint_every, device=device)
+        data = dict(images=images, texts=texts, n_pairs=pairs, n_val=val, n_test=test, n_unpaired=unpaired, key=key,
+                    split_seed=split_seed, disjoint_unpaired=disjoint_unpaired, paired_images=paired_images,
+                    paired_texts=paired_texts, unpaired_images=unpaired_images, unpaired_texts=unpaired_texts,
+                    val_images=val_images, val_texts=val_texts, test_images=test_images, test_texts=test_texts)
         config, spec = _configs(base, source, train, data)
         if spec is None:
-            raise ValueError("no data: give --images/--texts/--pairs (or --config with a [data] table)")
+            raise ValueError("no data: give --images/--texts/--pairs, --paired-images/--paired-texts "
+                             "(or --config with a [data] table)")
         method_list = _csv(methods)
         from .align import get_method
         for name in method_list:
             get_method(name)
-        result = compare_runs(config, spec, method_list, _csv(seeds, int), out_dir, progress=not quiet)
+        result = compare_runs(config, spec, method_list, _csv(seeds, int), out_dir, progress=not quiet,
+                              fixed_split=split_seed is not None)
         print_comparison(result)
         console.print(f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.md'}")
 
@@ -313,6 +334,53 @@ def print_comparison(result: dict) -> None:
     for method, summary in result["summary"].items():
         table.add_row(method, f"{summary['mean_R@1']:.2f}", f"{summary['std']:.2f}")
     console.print(table)
+
+
+@app.command()
+def embed(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for images.npy, texts.npy, captions.txt (labels.npy, classes.json).")],
+    input: Annotated[str, Opt("--input", help="dataset:<emoji|openclipart|fashion-mnist[-train]|wordnet>, an image folder, a .csv/.jsonl of image,caption, or a .txt of sentences.")],
+    image_encoder: Annotated[Optional[str], Opt(help="efficientnet-lite0, timm:<name>, open_clip:<arch>/<tag>, hf:<name>.")] = "efficientnet-lite0",
+    text_encoder: Annotated[Optional[str], Opt(help="minilm, mpnet, sentence-transformers:<name>, transformers:<name>.")] = "minilm",
+    size: Annotated[Optional[int], Opt(help="Input size of efficientnet-lite0 in px [128].")] = None,
+    feature: Annotated[Optional[str], Opt(help="hf: image feature: cls, mean or cls+mean (SAIL) [cls+mean].")] = None,
+    batch_size: Annotated[int, Opt(help="Images per batch (texts: 4×).")] = 64,
+    workers: Annotated[int, Opt(help="Image loader processes.")] = 2,
+    shard_rows: Annotated[int, Opt(help="Rows per cached shard.")] = 1024,
+    device: DeviceOpt = None,
+    cache_dir: Annotated[Optional[Path], Opt(help="Embedding cache [~/.cache/sotalign/embeddings].")] = None,
+    quiet: QuietOpt = False,
+):
+    """Embed images and/or texts with frozen encoders (cached, sharded, resumable)."""
+    with _one_line_errors():
+        import numpy as np
+
+        from .data.embed import embed_images, embed_texts, read_input
+        from .data.encoders import load_image_encoder, load_text_encoder
+
+        name, images, texts, labels, classes = read_input(input)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        options = dict(cache_dir=cache_dir, progress=not quiet, shard_rows=shard_rows)
+        written = []
+        if images is not None and image_encoder:
+            extra = {k: v for k, v in (("size", size), ("feature", feature)) if v is not None}
+            encoder = load_image_encoder(image_encoder, device=device, **extra)
+            store = embed_images(encoder, images, batch_size=batch_size, workers=workers, **options)
+            np.save(out_dir / "images.npy", store.read(0, len(store)).numpy())
+            written.append(f"images.npy ({len(store)} × {store.dim}, {encoder.name})")
+        if texts is not None and text_encoder:
+            encoder = load_text_encoder(text_encoder, device=device)
+            store = embed_texts(encoder, texts, batch_size=4 * batch_size, **options)
+            np.save(out_dir / "texts.npy", store.read(0, len(store)).numpy())
+            (out_dir / "captions.txt").write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
+            written.append(f"texts.npy ({len(store)} × {store.dim}, {encoder.name})")
+        if labels is not None:
+            np.save(out_dir / "labels.npy", labels)
+            (out_dir / "classes.json").write_text(json.dumps(list(classes)) + "\n")
+            written.append("labels.npy, classes.json")
+        if not written:
+            raise ValueError(f"{input}: nothing to embed with the encoders given")
+        console.print(f"{name}: wrote {', '.join(written)} to {out_dir}")
 
 
 @app.command()

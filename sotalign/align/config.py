@@ -27,6 +27,10 @@ from typing import Any
 from .methods import get_method
 
 
+#: "random": PyTorch's default; "teacher": heads start as the stage-1 teacher's maps.
+HEAD_INITS = ("random", "teacher")
+
+
 class ConfigError(ValueError):
     """A bad option value, an unknown option or an unreadable configuration file."""
 
@@ -82,6 +86,7 @@ class TrainConfig:
     teacher_options: dict[str, Any] = field(default_factory=dict)
     head_kind: str = "linear"
     head_hidden_dim: int | None = None
+    head_init: str = "random"
     out_dim: int = 1024
     lr: float = 1e-4
     weight_decay: float = 1e-5
@@ -111,6 +116,8 @@ class TrainConfig:
                       alpha=self.alpha, seed=self.seed)
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"{owner}.warmup_steps must be < steps ({self.warmup_steps} >= {self.steps})")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"{owner}.head_init must be one of {', '.join(HEAD_INITS)} (got {self.head_init!r})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{owner}.device must be 'auto', 'cpu' or 'cuda[:N]' (got {self.device!r})")
         try:
@@ -130,7 +137,10 @@ class DataSpec:
     Aligned dataset: `images`/`texts` hold the same items row by row; `make_split` draws
     `n_pairs` pairs, `n_val + n_test` held-out pairs (the first `n_val` validate, the rest
     test) and unpaired images and texts from disjoint rows (`n_unpaired` each, or all that
-    remain). Explicit: `paired_*` (required), `unpaired_*`, `val_*`, `test_*` stores.
+    remain; `disjoint_unpaired`: images and texts from two disjoint halves of the rows left, so
+    no unpaired image has its caption among the unpaired texts). Explicit: `paired_*`
+    (required), `unpaired_*`, `val_*`, `test_*` stores; with `n_pairs`, the paired stores are a
+    pool from which `n_pairs` pairs are drawn by `split_seed`.
     Paths are embedding stores (.npy, .safetensors, .h5, a directory or shards); `key`
     names the array inside .safetensors/.h5 files.
     """
@@ -141,6 +151,7 @@ class DataSpec:
     n_val: int = 1000
     n_test: int = 0
     n_unpaired: int | None = None
+    disjoint_unpaired: bool = False
     split_seed: int = 0
     paired_images: str | None = None
     paired_texts: str | None = None

@@ -123,11 +123,18 @@ class AlignmentData:
                 return Rows.whole(open_store(images, key=spec.key)), Rows.whole(open_store(texts, key=spec.key))
 
             (pi, pt), (ui, ut), (vi, vt), (ti, tt) = (pair(r) for r in ("paired", "unpaired", "val", "test"))
+            if spec.n_pairs is not None:  # the paired stores are a pool: draw n_pairs of them
+                check_aligned(pi.store, pt.store)
+                if spec.n_pairs > len(pi):
+                    raise ValueError(f"{spec.paired_images}: {spec.n_pairs} pairs requested from a pool of {len(pi)}")
+                drawn = np.sort(np.random.default_rng([spec.split_seed, 2]).permutation(len(pi))[:spec.n_pairs])
+                pi, pt = Rows(pi.store, drawn), Rows(pt.store, drawn)
             return cls(pi, pt, ui, ut, vi, vt, ti, tt, spec=spec)
         images, texts = open_store(spec.images, key=spec.key), open_store(spec.texts, key=spec.key)
         check_aligned(images, texts)
         held_out = spec.n_val + spec.n_test
-        split = make_split(len(images), spec.n_pairs, held_out, n_unpaired=spec.n_unpaired, seed=spec.split_seed)
+        split = make_split(len(images), spec.n_pairs, held_out, n_unpaired=spec.n_unpaired, seed=spec.split_seed,
+                           disjoint_unpaired=spec.disjoint_unpaired)
         # make_split returns sorted rows; shuffle before cutting validation from test so that
         # neither is biased towards one end of the store.
         order = np.random.default_rng([spec.split_seed, 4]).permutation(split.val)
@@ -318,6 +325,10 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
     torch.manual_seed(config.seed)  # the heads' initialisation; everything else is seeded statelessly
     heads = AlignmentHeads(data.image_dim, data.text_dim, config.out_dim, config.head_kind,
                            config.head_hidden_dim).to(device)
+    if config.head_init == "teacher":
+        if teacher is None:
+            raise ConfigError(f"head_init='teacher' needs a method with a stage-1 teacher, not {recipe.name!r}")
+        heads.init_from_teacher(teacher)
     losses = recipe.loss_modules().to(device)
     weights = recipe.weights(config.alpha)
     optimizer = Lion([*heads.parameters(), *losses.parameters()], lr=config.lr, weight_decay=config.weight_decay)
@@ -387,11 +398,12 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
 # ----------------------------------------------------------------------------- compare
 
 def compare(config: TrainConfig, spec: DataSpec, methods: list[str], seeds: list[int], out_dir, *,
-            progress: bool = True) -> dict:
+            progress: bool = True, fixed_split: bool = False) -> dict:
     """Train each method for each seed on the same data; summarise held-out mean R@1.
 
-    Seed s sets both the training seed and, for an aligned dataset, the split (which pairs
-    are kept), so every method sees the same rows for a given seed. The score is the test
+    Seed s sets both the training seed and, for an aligned dataset or a pool of explicit pairs
+    (`spec.n_pairs`), the split (which pairs are kept), so every method sees the same rows for
+    a given seed; `fixed_split=True` keeps `spec.split_seed` for every seed instead. The score is the test
     split's mean R@1 when there is one, else the validation split's. Finished runs under
     `out_dir/<method>/seed<s>` are reused (their checkpoints resume), so a killed comparison
     can be restarted. Writes `out_dir/compare.json` and `out_dir/compare.md`.
@@ -399,7 +411,8 @@ def compare(config: TrainConfig, spec: DataSpec, methods: list[str], seeds: list
     out_dir = Path(out_dir)
     runs = []
     for seed in seeds:
-        seed_spec = dataclasses.replace(spec, split_seed=seed) if spec.aligned else spec
+        redraw = (spec.aligned or spec.n_pairs is not None) and not fixed_split
+        seed_spec = dataclasses.replace(spec, split_seed=seed) if redraw else spec
         data = AlignmentData.from_spec(seed_spec)
         for method in methods:
             run_config = dataclasses.replace(config, method=method, seed=seed,

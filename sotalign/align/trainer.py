@@ -350,6 +350,11 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start, best = state["step"], state["best"]
+    elif config.head_init == "teacher" and data.val_images is not None:
+        # The starting point (the teacher itself) is a candidate of the model selection, so a
+        # run never ends worse on validation than its teacher.
+        metric = evaluate(model, data.val_images, data.val_texts)["mean_R@1"]
+        best = {"step": 0, "metric": metric, "heads": _clone(heads.state_dict()), "losses": _clone(losses.state_dict())}
     _restart_log(log_path, start)
 
     bar = Progress(TextColumn(f"[bold]{recipe.name}[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -144,3 +144,34 @@ def run(data: Embedded, task: str, n_pairs: int, seed: int, method: str, split_s
             "overrides": overrides, "best_step": metrics["best_step"],
             "val": metrics["val"]["mean_R@1"], "test": metrics["test"]["mean_R@1"],
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def ridge(data: Embedded, task: str, n_pairs: int, seed: int, split_seed: int = 0, grid=RIDGE_GRID) -> dict:
+    r"""Ridge regression from image to text features, λ chosen on validation.
+
+    W = argmin ‖(A − μ_A) W − (B − μ_B)‖² + λ n ‖W‖² (λ relative to the mean feature variance),
+    i.e. W = (C_aa + λ s I)^{-1} C_ab with the 1/n covariances and s = tr(C_aa)/d; images are
+    embedded as (x − μ_A) W + μ_B and texts stay as they are, compared by cosine.
+    """
+    from ..eval import retrieval_metrics
+
+    parts = split(data, task, n_pairs, seed, split_seed)
+    A, B = parts.paired_images.double(), parts.paired_texts.double()
+    mu_a, mu_b = A.mean(0), B.mean(0)
+    Ac, Bc = A - mu_a, B - mu_b
+    C_aa, C_ab = Ac.T @ Ac / len(A), Ac.T @ Bc / len(A)
+    scale = float(torch.trace(C_aa)) / C_aa.shape[0]
+    eye = torch.eye(C_aa.shape[0], dtype=C_aa.dtype)
+
+    def score(lam, images, texts):
+        W = torch.linalg.solve(C_aa + lam * scale * eye, C_ab)
+        return retrieval_metrics((images.double() - mu_a) @ W + mu_b, texts.double())["mean_R@1"]
+
+    best = max(grid, key=lambda lam: score(lam, parts.val_images, parts.val_texts))
+    return {"task": task, "pairs": n_pairs, "seed": seed, "method": "ridge", "split_seed": split_seed,
+            "overrides": {"lambda": best}, "best_step": None,
+            "val": score(best, parts.val_images, parts.val_texts),
+            "test": score(best, parts.test_images, parts.test_texts), "seconds": 0.0}

@@ -117,8 +117,8 @@ def split(data: Embedded, task: str, n_pairs: int, seed: int, split_seed: int = 
 
 #: CPU-sized settings shared by every run of the benchmark (the paper: 2000 steps, 1024-d heads,
 #: batches of up to 32k; here all pairs and 512 unpaired images + 512 unpaired texts per step).
-BASE = dict(steps=300, out_dim=512, lr=1e-4, weight_decay=1e-5, unpaired_batch_size=512, n_iters=50,
-            eval_every=25, device="cpu")
+BASE = dict(steps=100, out_dim=512, lr=1e-4, weight_decay=1e-5, unpaired_batch_size=256, n_iters=30,
+            eval_every=20, device="cpu")
 
 
 def run(data: Embedded, task: str, n_pairs: int, seed: int, method: str, split_seed: int = 0, **overrides) -> dict:

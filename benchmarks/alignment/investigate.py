@@ -31,6 +31,13 @@ GRIDS = {
     # Learning rate (Lion) for random and teacher init.
     "lr": [(f"sail lr={lr:g}", "sail", {"lr": lr}) for lr in (3e-5, 3e-4, 1e-3)]
     + [(f"teacher-init a=1 lr={lr:g}", "sotalign", {**T, "alpha": 1.0, "lr": lr}) for lr in (3e-5, 3e-4)],
+    # Seeds × pairs × task check of the recipe against its ablations.
+    "recipe": [("teacher", "cca+none", {}), ("sail steps=300", "sail", {"steps": 300})]
+    + [(f"teacher-init a={a:g}", "sotalign", {**T, "alpha": a}) for a in (0.0, 1.0, 10.0)],
+    # Finer α around the best, and longer training.
+    "alpha2": [(f"teacher-init a={a:g}", "sotalign", {**T, "alpha": a}) for a in (0.3, 3.0, 30.0)],
+    "steps": [("sail steps=300", "sail", {"steps": 300}), ("sail steps=300 lr=3e-4", "sail", {"steps": 300, "lr": 3e-4}),
+              ("teacher-init a=1 steps=300", "sotalign", {**T, "alpha": 1.0, "steps": 300})],
     # Entropic regularisation of student and teacher plans.
     "eps": [(f"teacher-init a=1 eps={e:g}/{et:g}", "sotalign", {**T, "alpha": 1.0, "eps": e, "eps_teacher": et})
             for e, et in ((0.05, 0.05), (0.1, 0.01))],

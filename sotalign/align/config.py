@@ -27,8 +27,9 @@ from typing import Any
 from .methods import get_method
 
 
-#: "random": PyTorch's default; "teacher": heads start as the stage-1 teacher's maps.
-HEAD_INITS = ("random", "teacher")
+#: "random": PyTorch's default; "teacher": heads start as the stage-1 teacher's maps;
+#: "auto": "teacher" when the recipe has a teacher a linear head can start from, else "random".
+HEAD_INITS = ("auto", "random", "teacher")
 
 
 class ConfigError(ValueError):
@@ -86,7 +87,7 @@ class TrainConfig:
     teacher_options: dict[str, Any] = field(default_factory=dict)
     head_kind: str = "linear"
     head_hidden_dim: int | None = None
-    head_init: str = "random"
+    head_init: str = "auto"
     out_dim: int = 1024
     lr: float = 1e-4
     weight_decay: float = 1e-5

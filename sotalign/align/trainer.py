@@ -325,9 +325,12 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
     torch.manual_seed(config.seed)  # the heads' initialisation; everything else is seeded statelessly
     heads = AlignmentHeads(data.image_dim, data.text_dim, config.out_dim, config.head_kind,
                            config.head_hidden_dim).to(device)
-    if config.head_init == "teacher":
-        if teacher is None:
-            raise ConfigError(f"head_init='teacher' needs a method with a stage-1 teacher, not {recipe.name!r}")
+    if config.head_init == "teacher" and teacher is None:
+        raise ConfigError(f"head_init='teacher' needs a method with a stage-1 teacher, not {recipe.name!r}")
+    from_teacher = config.head_init == "teacher" or (
+        config.head_init == "auto" and teacher is not None and config.head_kind == "linear"
+        and not teacher.normalize_inputs)
+    if from_teacher:
         heads.init_from_teacher(teacher)
     losses = recipe.loss_modules().to(device)
     weights = recipe.weights(config.alpha)
@@ -350,7 +353,7 @@ def fit(config: TrainConfig, data: AlignmentData, run_dir, *, resume: bool = Fal
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start, best = state["step"], state["best"]
-    elif config.head_init == "teacher" and data.val_images is not None:
+    elif from_teacher and data.val_images is not None:
         # The starting point (the teacher itself) is a candidate of the model selection, so a
         # run never ends worse on validation than its teacher.
         metric = evaluate(model, data.val_images, data.val_texts)["mean_R@1"]

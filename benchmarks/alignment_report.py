@@ -55,7 +55,9 @@ def main(argv=None) -> None:
 
     data_settings = dict(image_dim=128, text_dim=96, latent_dim=16, n_concepts=20, noise=0.1, seed=1)
     n_val, n_test = 500, 1000
-    config = TrainConfig(steps=args.steps, out_dim=256, lr=1e-3, warmup_steps=0, paired_batch_size=1000,
+    # head_init="random": the paper's initialisation; on this toy it beats starting from the
+    # teacher (50.5 vs 77-87 mean R@1 at 100 pairs, seed 0), unlike on real encoders (README).
+    config = TrainConfig(steps=args.steps, out_dim=256, lr=1e-3, warmup_steps=0, paired_batch_size=1000, head_init="random",
                          unpaired_batch_size=512, alpha=args.alpha, eps=0.05, eps_teacher=0.01, n_iters=50,
                          eval_every=50, checkpoint_every=args.steps, device="cpu")
     started = time.perf_counter()

@@ -106,7 +106,7 @@ WdOpt = Annotated[Optional[float], Opt("--weight-decay", help="[1e-5]", rich_hel
 WarmupOpt = Annotated[Optional[int], Opt("--warmup", help="Linear warm-up steps [0].", rich_help_panel=TRAIN)]
 BatchPairsOpt = Annotated[Optional[int], Opt("--batch-pairs", help="Pairs per step [10000].", rich_help_panel=TRAIN)]
 BatchUnpairedOpt = Annotated[Optional[int], Opt("--batch-unpaired", help="Unpaired images and texts per step, each [11000].", rich_help_panel=TRAIN)]
-AlphaOpt = Annotated[Optional[float], Opt("--alpha", help="Weight of the teacher divergence [1e-4].", rich_help_panel=TRAIN)]
+AlphaOpt = Annotated[Optional[float], Opt("--alpha", help="Weight of the teacher divergence, mass-1 KLOT units [1 ≈ the paper's 1e-4 at 10k rows].", rich_help_panel=TRAIN)]
 EpsOpt = Annotated[Optional[float], Opt("--eps", help="Student entropic ε [0.05].", rich_help_panel=TRAIN)]
 EpsTeacherOpt = Annotated[Optional[float], Opt("--eps-teacher", help="Teacher entropic ε* [0.01].", rich_help_panel=TRAIN)]
 ItersOpt = Annotated[Optional[int], Opt("--n-iters", help="Sinkhorn iterations [100].", rich_help_panel=TRAIN)]
@@ -115,6 +115,7 @@ OutDimOpt = Annotated[Optional[int], Opt("--out-dim", help="Shared-space dimensi
 HeadOpt = Annotated[Optional[str], Opt("--head", help="Head kind: linear or mlp [linear].", rich_help_panel=TRAIN)]
 EvalEveryOpt = Annotated[Optional[int], Opt("--eval-every", help="Validate every N steps [100].", rich_help_panel=TRAIN)]
 CkptEveryOpt = Annotated[Optional[int], Opt("--checkpoint-every", help="Checkpoint every N steps [100].", rich_help_panel=TRAIN)]
+HeadInitOpt = Annotated[Optional[str], Opt("--head-init", help="auto (the teacher's maps when the method has a teacher), random or teacher [auto].", rich_help_panel=TRAIN)]
 DeviceOpt = Annotated[Optional[str], Opt("--device", help="auto, cpu or cuda [auto].", rich_help_panel=TRAIN)]
 ConfigOpt = Annotated[Optional[Path], Opt("--config", help="TOML/JSON run configuration (command-line values override it).")]
 QuietOpt = Annotated[bool, Opt("--quiet", help="No progress bar.")]
@@ -139,7 +140,7 @@ def fit(
     warmup: WarmupOpt = None, batch_pairs: BatchPairsOpt = None, batch_unpaired: BatchUnpairedOpt = None,
     alpha: AlphaOpt = None, eps: EpsOpt = None, eps_teacher: EpsTeacherOpt = None, n_iters: ItersOpt = None,
     backend: BackendOpt = None, out_dim: OutDimOpt = None, head: HeadOpt = None, eval_every: EvalEveryOpt = None,
-    checkpoint_every: CkptEveryOpt = None, device: DeviceOpt = None,
+    checkpoint_every: CkptEveryOpt = None, device: DeviceOpt = None, head_init: HeadInitOpt = None,
     seed: Annotated[Optional[int], Opt(help="Training seed [0].", rich_help_panel=TRAIN)] = None,
     option: Annotated[Optional[list[str]], Opt("--option", help="Recipe option key=value (repeatable).", rich_help_panel=TRAIN)] = None,
     teacher_option: Annotated[Optional[list[str]], Opt("--teacher-option", help="Teacher option key=value (repeatable).", rich_help_panel=TRAIN)] = None,
@@ -157,7 +158,7 @@ def fit(
         train = dict(method=method, steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup,
                      paired_batch_size=batch_pairs, unpaired_batch_size=batch_unpaired, alpha=alpha, eps=eps,
                      eps_teacher=eps_teacher, n_iters=n_iters, backend=backend, out_dim=out_dim, head_kind=head,
-                     eval_every=eval_every, checkpoint_every=checkpoint_every, device=device, seed=seed,
+                     head_init=head_init, eval_every=eval_every, checkpoint_every=checkpoint_every, device=device, seed=seed,
                      method_options=_parse_options(option, "--option") or None,
                      teacher_options=_parse_options(teacher_option, "--teacher-option") or None)
         data = dict(images=images, texts=texts, n_pairs=pairs, n_val=val, n_test=test, n_unpaired=unpaired,
@@ -290,7 +291,7 @@ def compare(
     batch_unpaired: BatchUnpairedOpt = None, alpha: AlphaOpt = None, eps: EpsOpt = None,
     eps_teacher: EpsTeacherOpt = None, n_iters: ItersOpt = None, backend: BackendOpt = None,
     out_dim: OutDimOpt = None, head: HeadOpt = None,
-    head_init: Annotated[Optional[str], Opt(help="Heads start random or as the teacher's maps [teacher for sotalign].", rich_help_panel=TRAIN)] = None,
+    head_init: HeadInitOpt = None,
     eval_every: EvalEveryOpt = None, checkpoint_every: CkptEveryOpt = None,
     device: DeviceOpt = None, quiet: QuietOpt = False,
 ):

@@ -80,6 +80,14 @@ class TrainConfig:
     with unpaired samples; the split between images and texts is not stated, so the
     default takes 11,000 unpaired images and 11,000 unpaired texts (10k + 2 × 11k ≈ 32k).
     A batch size larger than its pool takes the whole pool each step.
+
+    Departures from the paper, measured on real encoders (README, "SOTAlign on real encoders"):
+    `alpha` is in the units of `sotalign.klot`, whose plans have mass 1; the paper's rows sum
+    to 1 (mass n), so KLOT_paper = n · KLOT_ours and the paper's α = 1e-4 at its ~10k-row
+    batches is α ≈ 1 here (the default). `head_init="auto"` starts the heads of a recipe with a
+    stage-1 teacher as the teacher's maps (`AlignmentHeads.init_from_teacher`) and makes that
+    starting point a candidate of the validation model selection; the paper initialises them
+    at random (`head_init="random"`).
     """
 
     method: str = "sotalign"
@@ -95,7 +103,7 @@ class TrainConfig:
     steps: int = 2000
     paired_batch_size: int = 10_000
     unpaired_batch_size: int = 11_000
-    alpha: float = 1e-4
+    alpha: float = 1.0
     eps: float = 0.05
     eps_teacher: float = 0.01
     n_iters: int = 100

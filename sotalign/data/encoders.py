@@ -193,12 +193,15 @@ class MeanPooledTransformer(TextEncoder):
 
 
 class _CallableText(TextEncoder):
+    """A plain prompts → array function (the toy's encoder); `dim` is known after a first call."""
+
     def __init__(self, fn: Callable, name: str):
-        self.fn, self.name, self.config = fn, name, {"encoder": name}
-        self.dim = int(np.asarray(fn(["probe"])).shape[1])
+        self.fn, self.name, self.config, self.dim = fn, name, {"encoder": name}, None
 
     def encode(self, texts):
-        return np.asarray(self.fn(texts), dtype=np.float32)
+        out = np.asarray(self.fn(texts), dtype=np.float32)
+        self.dim = out.shape[1]
+        return out
 
 
 def load_text_encoder(spec: str, device: str | None = None) -> TextEncoder:

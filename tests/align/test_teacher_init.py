@@ -56,7 +56,7 @@ def test_bad_teacher_init_requests_fail_clearly():
         AlignmentHeads(12, 9, 8, kind="mlp").init_from_teacher(make_teacher("cca").fit(A, B))
     with pytest.raises(ValueError, match="normalises its inputs"):
         AlignmentHeads(12, 9, 8).init_from_teacher(make_teacher("procrustes").fit(A, B))
-    with pytest.raises(ConfigError, match="head_init must be one of random, teacher"):
+    with pytest.raises(ConfigError, match="head_init must be one of auto, random, teacher"):
         TrainConfig(head_init="zeros")
 
 

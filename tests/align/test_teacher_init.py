@@ -16,7 +16,6 @@ from sotalign.align.config import ConfigError
 from sotalign.align.heads import AlignmentHeads
 from sotalign.align.teachers import make_teacher
 from sotalign.data import write_platonic
-from sotalign.eval import retrieval_metrics
 
 
 def _pairs(n=60, dx=12, dy=9, seed=0):

@@ -17,7 +17,6 @@ from PIL import Image  # noqa: E402
 
 from sotalign.data.datasets import ImageSource  # noqa: E402
 from sotalign.data.embed import cache_key, embed_images, embed_texts, read_input  # noqa: E402
-from sotalign.data.stores import open_store  # noqa: E402
 
 
 class ChannelStats:

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.sotalign-installed
 
-.PHONY: test test-fast lint format demo bench bench-gpu bench-distributed gpu-check gpu-wheels kernel-resources align-report install clean
+.PHONY: test test-fast lint format data demo demo-full bench bench-gpu bench-distributed gpu-check gpu-wheels kernel-resources align-report install clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,14 @@ $(TRITON36)/.installed: | $(STAMP)
 	$(PY) -m pip install --quiet --no-deps --target $(TRITON36) triton==3.6.0
 	touch $@
 
+# The Debian data packages of sotalign.data.datasets (emoji font, OpenClipArt, Fashion-MNIST,
+# WordNet): installed when root and missing, else the command is printed (their tests then skip).
+data: $(STAMP)
+	$(PY) -m sotalign.data.datasets --install
+
 install: $(STAMP) $(TRITON36)/.installed
 
-test: $(STAMP) $(TRITON36)/.installed
+test: $(STAMP) $(TRITON36)/.installed data
 	$(PY) -m pytest -q tests
 	SOTALIGN_BENCH_SMOKE=1 $(PY) -m pytest -q benchmarks --benchmark-disable
 
@@ -45,8 +50,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-demo: $(STAMP)
+
+# Real encoders on real data (emoji, OpenClipArt, WordNet; embeddings cached under ~/.cache/sotalign):
+# teacher, SAIL and SOTAlign at 100 and 300 pairs, table + plot. `make demo-full`: the whole benchmark.
+demo: $(STAMP) data
 	$(PY) -m sotalign.demo
+
+demo-full: $(STAMP) data
+	$(PY) -m sotalign.demo --full
 
 # The full CPU benchmark run (~15 min on 2 cores) whose results are committed under
 # benchmarks/results/<machine>-<suite>.{json,md,png}. Run it on an otherwise idle machine.

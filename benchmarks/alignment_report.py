@@ -57,6 +57,8 @@ def main(argv=None) -> None:
 
     data_settings = dict(image_dim=128, text_dim=96, latent_dim=16, n_concepts=20, noise=0.1, seed=1)
     n_val, n_test = 500, 1000
+    # head_init="random": the paper's initialisation; on this toy it beats starting from the
+    # teacher (50.5 vs 77-87 mean R@1 at 100 pairs, seed 0), unlike on real encoders (README).
     config = TrainConfig(
         steps=args.steps,
         out_dim=256,
@@ -71,6 +73,7 @@ def main(argv=None) -> None:
         eval_every=50,
         checkpoint_every=args.steps,
         device="cpu",
+        head_init="random",
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:

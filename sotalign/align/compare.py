@@ -22,11 +22,13 @@ def compare(
     out_dir,
     *,
     progress: bool = True,
+    fixed_split: bool = False,
 ) -> dict:
     """Train each method for each seed on the same data; summarise held-out mean R@1.
 
-    Seed s sets both the training seed and, for an aligned dataset, the split (which pairs
-    are kept), so every method sees the same rows for a given seed. The score is the test
+    Seed s sets both the training seed and, for an aligned dataset or a pool of explicit pairs
+    (`spec.n_pairs`), the split (which pairs are kept), so every method sees the same rows for
+    a given seed; `fixed_split=True` keeps `spec.split_seed` for every seed instead. The score is the test
     split's mean R@1 when there is one, else the validation split's. Finished runs under
     `out_dir/<method>/seed<s>` are reused (their checkpoints resume), so a killed comparison
     can be restarted. Writes `out_dir/compare.json` and `out_dir/compare.md`.
@@ -34,7 +36,8 @@ def compare(
     out_dir = Path(out_dir)
     runs = []
     for seed in seeds:
-        seed_spec = dataclasses.replace(spec, split_seed=seed) if spec.aligned else spec
+        redraw = (spec.aligned or spec.n_pairs is not None) and not fixed_split
+        seed_spec = dataclasses.replace(spec, split_seed=seed) if redraw else spec
         data = AlignmentData.from_spec(seed_spec)
         for method in methods:
             run_config = dataclasses.replace(

@@ -7,6 +7,7 @@ Embeddings are the L2-normalised outputs, so K = cos(f(X), g(Y)) = f̂(X) ĝ(Y)�
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -75,6 +76,32 @@ class AlignmentHeads(nn.Module):
             "kind": self.kind,
             "hidden_dim": self.hidden_dim,
         }
+
+    def init_from_teacher(self, teacher) -> None:
+        r"""Start where the stage-1 teacher is: f(x) = W_x (x − μ_x), g(y) = W_y (y − μ_y).
+
+        Linear heads only. The first min(d', d) output rows take the teacher's maps (its leading
+        components when d < d'), the rest are zero, so cos(f(X), g(Y)) is the teacher's K*.
+        Needs a teacher without input normalisation (φ = identity), e.g. CCA.
+        """
+        if self.kind != "linear":
+            raise ValueError("init_from_teacher needs linear heads (head_kind='linear')")
+        if getattr(teacher, "normalize_inputs", False):
+            raise ValueError(
+                f"the {teacher.name} teacher normalises its inputs; a linear head cannot start from it"
+            )
+        for head, W, mean in (
+            (self.image, teacher.image_map, teacher.image_mean),
+            (self.text, teacher.text_map, teacher.text_mean),
+        ):
+            k = min(W.shape[0], self.out_dim)
+            weight = torch.zeros_like(head.weight)
+            weight[:k] = W[:k].to(weight)
+            bias = torch.zeros_like(head.bias)
+            bias[:k] = -(W[:k] @ mean).to(bias)
+            with torch.no_grad():
+                head.weight.copy_(weight)
+                head.bias.copy_(bias)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())

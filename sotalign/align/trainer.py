@@ -368,6 +368,14 @@ def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_st
     heads = AlignmentHeads(
         data.image_dim, data.text_dim, config.out_dim, config.head_kind, config.head_hidden_dim
     ).to(device)
+    from_teacher = config.head_init == "teacher" or (
+        config.head_init == "auto"
+        and teacher is not None
+        and config.head_kind == "linear"
+        and not teacher.normalize_inputs
+    )
+    if from_teacher:
+        heads.init_from_teacher(teacher)
     losses = recipe.loss_modules().to(device)
     weights = recipe.weights(config.alpha)
     optimizer = Lion(
@@ -393,6 +401,16 @@ def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_st
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start, best = state["step"], state["best"]
+    elif from_teacher and data.val_images is not None:
+        # The starting point (the teacher itself) is a candidate of the model selection, so a
+        # run never ends worse on validation than its teacher.
+        metric = evaluate(model, data.val_images, data.val_texts)["mean_R@1"]
+        best = {
+            "step": 0,
+            "metric": metric,
+            "heads": _clone(heads.state_dict()),
+            "losses": _clone(losses.state_dict()),
+        }
     step_terms = data_parallel(step_terms, ranks, device)  # after loading: all ranks start equal
     if ranks.is_main and log_path.exists():
         rewrite_log(log_path, read_log(log_path, start))

@@ -1,7 +1,10 @@
 """Data layer: lazy embedding stores, splits and resumable samplers, the data of a run (spec and
-views), the platonic toy, text encoders."""
+views), the platonic toy, frozen encoders.
 
-from .encoders import load_text_encoder
+The offline datasets (`sotalign.data.datasets`), the cached embedder (`sotalign.data.embed`) and
+the real benchmark tasks (`sotalign.align.tasks`) are imported on demand."""
+
+from .encoders import load_image_encoder, load_text_encoder
 from .spec import MODALITIES, ROLES, ConfigError, DataSpec, role_names
 from .splits import BatchSampler, Split, make_split
 from .stores import (
@@ -34,6 +37,7 @@ __all__ = [
     "ShardedStore",
     "Split",
     "check_aligned",
+    "load_image_encoder",
     "load_platonic_encoder",
     "load_text_encoder",
     "make_platonic",

@@ -102,9 +102,13 @@ class DataSpec:
     Aligned dataset: `images`/`texts` hold the same items row by row; `make_split` draws
     `n_pairs` pairs, `n_val + n_test` held-out pairs (the first `n_val` validate, the rest
     test) and unpaired images and texts from disjoint rows (`n_unpaired` each, or all that
-    remain); `n_val` and `n_test` left out are sized from the data (:func:`held_out_size`).
-    Explicit: one store per role and modality (:func:`role_fields`): `paired_*` (required),
-    `unpaired_*`, `val_*`, `test_*`.
+    remain; `disjoint_unpaired`: images and texts from two disjoint halves of the rows left, so
+    no unpaired image has its caption among the unpaired texts); `n_val` and `n_test` left out
+    are sized from the data (:func:`held_out_size`). Explicit: one store per role and modality
+    (:func:`role_fields`): `paired_*` (required), `unpaired_*`, `val_*`, `test_*`; with
+    `n_pairs`, the paired stores are a pool from which `n_pairs` pairs are drawn by `split_seed`.
+    The sizes of an aligned split (`n_val`, `n_test`, `n_unpaired`, `disjoint_unpaired`) have
+    no meaning for explicit stores and are refused with them.
     Paths are embedding stores (.npy, .safetensors, .h5, a directory or shards); `key`
     names the array inside .safetensors/.h5 files.
     """
@@ -115,6 +119,7 @@ class DataSpec:
     n_val: int | None = None
     n_test: int | None = None
     n_unpaired: int | None = None
+    disjoint_unpaired: bool = False
     split_seed: int = 0
     key: str | None = None
 
@@ -136,6 +141,19 @@ class DataSpec:
         else:
             if self.paired_images is None or self.paired_texts is None:
                 raise ConfigError("data: give images and texts, or paired_images and paired_texts")
+            sizes = {
+                "n_val (--val)": self.n_val,
+                "n_test (--test)": self.n_test,
+                "n_unpaired (--unpaired)": self.n_unpaired,
+            }
+            given = [name for name, value in sizes.items() if value is not None]
+            if self.disjoint_unpaired:
+                given.append("disjoint_unpaired")
+            if given:
+                raise ConfigError(
+                    f"data: {', '.join(given)} size an aligned dataset (images/texts); with explicit "
+                    "stores every row of each store is used: give val_*/test_*/unpaired_* stores instead"
+                )
             for role in ROLES[1:]:
                 if (getattr(self, f"{role}_images") is None) != (getattr(self, f"{role}_texts") is None):
                     present = f"{role}_images" if getattr(self, f"{role}_images") else f"{role}_texts"

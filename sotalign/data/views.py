@@ -96,6 +96,19 @@ class AlignmentData:
             views = {
                 name: Rows.whole(open_store(path, key=spec.key)) for name, path in stores.items() if path
             }
+            if spec.n_pairs is not None:  # the paired stores are a pool: draw n_pairs of them
+                pool_images, pool_texts = views["paired_images"], views["paired_texts"]
+                check_aligned(pool_images.store, pool_texts.store)
+                if spec.n_pairs > len(pool_images):
+                    raise ValueError(
+                        f"{spec.paired_images}: --pairs {spec.n_pairs} requested "
+                        f"from a pool of {len(pool_images)}"
+                    )
+                drawn = np.sort(
+                    np.random.default_rng([spec.split_seed, 2]).permutation(len(pool_images))[: spec.n_pairs]
+                )
+                views["paired_images"] = Rows(pool_images.store, drawn)
+                views["paired_texts"] = Rows(pool_texts.store, drawn)
             return cls(**views, spec=spec)
         images, texts = open_store(spec.images, key=spec.key), open_store(spec.texts, key=spec.key)
         check_aligned(images, texts)
@@ -110,7 +123,12 @@ class AlignmentData:
                 + " or ".join(flag for flag, value in given.items() if value)
             )
         split = make_split(
-            n_total, spec.n_pairs, n_val + n_test, n_unpaired=spec.n_unpaired, seed=spec.split_seed
+            n_total,
+            spec.n_pairs,
+            n_val + n_test,
+            n_unpaired=spec.n_unpaired,
+            seed=spec.split_seed,
+            disjoint_unpaired=spec.disjoint_unpaired,
         )
         # make_split returns sorted rows; shuffle before cutting validation from test so that
         # neither is biased towards one end of the store.

@@ -135,10 +135,13 @@ def test_text_encoder_specs(tmp_path, monkeypatch):
     loaded = []
 
     class FakeModel:  # stands in for the real package: records what would be loaded, no network
-        def __init__(self, name):
+        def __init__(self, name, device=None):
             loaded.append(name)
 
-        def encode(self, prompts, convert_to_numpy=True):
+        def get_sentence_embedding_dimension(self):
+            return 3
+
+        def encode(self, prompts, convert_to_numpy=True, **options):
             return np.ones((len(prompts), 3), dtype=np.float64)
 
     fake = types.SimpleNamespace(SentenceTransformer=FakeModel)

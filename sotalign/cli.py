@@ -664,12 +664,27 @@ def embed(
     cache_dir: Annotated[Path | None, Opt(help="Embedding cache [~/.cache/sotalign/embeddings].")] = None,
     quiet: QuietOpt = False,
 ):
-    """Embed images and/or texts with frozen encoders (cached, sharded, resumable)."""
+    """Embed images and/or texts with frozen encoders (cached, sharded, resumable).
+
+    Under `torchrun --nproc-per-node N` the shards are split across the ranks; the output is
+    the same as one process's (rank 0 writes OUT_DIR)."""
     with _one_line_errors():
         import numpy as np
 
-        from .data.embed import embed_images, embed_texts, read_input
+        from .data.embed import embed_images, embed_texts, join_process_group, read_input
         from .data.encoders import load_image_encoder, load_text_encoder
+        from .rundir import atomic_output, atomic_write
+
+        main_rank = join_process_group() == 0
+
+        def save_array(path: Path, array) -> None:
+            if main_rank:
+                with atomic_output(path) as tmp:
+                    np.save(tmp, array)
+
+        def save_text(path: Path, text: str) -> None:
+            if main_rank:
+                atomic_write(path, text.encode())
 
         name, images, texts, labels, classes = read_input(input)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -679,23 +694,22 @@ def embed(
             extra = {k: v for k, v in (("size", size), ("feature", feature)) if v is not None}
             encoder = load_image_encoder(image_encoder, device=device, **extra)
             store = embed_images(encoder, images, batch_size=batch_size, workers=workers, **options)
-            np.save(out_dir / "images.npy", store.read(0, len(store)).numpy())
+            save_array(out_dir / "images.npy", store.read(0, len(store)).numpy())
             written.append(f"images.npy ({len(store)} × {store.dim}, {encoder.name})")
         if texts is not None and text_encoder:
             encoder = load_text_encoder(text_encoder, device=device)
             store = embed_texts(encoder, texts, batch_size=4 * batch_size, **options)
-            np.save(out_dir / "texts.npy", store.read(0, len(store)).numpy())
-            (out_dir / "captions.txt").write_text(
-                "".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8"
-            )
+            save_array(out_dir / "texts.npy", store.read(0, len(store)).numpy())
+            save_text(out_dir / "captions.txt", "".join(t.replace("\n", " ") + "\n" for t in texts))
             written.append(f"texts.npy ({len(store)} × {store.dim}, {encoder.name})")
         if labels is not None:
-            np.save(out_dir / "labels.npy", labels)
-            (out_dir / "classes.json").write_text(json.dumps(list(classes)) + "\n")
+            save_array(out_dir / "labels.npy", labels)
+            save_text(out_dir / "classes.json", json.dumps(list(classes)) + "\n")
             written.append("labels.npy, classes.json")
         if not written:
             raise ValueError(f"{input}: nothing to embed with the encoders given")
-        console.print(f"{name}: wrote {', '.join(written)} to {out_dir}")
+        if main_rank:
+            console.print(f"{name}: wrote {', '.join(written)} to {out_dir}", markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -13,6 +13,11 @@ stopped. `manifest.json` records the key's inputs and, once every shard exists, 
 
 Images are decoded and preprocessed in `workers` DataLoader processes and batched through the
 encoder (fp16 autocast on GPU); a progress bar (tqdm) shows rows done.
+
+Under `torchrun` (an initialised `torch.distributed` process group) the shards still missing
+are dealt out to the ranks in turn (rank r computes the r-th, (r+W)-th, … of them) and every
+rank writes only its own; rank 0 completes the manifest once all ranks are done. The shard
+boundaries do not depend on the number of ranks, so the store is the same as one process's.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..rundir import write_json
 from .encoders import CACHE
 from .stores import _natural_key, open_store, save_store
 
@@ -54,17 +60,44 @@ def _prepare(directory: Path, manifest: dict) -> None:
     for stray in directory.glob(".shard-*"):  # a temporary file of a killed writer
         stray.unlink()
     path = directory / MANIFEST
-    if not path.exists():
-        path.write_text(json.dumps(manifest, indent=2) + "\n")
+    if not path.exists() and _rank_and_world()[0] == 0:
+        write_json(path, manifest)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks of the current process group (0, 1 without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def join_process_group() -> int:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join its process group (gloo: embedding needs
+    only barriers) unless one exists; returns this process's rank (0 without torchrun)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return _rank_and_world()[0]
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 def _finish(directory: Path, n_shards: int):
+    _barrier()  # every rank's shards are written
     path = directory / MANIFEST
-    manifest = json.loads(path.read_text())
-    manifest["complete"] = True
-    tmp = path.with_name(".manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    if _rank_and_world()[0] == 0:
+        manifest = json.loads(path.read_text())
+        manifest["complete"] = True
+        write_json(path, manifest)
+    _barrier()
     return open_store([_shard_path(directory, k) for k in range(n_shards)])
 
 
@@ -80,8 +113,13 @@ def _bar(total: int, done: int, label: str, progress: bool):
 
 def _run_shards(directory: Path, n: int, shard_rows: int, compute, label: str, progress: bool, on_shard=None):
     n_shards = max(1, -(-n // shard_rows))
-    todo = [k for k in range(n_shards) if not _shard_path(directory, k).exists()]
-    bar = _bar(n, n - sum(min(shard_rows, n - k * shard_rows) for k in todo), label, progress)
+    _barrier()  # rank 0 has prepared the directory
+    rank, world = _rank_and_world()
+    missing = [k for k in range(n_shards) if not _shard_path(directory, k).exists()]
+    _barrier()  # every rank has listed the same missing shards before any is written
+    todo = missing[rank::world]
+    rows_left = sum(min(shard_rows, n - k * shard_rows) for k in missing)
+    bar = _bar(n, n - rows_left, label, progress and rank == 0)
     for k in todo:
         start, stop = k * shard_rows, min(n, (k + 1) * shard_rows)
         features = compute(start, stop, bar)

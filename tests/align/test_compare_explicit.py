@@ -49,7 +49,7 @@ def test_a_pool_of_explicit_pairs_is_subsampled_by_the_split_seed(pools):
     np.testing.assert_array_equal(a.paired_images.indices, again.paired_images.indices)
     assert set(a.paired_images.indices) != set(b.paired_images.indices)
     assert len(a.unpaired_images) == 400  # the other roles are untouched
-    with pytest.raises(ValueError, match="400 pairs requested from a pool of 300"):
+    with pytest.raises(ValueError, match="--pairs 400 requested from a pool of 300"):
         AlignmentData.from_spec(DataSpec(**_explicit(pools), n_pairs=400))
 
 

@@ -31,6 +31,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from .data.spec import role_names  # noqa: E402
+from .rundir import write_json  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -396,7 +397,7 @@ def evaluate(
             )
         _print_metrics(f"{run_dir} ({model.method})", results)
         if json_out is not None:
-            json_out.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(json_out, results)
 
 
 def _class_names(path: Path) -> list[str]:

@@ -33,6 +33,7 @@ from rich.measure import Measurement  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from .data.spec import role_names  # noqa: E402
+from .rundir import write_json  # noqa: E402
 
 # rich_markup_mode=None: help text is plain text, so "[1000]" defaults and brackets survive.
 app = typer.Typer(
@@ -473,7 +474,7 @@ def evaluate(
             )
         _print_metrics(f"{run_dir} ({model.method})", results)
         if json_out is not None:
-            json_out.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(json_out, results)
 
 
 def _class_names(path: Path) -> list[str]:

@@ -27,6 +27,17 @@ ROUTES = [route for route in ALL_ROUTES if route[0] in sotalign.available_backen
 FAST_ROUTES = [route for route in ROUTES if route[0] != "reference"]
 
 
+#: Modules that run every test in Triton's interpreter or through KeOps' compiler: slow as a
+#: whole, so `make test-fast` (``-m "not slow"``) leaves them to `make test`.
+SLOW_MODULES = ("test_triton_kernels.py", "test_keops.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules of tiny tensors: one torch thread is faster than two, and far faster on a

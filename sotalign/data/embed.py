@@ -10,6 +10,9 @@ preprocessing), the data (`ImageSource.key`, or the texts themselves) and the sh
 different model, image size or dataset never reuses a stale cache. Shards are written
 atomically and a shard that exists is never recomputed: an interrupted run resumes where it
 stopped. `manifest.json` records the key's inputs and, once every shard exists, `complete`.
+Two processes embedding the same data at once both finish (each may compute a shard the other
+also writes; the bytes are the same), and hidden temporary shards of a killed writer are
+removed after an hour.
 
 Images are decoded and preprocessed in `workers` DataLoader processes and batched through the
 encoder (fp16 autocast on GPU); a progress bar (tqdm) shows rows done.
@@ -20,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,22 +53,33 @@ def _shard_path(directory: Path, k: int) -> Path:
     return directory / f"shard-{k:05d}.npy"
 
 
+#: A temporary shard file older than this is a killed writer's leftover (a live writer's is younger).
+STALE_SECONDS = 3600
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Atomically, through a uniquely named temporary file (concurrent writers never collide)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def _prepare(directory: Path, manifest: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    for stray in directory.glob(".shard-*"):  # a temporary file of a killed writer
-        stray.unlink()
-    path = directory / MANIFEST
-    if not path.exists():
-        path.write_text(json.dumps(manifest, indent=2) + "\n")
+    now = time.time()
+    for stray in directory.glob(".shard-*"):
+        if now - stray.stat().st_mtime > STALE_SECONDS:
+            stray.unlink(missing_ok=True)
+    if not (directory / MANIFEST).exists():
+        _write_json(directory / MANIFEST, manifest)
 
 
 def _finish(directory: Path, n_shards: int):
     path = directory / MANIFEST
     manifest = json.loads(path.read_text())
-    manifest["complete"] = True
-    tmp = path.with_name(".manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    if not manifest.get("complete"):
+        _write_json(path, {**manifest, "complete": True})
     return open_store([_shard_path(directory, k) for k in range(n_shards)])
 
 

@@ -10,6 +10,9 @@ preprocessing), the data (`ImageSource.key`, or the texts themselves) and the sh
 different model, image size or dataset never reuses a stale cache. Shards are written
 atomically and a shard that exists is never recomputed: an interrupted run resumes where it
 stopped. `manifest.json` records the key's inputs and, once every shard exists, `complete`.
+Two processes embedding the same data at once both finish (each may compute a shard the other
+also writes; the bytes are the same), and hidden temporary shards of a killed writer are
+removed after an hour.
 
 Images are decoded and preprocessed in `workers` DataLoader processes and batched through the
 encoder (fp16 autocast on GPU); a progress bar (tqdm) shows rows done.
@@ -25,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +60,17 @@ def _shard_path(directory: Path, k: int) -> Path:
     return directory / f"shard-{k:05d}.npy"
 
 
+#: A temporary shard file older than this is a killed writer's leftover (a live writer's is younger).
+STALE_SECONDS = 3600
+
+
 def _prepare(directory: Path, manifest: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    for stray in directory.glob(".shard-*"):  # a temporary file of a killed writer
-        stray.unlink()
+    now = time.time()
+    for stray in directory.glob(".shard-*"):  # a killed writer's temporary file (a live one is younger)
+        with suppress(FileNotFoundError):  # a concurrent writer may have renamed it meanwhile
+            if now - stray.stat().st_mtime > STALE_SECONDS:
+                stray.unlink()
     path = directory / MANIFEST
     if not path.exists() and _rank_and_world()[0] == 0:
         write_json(path, manifest)
@@ -95,8 +107,8 @@ def _finish(directory: Path, n_shards: int):
     path = directory / MANIFEST
     if _rank_and_world()[0] == 0:
         manifest = json.loads(path.read_text())
-        manifest["complete"] = True
-        write_json(path, manifest)
+        if not manifest.get("complete"):
+            write_json(path, {**manifest, "complete": True})
     _barrier()
     return open_store([_shard_path(directory, k) for k in range(n_shards)])
 

@@ -7,6 +7,8 @@ image), so the expected features are computed independently with numpy.
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -92,7 +94,11 @@ def test_an_interrupted_embedding_resumes_without_recomputing_finished_shards(tm
     assert encoder.calls == 10
     (directory,) = tmp_path.iterdir()
     assert json.loads((directory / "manifest.json").read_text())["complete"] is False
-    (directory / ".shard-00001.npy.x.tmp.npy").write_bytes(b"half-written")  # a killed writer's leftover
+    stale = directory / ".shard-00001.npy.x.tmp.npy"  # a killed writer's leftover, hours old
+    stale.write_bytes(b"half-written")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    live = directory / ".shard-00002.npy.y.tmp.npy"  # a concurrent writer's: must be left alone
+    live.write_bytes(b"being written")
     resumed = ChannelStats()
     store = embed_images(resumed, source, workers=0, shard_rows=10, cache_dir=tmp_path, progress=False)
     assert resumed.calls == 15  # only the two unfinished shards
@@ -100,7 +106,7 @@ def test_an_interrupted_embedding_resumes_without_recomputing_finished_shards(tm
     again = ChannelStats()
     embed_images(again, source, workers=0, shard_rows=10, cache_dir=tmp_path, progress=False)
     assert again.calls == 0  # fully cached
-    assert not list(directory.glob(".shard-*"))
+    assert not stale.exists() and live.exists()
 
 
 def test_the_cache_key_changes_with_preprocessing_data_and_model(tmp_path):
@@ -181,3 +187,18 @@ def test_read_input_forms(tmp_path):
         read_input("dataset:imagenet")
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_input(str(tmp_path / "absent.csv"))
+
+
+def test_two_writers_of_the_same_cache_entry_both_finish(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"text {i}" for i in range(40)]
+
+    def embed(_):
+        return embed_texts(Lengths(), texts, batch_size=5, shard_rows=8, cache_dir=tmp_path,
+                           progress=False).read(0, 40).numpy()
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(embed, range(2))
+    np.testing.assert_array_equal(a, Lengths()(texts))
+    np.testing.assert_array_equal(b, a)

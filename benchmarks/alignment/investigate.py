@@ -35,9 +35,15 @@ GRIDS = {
     "recipe": [("teacher", "cca+none", {}), ("sail steps=300", "sail", {"steps": 300})]
     + [(f"teacher-init a={a:g}", "sotalign", {**T, "alpha": a}) for a in (0.0, 1.0, 10.0)],
     # Longer training from the teacher, and a softer teacher plan, at 300+ pairs.
-    "longer": [("teacher-init a=1 steps=300 lr=3e-5", "sotalign", {**T, "alpha": 1.0, "steps": 300, "lr": 3e-5, "eval_every": 25}),
-               ("teacher-init a=1 steps=300", "sotalign", {**T, "alpha": 1.0, "steps": 300, "eval_every": 25}),
-               ("teacher-init a=1 eps*=0.05", "sotalign", {**T, "alpha": 1.0, "eps_teacher": 0.05})],
+    "longer": [
+        (
+            "teacher-init a=1 steps=300 lr=3e-5",
+            "sotalign",
+            {**T, "alpha": 1.0, "steps": 300, "lr": 3e-5, "eval_every": 25},
+        ),
+        ("teacher-init a=1 steps=300", "sotalign", {**T, "alpha": 1.0, "steps": 300, "eval_every": 25}),
+        ("teacher-init a=1 eps*=0.05", "sotalign", {**T, "alpha": 1.0, "eps_teacher": 0.05}),
+    ],
     # Finer α around the best, and longer training.
     "alpha2": [(f"teacher-init a={a:g}", "sotalign", {**T, "alpha": a}) for a in (0.3, 3.0, 30.0)],
     "steps": [

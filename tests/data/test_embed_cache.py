@@ -195,8 +195,11 @@ def test_two_writers_of_the_same_cache_entry_both_finish(tmp_path):
     texts = [f"text {i}" for i in range(40)]
 
     def embed(_):
-        return embed_texts(Lengths(), texts, batch_size=5, shard_rows=8, cache_dir=tmp_path,
-                           progress=False).read(0, 40).numpy()
+        return (
+            embed_texts(Lengths(), texts, batch_size=5, shard_rows=8, cache_dir=tmp_path, progress=False)
+            .read(0, 40)
+            .numpy()
+        )
 
     with ThreadPoolExecutor(2) as pool:
         a, b = pool.map(embed, range(2))

@@ -68,9 +68,10 @@ class Shards:
         return sum(self.col_sizes[: self.comm.rank])
 
 
-class RingOperator:
-    """The global half-step reductions of a sharded K, by passing shards around the ring.
-    Quacks like a :class:`~sotalign.kernels.base.Backend` for ``row_update``/``column_update``."""
+class RingOperator(Backend):
+    """The global half-step reductions of a sharded K, by passing shards around the ring: a
+    :class:`~sotalign.kernels.base.Backend` whose ``row_update``/``column_update`` (the base
+    class's) run on these global reductions."""
 
     path = "online"
     #: g holds this rank's columns only.
@@ -120,7 +121,7 @@ class RingOperator:
         return K.comm.all_reduce(total)
 
 
-class BlockRowOperator:
+class BlockRowOperator(Backend):
     """The same reductions from this rank's stored block row K_r = x_r Yᵀ (n_r×m)."""
 
     path = "dense"

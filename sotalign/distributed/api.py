@@ -25,6 +25,7 @@ learned scale), put the factor on the gradient of the rank's own embeddings inst
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,8 @@ from torch import Tensor
 
 from ..kernels import Affinity, Backend
 from ..ot import validation as check
-from ..ot.dispatch import DEFAULT_MEMORY_BUDGET, choose_route
+from ..ot.dispatch import choose_route
+from ..ot.options import SolverOptions
 from .comm import Carry, Comm, circulate
 from .solver import Shards, marginal_error, operator, solve
 
@@ -96,8 +98,9 @@ def all_gather_rows(t: Tensor, group=None) -> Tensor:
     return _GatherRows.apply(t, comm, tuple(comm.sizes(t.shape[0], t.device)))
 
 
-def _validated(affinity, eps, n_iters, tol, check_every, eps_scaling, memory_budget, **tensors):
-    """The checks of the single-process front; returns the options as the solvers take them."""
+def _validated(affinity, eps, solver: dict, **tensors):
+    """The checks of the single-process front (the tensors here, the solver options by
+    :class:`~sotalign.ot.options.SolverOptions`); returns the options as the solvers take them."""
     device = check.check_structure(**tensors)
     check.check_finite(**tensors)
     check.check_affinity(affinity)
@@ -121,17 +124,9 @@ def _validated(affinity, eps, n_iters, tol, check_every, eps_scaling, memory_bud
             f"tensors are on {device} but the current CUDA device is "
             f"{torch.cuda.current_device()} (call torch.cuda.set_device(local_rank))"
         )
-    return {
-        name: value
-        for name, value in (
-            ("eps", check.check_positive("eps", eps)),
-            ("n_iters", check.check_count("n_iters", n_iters)),
-            ("tol", None if tol is None else check.check_positive("tol", tol)),
-            ("check_every", check.check_count("check_every", check_every)),
-            ("eps_scaling", check.check_eps_scaling(eps_scaling)),
-            ("memory_budget", check.check_positive("memory_budget", memory_budget)),
-        )
-    }
+    options = dataclasses.asdict(SolverOptions(**solver))
+    del options["cuda_graph"]  # single-process only
+    return {"eps": check.check_positive("eps", eps), **options}
 
 
 def _agree(comm: Comm, what: str, tensors: dict, validate) -> tuple[dict, tuple, tuple]:
@@ -203,7 +198,7 @@ def _route(
 def _prepare(affinity: str, dtype, *tensors: Tensor) -> list[Tensor]:
     tensors = [t.to(dtype) for t in tensors]
     if affinity == "cosine":
-        tensors = [torch.nn.functional.normalize(t, dim=1) for t in tensors]
+        tensors = [check.unit_rows(t) for t in tensors]
     return [t.contiguous() for t in tensors]
 
 
@@ -220,9 +215,9 @@ def sinkhorn(
     path: str = "auto",
     check_every: int = 10,
     symmetric: bool = True,
-    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    memory_budget: float | None = None,
     eps_scaling: float | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> DistributedSinkhornResult:
     """Entropic OT between the rows of X = [x_0; x_1; …] and Y = [y_0; y_1; …] (concatenated
     over the ranks of ``group``); returns this rank's f (its rows) and g (its columns).
@@ -234,11 +229,22 @@ def sinkhorn(
     (n_r×m) and exchanges only O(n+m) numbers per iteration. Collective: every rank calls it."""
     comm = Comm(group)
     tensors = {"x": x, "y": y, "affinity": affinity, "backend": backend, "path": path, "precision": precision}
+    solver = dict(
+        n_iters=n_iters,
+        tol=tol,
+        check_every=check_every,
+        symmetric=symmetric,
+        eps_scaling=eps_scaling,
+        backend=backend,
+        path=path,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
     options, row_sizes, col_sizes = _agree(
         comm,
         "sinkhorn",
         tensors,
-        lambda: _validated(affinity, eps, n_iters, tol, check_every, eps_scaling, memory_budget, x=x, y=y),
+        lambda: _validated(affinity, eps, solver, x=x, y=y),
     )
     dtype = check.compute_dtype(x, y)
     x, y = _prepare(affinity, dtype, x.detach(), y.detach())
@@ -265,7 +271,7 @@ def sinkhorn(
             options["n_iters"],
             tol=options["tol"],
             check_every=options["check_every"],
-            symmetric=bool(symmetric),
+            symmetric=options["symmetric"],
             eps_scaling=options["eps_scaling"],
         )
         error = marginal_error(op, f, g, eps)
@@ -331,9 +337,9 @@ def klot(
     tol: float | None = None,
     check_every: int = 10,
     symmetric: bool = True,
-    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    memory_budget: float | None = None,
     eps_scaling: float | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> Tensor:
     """The global KLOT(K ‖ K*) of :func:`sotalign.klot` over the concatenation of every rank's
     rows (``x``, ``x_teacher``) and columns (``y``, ``y_teacher``), the same value on every rank.
@@ -354,25 +360,21 @@ def klot(
         "precision": precision,
     }
 
+    solver = dict(
+        n_iters=n_iters,
+        tol=tol,
+        check_every=check_every,
+        symmetric=symmetric,
+        eps_scaling=eps_scaling,
+        backend=backend,
+        path=path,
+        precision=precision,
+        memory_budget=memory_budget,
+    )
+
     def validate():
-        options = _validated(
-            affinity,
-            eps,
-            n_iters,
-            tol,
-            check_every,
-            eps_scaling,
-            memory_budget,
-            x=x,
-            y=y,
-            x_teacher=x_teacher,
-            y_teacher=y_teacher,
-        )
-        return {
-            **options,
-            "eps_teacher": check.check_positive("eps_teacher", eps_teacher),
-            "symmetric": bool(symmetric),
-        }
+        options = _validated(affinity, eps, solver, x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
+        return {**options, "eps_teacher": check.check_positive("eps_teacher", eps_teacher)}
 
     options, row_sizes, col_sizes = _agree(comm, "klot", tensors, validate)
     dtype = check.compute_dtype(x, y, x_teacher, y_teacher)

@@ -202,6 +202,12 @@ def nan_task(rank, world, x, y):
     return sd.sinkhorn(xs, shard(y, COLS, rank), 0.1, 5)
 
 
+def non_bool_symmetric_task(rank, world, x, y):
+    import sotalign.distributed as sd
+
+    return sd.sinkhorn(shard(x, ROWS, rank), shard(y, COLS, rank), 0.1, 5, symmetric="no")
+
+
 def test_disagreeing_options_and_bad_input_fail_on_every_rank_naming_the_rank(cluster, problem):
     x, y, _, _ = problem
     for ok, error in cluster.outcomes(bad_options_task, x, y):
@@ -210,5 +216,9 @@ def test_disagreeing_options_and_bad_input_fail_on_every_rank_naming_the_rank(cl
     for ok, error in cluster.outcomes(nan_task, x, y):
         assert not ok and error[0] == "ValueError"
         assert "rank 2: ValueError: x contains NaN or Inf" in error[1]
+    # options go through the single-process front's SolverOptions: no truthy strings
+    for ok, error in cluster.outcomes(non_bool_symmetric_task, x, y):
+        assert not ok and error[0] == "ValueError"
+        assert "TypeError: symmetric must be a bool, got str" in error[1]
     # the group still works afterwards
     assert len(cluster.run(sinkhorn_task, x, y, dict(eps=0.1, n_iters=2))) == WORLD

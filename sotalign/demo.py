@@ -8,7 +8,7 @@ unpaired pools (see `sotalign.align.tasks`). The demo embeds everything (cached 
 most of it the first embedding).
 
     python -m sotalign.demo                       # the demo
-    python -m sotalign.demo --full                # both tasks, 100/300/1000 pairs, all methods
+    python -m sotalign.demo --full                # every task, 100/300/1000 pairs, all methods
     python -m sotalign.demo --pairs 100 --seeds 0 # a quick look
 
 Every hyperparameter is fixed beforehand or chosen on the validation emoji (model selection
@@ -182,9 +182,9 @@ def plot(results: list[dict], path: Path, machine: str) -> bool:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--full", action="store_true", help="the whole benchmark: both tasks, 100/300/1000 pairs, all methods"
+        "--full", action="store_true", help="the whole benchmark: every task, 100/300/1000 pairs, all methods"
     )
-    parser.add_argument("--tasks", default=None, help="comma-separated: emoji-out, emoji-in")
+    parser.add_argument("--tasks", default=None, help="comma-separated: emoji-out, emoji-in, emoji-hidden")
     parser.add_argument("--pairs", default=None, help="comma-separated numbers of pairs")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)}")
@@ -211,9 +211,9 @@ def main(argv=None) -> None:
         return
     import torch
 
-    from .align.tasks import embed_all
+    from .align.tasks import TASKS, embed_all
 
-    tasks = (args.tasks or ("emoji-out,emoji-in" if args.full else "emoji-out")).split(",")
+    tasks = (args.tasks or (",".join(TASKS) if args.full else "emoji-out")).split(",")
     pair_counts = [int(k) for k in (args.pairs or ("100,300,1000" if args.full else "100,300")).split(",")]
     methods = (args.methods or (",".join(METHODS) if args.full else "teacher,sail,sotalign")).split(",")
     unknown = [m for m in methods if m not in METHODS]

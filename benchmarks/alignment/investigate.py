@@ -1,10 +1,18 @@
 """Why does SOTAlign add nothing on real features, and what fixes it? Sweeps on validation only.
 
     python benchmarks/alignment/investigate.py GRID [--pairs 100,300] [--seeds 0] [--task emoji-out]
+    python benchmarks/alignment/investigate.py --ceiling [--pairs 100,300,1000] [--seeds 0,1,2]
 
 Each grid is a list of (label, method, overrides) runs; one JSON line per run is appended to
 `--log` (validation and test mean R@1 are both recorded, but only validation is used to choose).
-`--summary` prints mean ± std of validation per label and number of pairs.
+`--summary` prints mean ± std of validation per label and number of pairs. `--text-encoder`
+and `--image-size` swap the benchmark's encoders (e.g. `mpnet`, 224 px).
+
+`--ceiling` trains nothing: it asks how much the teacher's OT plans could teach a student at all.
+KLOT's target is the teacher's entropic plan P*, so a student distilled from it can at best rank
+pairs as P* does. Ranked by P* over the evaluation rows themselves (transductive, and given
+their one-to-one structure, which no training batch has), the teacher's R@1 is a generous bound
+on what the plans add to its plain cosine ranking.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sotalign.align.tasks import Embedded, embed_all, run
+from sotalign import sinkhorn
+from sotalign.align.tasks import Embedded, embed_all, run, split
+from sotalign.align.teachers import CCATeacher
 
 T = dict(head_init="teacher")
 GRIDS = {
@@ -43,6 +53,40 @@ GRIDS = {
         ),
         ("teacher-init a=1 steps=300", "sotalign", {**T, "alpha": 1.0, "steps": 300, "eval_every": 25}),
         ("teacher-init a=1 eps*=0.05", "sotalign", {**T, "alpha": 1.0, "eps_teacher": 0.05}),
+    ],
+    # Hidden pairs (emoji-hidden): the unpaired pools hold the pairing the teacher's plan can find.
+    "hidden": [("teacher", "cca+none", {}), ("sail steps=300", "sail", {"steps": 300})]
+    + [(f"teacher-init a={a:g}", "sotalign", {**T, "alpha": a}) for a in (0.0, 1.0, 10.0)]
+    + [
+        (f"teacher-init a={a:g} whole pool", "sotalign", {**T, "alpha": a, "unpaired_batch_size": 4096})
+        for a in (1.0, 10.0)
+    ]
+    + [
+        (
+            "random-init a=1 whole pool",
+            "sotalign",
+            {"head_init": "random", "alpha": 1.0, "unpaired_batch_size": 4096},
+        )
+    ],
+    # Longer, stronger KLOT from the teacher on the whole hidden-pair pool (1000 pairs: the plan
+    # ceiling is largest there).
+    "hidden-long": [
+        (
+            f"teacher-init whole pool steps=300 {label}",
+            "sotalign",
+            {**T, "unpaired_batch_size": 4096, "steps": 300, "eval_every": 25, **settings},
+        )
+        for label, settings in (
+            ("a=10 lr=3e-4", {"alpha": 10.0, "lr": 3e-4}),
+            ("a=10 eps=0.02", {"alpha": 10.0, "eps": 0.02}),
+            ("a=100", {"alpha": 100.0}),
+            ("a=10 eps=eps*=0.02", {"alpha": 10.0, "eps": 0.02, "eps_teacher": 0.02}),
+        )
+    ],
+    # SAIL's learning rate with 300 steps (redone for 224 px images).
+    "sail-lr": [
+        (f"sail steps=300 lr={lr:g}", "sail", {"steps": 300, "eval_every": 25, "lr": lr})
+        for lr in (1e-4, 3e-4)
     ],
     # Finer α around the best, and longer training.
     "alpha2": [(f"teacher-init a={a:g}", "sotalign", {**T, "alpha": a}) for a in (0.3, 3.0, 30.0)],
@@ -78,22 +122,33 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], help="extra override key=JSON for every run")
     parser.add_argument("--log", type=Path, default=Path("/tmp/sotalign-investigation.jsonl"))
     parser.add_argument("--summary", action="store_true")
+    parser.add_argument("--ceiling", action="store_true", help="teacher vs its plan's ranking, no training")
+    parser.add_argument("--text-encoder", default="minilm")
+    parser.add_argument("--image-size", type=int, default=128)
     args = parser.parse_args(argv)
     if args.summary:
         return summary(args.log)
+    if not args.ceiling and not args.grid:
+        parser.error("name a GRID, or pass --ceiling or --summary")
     torch.set_num_threads(1)
     extra = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
-    snapshot = args.log.with_suffix(".features.pt")  # skips re-listing the datasets in later sweeps
+    encoders = f"{args.text_encoder}-{args.image_size}px"
+    # The snapshot skips re-listing the datasets in later sweeps.
+    snapshot = args.log.with_name(f"{args.log.stem}.{encoders}.features.pt")
     if snapshot.exists():
         data = Embedded(**torch.load(snapshot, weights_only=True))
     else:
-        data = embed_all(progress=False)
+        data = embed_all(progress=False, image_size=args.image_size, text_encoder=args.text_encoder)
         torch.save(vars(data), snapshot)
+    if args.ceiling:
+        pair_counts = [int(p) for p in args.pairs.split(",")]
+        return ceiling(data, pair_counts, [int(s) for s in args.seeds.split(",")], encoders, args.log)
     for n_pairs in (int(p) for p in args.pairs.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
             for label, method, overrides in [entry for grid in args.grid.split(",") for entry in GRIDS[grid]]:
                 result = run(data, args.task, n_pairs, seed, method, **{**overrides, **extra})
                 result["label"] = label + "".join(f" {k}={v}" for k, v in extra.items())
+                result["encoders"] = encoders
                 with args.log.open("a") as log:
                     log.write(json.dumps(result) + "\n")
                 print(
@@ -103,11 +158,49 @@ def main(argv=None) -> None:
                 )
 
 
+def _mean_r1(scores: torch.Tensor) -> float:
+    """Mean of image→text and text→image R@1 (%) when row i pairs with column i."""
+    truth = torch.arange(len(scores))
+    hits = (scores.argmax(1) == truth).double().mean() + (scores.argmax(0) == truth).double().mean()
+    return 50.0 * float(hits)
+
+
+CEILING_EPS = (0.01, 0.02, 0.05)
+
+
+def ceiling(data: Embedded, pair_counts, seeds, encoders: str, log: Path) -> None:
+    """Test and validation R@1 of the CCA teacher ranked by cosine, and by its entropic plan
+    over the evaluation rows at each ε* of `CEILING_EPS` (same teacher, same rows)."""
+    for n_pairs in pair_counts:
+        for seed in seeds:
+            parts = split(data, "emoji-in", n_pairs, seed)  # the teacher sees the pairs only
+            teacher = CCATeacher().fit(parts.paired_images, parts.paired_texts)
+            result = {"label": "plan ceiling", "encoders": encoders, "pairs": n_pairs, "seed": seed}
+            for name, images, texts in (
+                ("val", parts.val_images, parts.val_texts),
+                ("test", parts.test_images, parts.test_texts),
+            ):
+                x, y = teacher.transform_images(images), teacher.transform_texts(texts)
+                cosine = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(y, dim=1).T
+                result[name] = {"cosine": _mean_r1(cosine)}
+                for eps in CEILING_EPS:
+                    plan = sinkhorn(x, y, eps=eps, n_iters=500, backend="reference").plan()
+                    result[name][f"plan eps*={eps:g}"] = _mean_r1(plan)
+            with log.open("a") as out:
+                out.write(json.dumps(result) + "\n")
+            print(f"{encoders} {n_pairs:5d} pairs seed {seed}: {result['test']} (test)", flush=True)
+
+
 def summary(path: Path) -> None:
     groups = defaultdict(list)
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        groups[(r["task"], r["label"], r["pairs"])].append(r["val"])
+        if r["label"] == "plan ceiling":
+            continue
+        label = r["label"] + (
+            f" [{r['encoders']}]" if r.get("encoders", "minilm-128px") != "minilm-128px" else ""
+        )
+        groups[(r["task"], label, r["pairs"])].append(r["val"])
     for (task, label, pairs), values in sorted(groups.items()):
         spread = f"{np.mean(values):5.2f} ± {np.std(values):4.2f} (n={len(values)})"
         print(f"{task:10s} {pairs:5d} {label:50s} val {spread}")

@@ -13,6 +13,9 @@ by the split seed and never used for training):
 - `emoji-in`: unpaired images and texts are the emoji outside the pairs, validation and test,
   cut into two disjoint halves (images from one, names from the other), so no unpaired image
   has its name among the unpaired texts: in-domain.
+- `emoji-hidden`: unpaired images and texts are the same emoji outside the pairs, validation and
+  test, each modality shuffled on its own so the pairing is withheld: in-domain, and the paper's
+  default set-up (its unpaired CC3M images and texts come from one pool).
 - `emoji-out`: unpaired images are OpenClipArt drawings, unpaired texts OpenClipArt titles and
   WordNet glosses: out-of-domain.
 """
@@ -36,7 +39,7 @@ from ..data.encoders import load_image_encoder, load_text_encoder
 IMAGE_ENCODER, IMAGE_SIZE, TEXT_ENCODER = "efficientnet-lite0", 128, "minilm"
 CLIPART_ROWS, CLIPART_MAX_PIXELS, WORDNET_ROWS = 3000, 2_000_000, 5000
 N_VAL, N_TEST = 200, 500
-TASKS = ("emoji-in", "emoji-out")
+TASKS = ("emoji-out", "emoji-in", "emoji-hidden")
 
 
 @dataclass
@@ -55,10 +58,13 @@ def _all(store) -> torch.Tensor:
     return store.read(0, len(store))
 
 
-def embed_all(progress: bool = True, workers: int = 2) -> Embedded:
-    """Embed (or read from the cache) the emoji, the OpenClipArt subset and the WordNet slice."""
-    image_encoder = load_image_encoder(IMAGE_ENCODER, size=IMAGE_SIZE)
-    text_encoder = load_text_encoder(TEXT_ENCODER)
+def embed_all(
+    progress: bool = True, workers: int = 2, image_size: int = IMAGE_SIZE, text_encoder: str = TEXT_ENCODER
+) -> Embedded:
+    """Embed (or read from the cache) the emoji, the OpenClipArt subset and the WordNet slice
+    (the benchmark's encoders unless `image_size` or `text_encoder` say otherwise)."""
+    image_encoder = load_image_encoder(IMAGE_ENCODER, size=image_size)
+    text_model = load_text_encoder(text_encoder)
     emoji = emoji_pairs()
     rng = np.random.default_rng(0)
     clipart = openclipart(max_pixels=CLIPART_MAX_PIXELS)
@@ -68,15 +74,15 @@ def embed_all(progress: bool = True, workers: int = 2) -> Embedded:
     options = dict(progress=progress)
     return Embedded(
         emoji_images=_all(embed_images(image_encoder, emoji.images, workers=workers, **options)),
-        emoji_texts=_all(embed_texts(text_encoder, list(emoji.captions), **options)),
+        emoji_texts=_all(embed_texts(text_model, list(emoji.captions), **options)),
         emoji_names=list(emoji.captions),
         clipart_images=_all(
             embed_images(
                 image_encoder, ImageSource("files", tuple(c.png for c in clipart)), workers=workers, **options
             )
         ),
-        clipart_texts=_all(embed_texts(text_encoder, [clipart_caption(c) for c in clipart], **options)),
-        wordnet_texts=_all(embed_texts(text_encoder, [s.text for s in nouns], **options)),
+        clipart_texts=_all(embed_texts(text_model, [clipart_caption(c) for c in clipart], **options)),
+        wordnet_texts=_all(embed_texts(text_model, [s.text for s in nouns], **options)),
     )
 
 
@@ -109,6 +115,9 @@ def split(data: Embedded, task: str, n_pairs: int, seed: int, split_seed: int = 
     if task == "emoji-in":
         half = len(rest) // 2
         u_img, u_txt = images[np.sort(rest[:half])], texts[np.sort(rest[half : 2 * half])]
+    elif task == "emoji-hidden":
+        shuffle = np.random.default_rng([split_seed, seed, 2]).permutation
+        u_img, u_txt = images[shuffle(rest)], texts[shuffle(rest)]
     else:
         u_img = data.clipart_images
         u_txt = torch.cat([data.clipart_texts, data.wordnet_texts])

@@ -208,7 +208,15 @@ def test_ctrl_c_during_fit_exits_130_with_the_resume_command(store, tmp_path):
         "cpu",
         "--quiet",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # As from a terminal: a shell that started pytest in the background ignores SIGINT,
+        # and fit, like Python, leaves an ignored SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not (run / "log.jsonl").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)

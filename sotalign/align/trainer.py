@@ -238,12 +238,17 @@ def _check_values(data: AlignmentData) -> None:
 @contextmanager
 def _deferred_interrupt():
     """Ctrl-C asks the training loop to stop after the step in progress (a step is never cut
-    in half, so the checkpoint it then writes is exact); a second Ctrl-C stops at once."""
+    in half, so the checkpoint it then writes is exact); a second Ctrl-C stops at once. An
+    ignored SIGINT (a job started with nohup or in the background) stays ignored, as Python
+    itself leaves it."""
     request = {"stop": False}
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
     previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield request
+        return
 
     def handler(signum, frame):
         if request["stop"]:

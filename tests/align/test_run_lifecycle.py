@@ -187,7 +187,16 @@ def test_a_run_killed_before_its_first_step_restarts_in_place(platonic, tmp_path
         fit(TrainConfig(method="sail", steps=4, **TINY), data, run, progress=False)
 
 
-def test_ctrl_c_checkpoints_and_resume_is_exact(platonic, tmp_path):
+@pytest.fixture
+def sigint_handler():
+    """SIGINT as an interactive Python has it (a background shell may start pytest with it
+    ignored), restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_checkpoints_and_resume_is_exact(platonic, tmp_path, sigint_handler):
     data = AlignmentData.from_spec(spec_for(platonic))
     config = TrainConfig(method="sotalign", steps=10, **TINY)
     fit(config, data, tmp_path / "straight", progress=False)
@@ -204,6 +213,31 @@ def test_ctrl_c_checkpoints_and_resume_is_exact(platonic, tmp_path):
     fit(config, data, run, resume=True, progress=False)
     for name, tensor in heads_of(tmp_path / "straight").items():
         assert torch.equal(tensor, heads_of(run)[name]), name
+
+
+def test_an_ignored_sigint_stays_ignored(platonic, tmp_path):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seen = []
+    try:
+
+        def press_ctrl_c(done):
+            seen.append(signal.getsignal(signal.SIGINT))
+            if done == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        config = TrainConfig(method="sail", steps=4, **TINY)
+        fit(
+            config,
+            AlignmentData.from_spec(spec_for(platonic)),
+            tmp_path / "run",
+            progress=False,
+            on_step=press_ctrl_c,
+        )
+        assert seen and all(h is signal.SIG_IGN for h in seen)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sotalign.load(tmp_path / "run").method == "sail"  # ran to the end
 
 
 def test_bad_store_values_fail_before_anything_is_written(platonic, tmp_path):

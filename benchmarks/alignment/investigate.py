@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from sotalign import sinkhorn
-from sotalign.align.tasks import N_TEST, N_VAL, Embedded, TaskSplit, embed_all, run, split
+from sotalign.align.tasks import Embedded, TaskSplit, draw_rows, embed_all, run, split
 from sotalign.align.teachers import CCATeacher
 from sotalign.eval.retrieval import pessimistic_ranks, retrieval_metrics
 
@@ -174,11 +174,9 @@ CEILING_EPS = (0.01, 0.02, 0.05)
 
 
 def _clipart_split(data: Embedded, n_pairs: int, seed: int) -> TaskSplit:
-    """OpenClipArt drawing ↔ title pairs: 200 validation and 500 test drawings fixed, `n_pairs`
-    drawn by `seed` from the rest (no unpaired pools: the ceiling needs none)."""
-    order = np.random.default_rng([0, 0]).permutation(len(data.clipart_images))
-    val, test, pool = order[:N_VAL], order[N_VAL : N_VAL + N_TEST], order[N_VAL + N_TEST :]
-    paired = np.random.default_rng([0, seed, 1]).permutation(pool)[:n_pairs]
+    """OpenClipArt drawing ↔ title pairs, split as the emoji are (no unpaired pools: the
+    ceiling needs none)."""
+    val, test, paired, _ = draw_rows(len(data.clipart_images), n_pairs, seed, what="drawings")
     images, texts, none = data.clipart_images, data.clipart_texts, torch.empty(0)
     return TaskSplit(
         images[paired], texts[paired], none, none, images[val], texts[val], images[test], texts[test]

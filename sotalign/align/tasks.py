@@ -100,17 +100,22 @@ class TaskSplit:
     test_texts: torch.Tensor
 
 
+def draw_rows(n: int, n_pairs: int, seed: int, split_seed: int = 0, what: str = "emoji"):
+    """Row indices (validation, test, pairs, the rest) of a paired set of `n` rows: `N_VAL` and
+    `N_TEST` rows fixed by `split_seed`, `n_pairs` pairs drawn by `seed` from the others."""
+    order = np.random.default_rng([split_seed, 0]).permutation(n)
+    val, test, pool = order[:N_VAL], order[N_VAL : N_VAL + N_TEST], order[N_VAL + N_TEST :]
+    if n_pairs > len(pool):
+        raise ValueError(f"{n_pairs} pairs requested, only {len(pool)} {what} outside validation and test")
+    drawn = np.random.default_rng([split_seed, seed, 1]).permutation(pool)
+    return val, test, drawn[:n_pairs], drawn[n_pairs:]
+
+
 def split(data: Embedded, task: str, n_pairs: int, seed: int, split_seed: int = 0) -> TaskSplit:
     """Validation and test emoji fixed by `split_seed`; `n_pairs` pairs drawn by `seed` from the rest."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    n = len(data.emoji_images)
-    order = np.random.default_rng([split_seed, 0]).permutation(n)
-    val, test, pool = order[:N_VAL], order[N_VAL : N_VAL + N_TEST], order[N_VAL + N_TEST :]
-    if n_pairs > len(pool):
-        raise ValueError(f"{n_pairs} pairs requested, only {len(pool)} emoji outside validation and test")
-    drawn = np.random.default_rng([split_seed, seed, 1]).permutation(pool)
-    paired, rest = drawn[:n_pairs], drawn[n_pairs:]
+    val, test, paired, rest = draw_rows(len(data.emoji_images), n_pairs, seed, split_seed)
     images, texts = data.emoji_images, data.emoji_texts
     if task == "emoji-in":
         half = len(rest) // 2

@@ -108,12 +108,10 @@ def klot_features_op(
         n_iters, tol, check_every, symmetric, eps_scaling, cuda_graph, backend, path, precision, memory_budget
     )
     check.check_finite(x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
-    check_scale(Affinity.from_features(x, y), eps, "x, y")
-    check_scale(Affinity.from_features(x_teacher, y_teacher), eps_teacher, "x_teacher, y_teacher")
-    route = _features_route(x, y, x_teacher, options)
-    route, (K, K_teacher) = route.prepare(
-        Affinity.from_features(x, y), Affinity.from_features(x_teacher, y_teacher)
-    )
+    K, K_teacher = Affinity.from_features(x, y), Affinity.from_features(x_teacher, y_teacher)
+    check_scale(K, eps, "x, y")
+    check_scale(K_teacher, eps_teacher, "x_teacher, y_teacher")
+    route, (K, K_teacher) = _features_route(x, y, x_teacher, options).prepare(K, K_teacher)
     record_route(route)
     f, g, f_t, g_t = _solve_both(route, K, K_teacher, eps, eps_teacher, options)
     value = route.backend.klot_value(K, f, g, eps, K_teacher, f_t, g_t, eps_teacher)

@@ -177,7 +177,7 @@ KeyOpt = Annotated[
     str | None, Opt("--key", help="Array name inside .safetensors/.h5 stores.", rich_help_panel=DATA)
 ]
 MethodOpt = Annotated[
-    str | None, Opt("--method", help="Recipe (see `sotalign info`) [sotalign].", rich_help_panel=TRAIN)
+    str | None, Opt("--method", help="Method (see `sotalign info`) [sotalign].", rich_help_panel=TRAIN)
 ]
 StepsOpt = Annotated[int | None, Opt("--steps", help="Training steps [2000].", rich_help_panel=TRAIN)]
 LrOpt = Annotated[float | None, Opt("--lr", help="Peak learning rate of Lion [1e-4].", rich_help_panel=TRAIN)]
@@ -277,7 +277,7 @@ def fit(
     seed: Annotated[int | None, Opt(help="Training seed [0].", rich_help_panel=TRAIN)] = None,
     option: Annotated[
         list[str] | None,
-        Opt("--option", help="Recipe option key=value (repeatable).", rich_help_panel=TRAIN),
+        Opt("--option", help="Method option key=value (repeatable).", rich_help_panel=TRAIN),
     ] = None,
     teacher_option: Annotated[
         list[str] | None,
@@ -494,7 +494,7 @@ def _class_names(path: Path) -> list[str]:
 @_with_store_options
 def compare(
     out_dir: Annotated[Path, typer.Argument(help="Directory for the runs, compare.json and compare.md.")],
-    methods: Annotated[str, Opt(help="Comma-separated recipes.")] = "sail,structure,sotalign",
+    methods: Annotated[str, Opt(help="Comma-separated methods.")] = "sail,structure,sotalign",
     seeds: Annotated[str, Opt(help="Comma-separated seeds (split and training).")] = "0,1,2",
     config_file: ConfigOpt = None,
     images: ImagesOpt = None,
@@ -749,7 +749,7 @@ def distance(
 
 @app.command()
 def info():
-    """Version, OT backends, devices, recipes and optional dependencies."""
+    """Version, OT backends, devices, methods and optional dependencies."""
     import platform
 
     import torch

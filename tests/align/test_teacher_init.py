@@ -1,4 +1,4 @@
-"""Heads that start as the stage-1 teacher (the real-data SOTAlign recipe).
+"""Heads that start as the stage-1 teacher (the real-data SOTAlign method).
 
 Oracles: the teacher's own affinity K* = cos(teacher_img(X), teacher_txt(Y)) and its retrieval
 scores, computed through `Teacher.transform_*`, independently of the heads."""

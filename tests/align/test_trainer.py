@@ -153,8 +153,8 @@ def test_resume_drops_a_torn_log_line_and_matches_an_uninterrupted_run(data, tmp
 
 def test_batches_are_independent_deterministic_and_nnclr_neighbours_are_nearest(data):
     config = TrainConfig(method="nnclr", **TINY)
-    a = BatchSource(config.recipe(), config, data, None, torch.device("cpu"))
-    b = BatchSource(config.recipe(), config, data, None, torch.device("cpu"))
+    a = BatchSource(config.training_method(), config, data, None, torch.device("cpu"))
+    b = BatchSource(config.training_method(), config, data, None, torch.device("cpu"))
     first, again = a.batch(5), b.batch(5)
     for name in ("paired_images", "unpaired_images", "unpaired_texts", "neighbour_texts"):
         assert torch.equal(getattr(first, name), getattr(again, name))

@@ -78,20 +78,20 @@ def first_step(rank, world, spec, options):
     """The loss terms and the parameter gradients (after DDP) of step 0, as `fit` computes them."""
     torch.set_num_threads(1)
     config, data, device = TrainConfig(**options), AlignmentData.from_spec(spec), torch.device("cpu")
-    recipe = config.recipe()
+    method = config.training_method()
     ranks = Ranks.from_environment(device, config.klot_scope)
     teacher = None
-    if recipe.teacher is not None:
-        teacher = make_teacher(recipe.teacher)
+    if method.teacher is not None:
+        teacher = make_teacher(method.teacher)
         teacher.fit(data.paired_images.all(), data.paired_texts.all())
     torch.manual_seed(config.seed)
     heads = AlignmentHeads(
         data.image_dim, data.text_dim, config.out_dim, config.head_kind, config.head_hidden_dim
     )
-    losses = recipe.loss_modules()
+    losses = method.loss_modules()
     step = data_parallel(
         _Step(
-            recipe,
+            method,
             heads,
             losses,
             ranks,
@@ -102,9 +102,9 @@ def first_step(rank, world, spec, options):
         ranks,
         device,
     )
-    batch = BatchSource(recipe, config, data, teacher, device, ranks).batch(0)
+    batch = BatchSource(method, config, data, teacher, device, ranks).batch(0)
     terms = step(batch)
-    weights = recipe.weights(config.alpha)
+    weights = method.weights(config.alpha)
     sum(weights[name] * value for name, value in terms.items()).backward()
     grads = {name: p.grad for name, p in [*heads.named_parameters(), *losses.named_parameters()]}
     return {name: value.item() for name, value in terms.items()}, grads, (heads, batch)

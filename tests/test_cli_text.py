@@ -1,6 +1,6 @@
 """What the `sotalign` command prints: help and errors keep every bracketed word, user strings
 are never read as markup, tables are not cut, and bad values are refused before any file is
-written (issue 10, items 5, 6, 11 and 14)."""
+written."""
 
 from __future__ import annotations
 

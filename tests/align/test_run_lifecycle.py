@@ -1,4 +1,4 @@
-"""Run directories a user can trust (issue 10): the data a run reads is pinned by absolute path
+"""Run directories a user can trust: the data a run reads is pinned by absolute path
 and fingerprint, an incomplete run is never scored as finished, nothing is left behind by a run
 that fails before its first step, Ctrl-C checkpoints, and bad store values fail up front."""
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import features
 
 from sotalign.align import METHODS, AlignmentHeads, Batch, get_method, loss_terms
 from sotalign.align.config import ConfigError, TrainConfig
@@ -19,21 +20,24 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_batch(requires_grad: bool = False) -> Batch:
-    g = torch.Generator().manual_seed(0)
-
-    def r(n, d):
-        return torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
-
-    return Batch(
-        paired_images=r(7, IMAGE_DIM),
-        paired_texts=r(7, TEXT_DIM),
-        unpaired_images=r(9, IMAGE_DIM),
-        unpaired_texts=r(11, TEXT_DIM),
-        teacher_images=r(9, TEACHER_DIM),
-        teacher_texts=r(11, TEACHER_DIM),
-        neighbour_texts=r(9, TEXT_DIM),
-        neighbour_images=r(11, IMAGE_DIM),
+    """Raw features of 7 pairs, 9 unpaired images and 11 unpaired texts (with their teacher
+    features and NNCLR positives)."""
+    paired_images, unpaired_images = features(7, 9, IMAGE_DIM, seed=0)
+    paired_texts, unpaired_texts = features(7, 11, TEXT_DIM, seed=1)
+    teacher_images, teacher_texts = features(9, 11, TEACHER_DIM, seed=2)
+    neighbour_texts = features(9, 1, TEXT_DIM, seed=3)[0]
+    neighbour_images = features(11, 1, IMAGE_DIM, seed=4)[0]
+    parts = dict(
+        paired_images=paired_images,
+        paired_texts=paired_texts,
+        unpaired_images=unpaired_images,
+        unpaired_texts=unpaired_texts,
+        teacher_images=teacher_images,
+        teacher_texts=teacher_texts,
+        neighbour_texts=neighbour_texts,
+        neighbour_images=neighbour_images,
     )
+    return Batch(**{name: t.requires_grad_(requires_grad) for name, t in parts.items()})
 
 
 def heads_for_test() -> AlignmentHeads:

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import planted_pairs
 
 from sotalign.align import AlignmentData, DataSpec, TrainConfig, fit
 from sotalign.align.config import ConfigError
@@ -18,20 +19,10 @@ from sotalign.align.teachers import make_teacher
 from sotalign.data import write_platonic
 
 
-def _pairs(n=60, dx=12, dy=9, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    A = (
-        z @ torch.randn(4, dx, generator=g, dtype=torch.float64)
-        + 0.3 * torch.randn(n, dx, generator=g, dtype=torch.float64)
-        + 2
-    )
-    B = (
-        z @ torch.randn(4, dy, generator=g, dtype=torch.float64)
-        + 0.3 * torch.randn(n, dy, generator=g, dtype=torch.float64)
-        - 1
-    )
-    return A, B
+def _pairs(n=60, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """12-d images and 9-d texts, off-centre, with a planted linear relation."""
+    A, B = planted_pairs(n, d_x=12, d_y=9, noise=0.3, seed=seed, offset=1.0)
+    return torch.from_numpy(A), torch.from_numpy(B)
 
 
 @pytest.mark.parametrize("out_dim", [9, 32])

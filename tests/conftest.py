@@ -91,6 +91,37 @@ def klot_problem(n: int, m: int, d: int, d_teacher: int, dtype=torch.float64, se
     return x, y, x_teacher, y_teacher
 
 
+#: Training settings small enough for a test run on CPU (the paper's defaults are for 10k
+#: pairs and 1024-d encoders); a module overrides what it needs: dict(TINY_TRAINING, ...).
+TINY_TRAINING = dict(
+    out_dim=16,
+    lr=1e-2,
+    paired_batch_size=64,
+    unpaired_batch_size=96,
+    n_iters=20,
+    eps_teacher=0.05,
+    alpha=1e-2,
+    eval_every=10,
+    checkpoint_every=10,
+    device="cpu",
+)
+
+
+def toy_spec(directory, n_pairs: int = 40, **split):
+    """The DataSpec of the platonic toy that ``write_platonic`` wrote to ``directory``."""
+    from sotalign.data import DataSpec
+
+    return DataSpec(
+        images=str(directory / "images.npy"), texts=str(directory / "texts.npy"), n_pairs=n_pairs, **split
+    )
+
+
+def toy_flags(directory, pairs: int, val: int, *more: str) -> list[str]:
+    """The data flags of ``sotalign fit`` and ``compare`` for the platonic toy in ``directory``."""
+    images, texts = directory / "images.npy", directory / "texts.npy"
+    return ["--images", str(images), "--texts", str(texts), "--pairs", str(pairs), "--val", str(val), *more]
+
+
 def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
     """‖value − expected‖ / ‖expected‖ in float64."""
     expected = expected.double()

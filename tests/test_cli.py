@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import toy_flags
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -53,18 +54,7 @@ def store(tmp_path_factory):
 
 
 def data_args(store, pairs=48):
-    return [
-        "--images",
-        str(store / "images.npy"),
-        "--texts",
-        str(store / "texts.npy"),
-        "--pairs",
-        str(pairs),
-        "--val",
-        "100",
-        "--test",
-        "150",
-    ]
+    return toy_flags(store, pairs, 100, "--test", "150")
 
 
 def invoke(*args):

@@ -171,35 +171,14 @@ class InfoNCELoss(nn.Module):
 # --------------------------------------------------------------------------- divergences
 
 
-def klot_divergence(
-    img: Tensor,
-    txt: Tensor,
-    teacher_img: Tensor,
-    teacher_txt: Tensor,
-    *,
-    eps: float = 0.05,
-    eps_teacher: float = 0.01,
-    n_iters: int = 100,
-    backend: str = "auto",
-    **options,
-) -> Tensor:
+def klot_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor, **options) -> Tensor:
     r"""KLOT(K ‖ K*) = KL(OT_ε*(K*) ‖ OT_ε(K)) (paper Eq. 12) with cosine affinities.
 
-    Exactly :func:`sotalign.klot` with ``affinity="cosine"``; gradient (P − P*)/ε
-    (Theorem 5.1/C.4). Further keyword ``options`` (``path``, ``tol``, ...) go to it.
+    Exactly :func:`sotalign.klot` with ``affinity="cosine"`` and its defaults; gradient
+    (P − P*)/ε (Theorem 5.1/C.4). Keyword ``options`` (``eps``, ``eps_teacher``, ``n_iters``,
+    ``backend``, ``path``, ``tol``, ...) go to it.
     """
-    return klot(
-        img,
-        txt,
-        teacher_img,
-        teacher_txt,
-        eps=eps,
-        eps_teacher=eps_teacher,
-        n_iters=n_iters,
-        affinity="cosine",
-        backend=backend,
-        **options,
-    )
+    return klot(img, txt, teacher_img, teacher_txt, affinity="cosine", **options)
 
 
 def cka_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor) -> Tensor:

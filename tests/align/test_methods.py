@@ -19,25 +19,26 @@ IMAGE_DIM, TEXT_DIM, TEACHER_DIM, OUT_DIM = 12, 10, 6, 8
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+#: Rows and dimension of each part of the test batch: 7 pairs, 9 unpaired images and 11
+#: unpaired texts, with their teacher features and NNCLR positives.
+BATCH_SHAPES = dict(
+    paired_images=(7, IMAGE_DIM),
+    paired_texts=(7, TEXT_DIM),
+    unpaired_images=(9, IMAGE_DIM),
+    unpaired_texts=(11, TEXT_DIM),
+    teacher_images=(9, TEACHER_DIM),
+    teacher_texts=(11, TEACHER_DIM),
+    neighbour_texts=(9, TEXT_DIM),
+    neighbour_images=(11, IMAGE_DIM),
+)
+
+
 def make_batch(requires_grad: bool = False) -> Batch:
-    """Raw features of 7 pairs, 9 unpaired images and 11 unpaired texts (with their teacher
-    features and NNCLR positives)."""
-    paired_images, unpaired_images = features(7, 9, IMAGE_DIM, seed=0)
-    paired_texts, unpaired_texts = features(7, 11, TEXT_DIM, seed=1)
-    teacher_images, teacher_texts = features(9, 11, TEACHER_DIM, seed=2)
-    neighbour_texts = features(9, 1, TEXT_DIM, seed=3)[0]
-    neighbour_images = features(11, 1, IMAGE_DIM, seed=4)[0]
-    parts = dict(
-        paired_images=paired_images,
-        paired_texts=paired_texts,
-        unpaired_images=unpaired_images,
-        unpaired_texts=unpaired_texts,
-        teacher_images=teacher_images,
-        teacher_texts=teacher_texts,
-        neighbour_texts=neighbour_texts,
-        neighbour_images=neighbour_images,
-    )
-    return Batch(**{name: t.requires_grad_(requires_grad) for name, t in parts.items()})
+    """Raw features of every part of a batch (``BATCH_SHAPES``), each from its own seed."""
+    parts = {}
+    for seed, (name, (n, d)) in enumerate(BATCH_SHAPES.items()):
+        parts[name] = features(n, 1, d, seed=seed)[0].requires_grad_(requires_grad)
+    return Batch(**parts)
 
 
 def heads_for_test() -> AlignmentHeads:

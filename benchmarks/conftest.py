@@ -4,7 +4,7 @@
 Run a suite (the files are ``bench_*.py``; this conftest makes pytest collect them)::
 
     .venv/bin/python -m pytest benchmarks/bench_sinkhorn.py --benchmark-json=benchmarks/results/x.json
-    .venv/bin/python -m benchmarks.report benchmarks/results/x.json
+    .venv/bin/python -m benchmarks.report benchmarks/results/x.json   # writes <machine>-sinkhorn.md
 
 ``SOTALIGN_BENCH_SMOKE=1`` shrinks every shape to n ≤ 128 so the whole suite runs in seconds
 (use it with ``--benchmark-disable`` as a CI smoke test). The GPU benchmark is not a pytest

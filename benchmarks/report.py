@@ -2,7 +2,7 @@
 Markdown of a GPU run (:mod:`benchmarks.gpu`).
 
     python -m benchmarks.report benchmarks/results/cpu-amd-epyc-2core-sinkhorn.json
-    python -m benchmarks.report benchmarks/results/nvidia-h200-gpu-check.json   # rewrites its .md
+    python -m benchmarks.report benchmarks/results/<gpu>-gpu-check.json   # rewrites its .md
 
 For each suite found in the JSON (``extra_info["suite"]``: sinkhorn, klot, crossover) writes
 ``<machine>-<suite>.md`` and ``<machine>-<suite>.png`` into ``--out`` (default: the folder

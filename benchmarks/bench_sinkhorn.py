@@ -26,7 +26,7 @@ N_ITERS = 100
 #: Largest n·m·d GeomLoss/KeOps is timed at (KeOps' CPU reductions run ~4 GFLOP/s here).
 GEOMLOSS_MAX_WORK = 2048 * 2048 * 64
 CPU = torch.device("cpu")
-CPU_PEERS = [name for name, peer in PEERS.items() if "cpu" in peer.devices]
+CPU_PEERS = [name for name, peer in PEERS.items() if "cpu" in peer.devices and peer.cost == "cosine"]
 
 
 def metadata(n: int, d: int) -> dict:

@@ -338,17 +338,7 @@ def providers(section: str, device: torch.device, sweep: bool, n: int) -> list[P
                 missing=PEERS["paper-dense-compiled"].missing(device),
             )
         )
-    for precision in BY_PRIORITY:
-        rows.append(
-            Provider(
-                f"sotalign-online-{precision}",
-                ours(backend=backend, path="online", precision=precision),
-                "online",
-                precision,
-                slowdown=ONLINE_SLOWDOWN[precision],
-                warmup_s=TRITON_WARMUP_S,
-            )
-        )
+    rows += [online_provider(ours, precision) for precision in BY_PRIORITY]
     if sweep:
         rows += [
             Provider("sotalign-torch", ours(backend="torch"), "auto", slowdown=15.0, dense_matrices=1),
@@ -378,18 +368,14 @@ def providers(section: str, device: torch.device, sweep: bool, n: int) -> list[P
 def scale_providers(section: str, device: torch.device) -> list[Provider]:
     """Online only (a stored K at n = 262144 would take 256 GiB): fp16, then the default."""
     ours = sotalign_klot if section == "klot" else sotalign_sinkhorn
-    backend = "triton" if SMOKE else "auto"
-    return [
-        Provider(
-            f"sotalign-online-{precision}",
-            ours(backend=backend, path="online", precision=precision),
-            "online",
-            precision,
-            slowdown=ONLINE_SLOWDOWN[precision],
-            warmup_s=TRITON_WARMUP_S,
-        )
-        for precision in dict.fromkeys(("fp16", dispatch.ONLINE_PRECISION))
-    ]
+    return [online_provider(ours, p) for p in dict.fromkeys(("fp16", dispatch.ONLINE_PRECISION))]
+
+
+def online_provider(ours: Callable[..., Run], precision: str) -> Provider:
+    """sotalign's online path at one dot precision (Triton; interpreted in smoke runs)."""
+    run = ours(backend="triton" if SMOKE else "auto", path="online", precision=precision)
+    slowdown = ONLINE_SLOWDOWN[precision]
+    return Provider(f"sotalign-online-{precision}", run, "online", precision, slowdown, TRITON_WARMUP_S)
 
 
 # --------------------------------------------------------------------------- roofline

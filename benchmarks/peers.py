@@ -8,9 +8,10 @@ the timed call). Every wrapper returns the potentials in sotalign's convention,
 solvers can be compared (:func:`potential_error`, which removes the constant that (f, g) are
 defined up to).
 
-A peer is a :class:`Peer`: its name, the module it needs, where it runs, and ``make(eps,
-n_iters)`` returning the solver ``(x, y) -> (f, g)``. Adding a problem (another cost) to a
-library is one more function and one more :data:`PEERS` entry with its ``cost``.
+A peer is a :class:`Peer`: its name, the problem it solves (``cost``), the modules it needs,
+where it runs, and ``make(eps, n_iters)`` returning the solver ``(x, y) -> (f, g)``. Adding a
+problem (another cost) to a library is one more function and one more :data:`PEERS` entry
+with its ``cost``; the benchmarks pick the peers of the problem they time.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # the benchmarks package lives at the repository 
 
 from benchmarks import roofline  # noqa: E402
 from benchmarks.machine import machine_slug  # noqa: E402
-from benchmarks.report import crossover_dim  # noqa: E402
+from benchmarks.report import crossover_dim, targets  # noqa: E402
 
 GPU_TESTS = "tests/kernels/test_triton_gpu.py"
 
@@ -117,3 +117,49 @@ def test_machine_names():
         machine_slug({"cpu_model": "x", "cores": 1, "gpu_name": "NVIDIA H100 80GB HBM3"})
         == "nvidia-h100-80gb-hbm3"
     )
+
+
+def test_targets_of_a_gpu_report():
+    """targets.json checked on a hand-made report: the best bound of the headline Sinkhorn on
+    an H100 SXM is 0.556 ms per iteration (fp16 online), so 100 iterations in 0.1 s is 1.80×."""
+    sinkhorn = {
+        "case": [16384, 512, 100],
+        "rows": [
+            {"provider": "paper-dense", "seconds": 0.5},
+            {"provider": "sotalign-online-fp16", "seconds": 0.1},
+            {"provider": "sotalign-online-fp32", "seconds": 2.0},
+            {"provider": "flashsinkhorn-fp32", "seconds": 2.6},
+            {"provider": "flashsinkhorn-tf32", "skipped": "flash_sinkhorn does not import"},
+        ],
+    }
+    klot_rows = [
+        {"provider": "paper-dense", "seconds": 4.0},
+        {
+            "provider": "sotalign-auto",
+            "seconds": 1.0,
+            "bound_seconds": 0.5,
+            "route": {"path": "online"},
+            "peak_extra_bytes": 300 * 2**20,
+        },
+    ]
+    report = {
+        "roofline_gpu": "h100-sxm",
+        "sinkhorn": {"cases": [sinkhorn]},
+        "klot": {"cases": [{"case": [32768, 256, 128, 100], "rows": klot_rows}]},
+    }
+    found = {target: (measured, met) for target, measured, met in targets(report)}
+    best = next(value for key, value in found.items() if "best roofline bound" in key)
+    assert best == ("sotalign-online-fp16: 1.80×", False)
+    flash = {key.split("(")[1][:4]: value for key, value in found.items() if "FlashSinkhorn" in key}
+    assert flash == {"fp32": ("1.30× FlashSinkhorn", True), "tf32": ("–", None)}
+    klot = {
+        key.split(": ", 1)[1]: value
+        for key, value in found.items()
+        if key.startswith("KLOT n = m = 32768, d = 256")
+    }
+    assert klot == {
+        "sotalign-auto ≥ 8× the paper's step": ("4.00×", False),
+        "sotalign-auto ≤ 1.5× the bound of its path": ("2.00×", False),
+    }
+    assert found["KLOT online paths: peak ≤ 1024 MiB beyond the inputs"] == ("300 MiB (sotalign-auto)", True)
+    assert all(value == ("–", None) for key, value in found.items() if "d = 1024" in key)

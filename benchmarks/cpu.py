@@ -21,7 +21,7 @@ from sotalign import DEFAULT_MEMORY_BUDGET, SinkhornResult
 from sotalign.memory import peak_memory
 from sotalign.ot.dispatch import choose_route
 
-from .report import crossover_dim
+from .report import crossover_table
 
 #: ``SOTALIGN_BENCH_SMOKE=1`` shrinks every shape so a suite runs in seconds (CI smoke test).
 SMOKE = os.environ.get("SOTALIGN_BENCH_SMOKE") == "1"
@@ -174,13 +174,5 @@ CROSSOVER_RESULTS: dict[tuple[int, str], float] = {}
 
 def crossover_summary(write) -> None:
     """The terminal summary of the crossover suite, one ``write(line)`` per line."""
-    if not CROSSOVER_RESULTS:
-        return
-    for d in sorted({d for d, _ in CROSSOVER_RESULTS}):
-        dense, online = CROSSOVER_RESULTS.get((d, "dense")), CROSSOVER_RESULTS.get((d, "online"))
-        if dense and online:
-            write(
-                f"d={d:4d}  dense {dense * 1e3:9.1f} ms  online {online * 1e3:9.1f} ms  "
-                f"online/dense {online / dense:5.2f}  -> {'dense' if dense <= online else 'online'}"
-            )
-    write(f"crossover d (dense wins from here on): {crossover_dim(CROSSOVER_RESULTS)}")
+    for line in crossover_table(CROSSOVER_RESULTS):
+        write(line)

@@ -27,14 +27,13 @@ images and texts are independent draws (no row correspondence), n = m ∈ {1024,
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 import sotalign
+from benchmarks.cpu import SMOKE
 
-SMOKE = os.environ.get("SOTALIGN_BENCH_SMOKE") == "1"
 EPS_TEACHER = 0.01
 TOL = 1e-4
 FIXED_ITERS = 100

@@ -1,6 +1,6 @@
 r"""Error of the Triton backend's precision flags (fp32, tf32x3, fp16x3, tf32, fp16) against float64.
 
-    .venv/bin/python benchmarks/precision_error.py [--n 512] [--d 256] [--iters 100]
+    .venv/bin/python -m benchmarks.precision_error [--n 512] [--d 256] [--iters 100]
 
 For cosine features (n = m, student d, teacher d/2, clustered so the plans are far from
 uniform) and each ε in {0.05, 0.01} this measures, against the float64 reference:
@@ -25,16 +25,14 @@ How each flag is reproduced:
   (fp32, fp16 and fp16x3; it computes tf32 dots exactly) on a smaller problem next to the
   emulation.
 
-Writes ``benchmarks/results/<machine>-precision.md`` (machine as in ``report.py``).
+Writes ``benchmarks/results/<machine>-precision.md`` (:mod:`benchmarks.machine`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -42,9 +40,8 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (cross-check)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS, local_machine, machine_slug  # noqa: E402
-
+from benchmarks.machine import local_machine, machine_slug  # noqa: E402
+from benchmarks.report import RESULTS  # noqa: E402
 from sotalign.kernels.base import Affinity  # noqa: E402
 from sotalign.kernels.reference import ReferenceBackend  # noqa: E402
 from sotalign.kernels.triton.backend import fp16_split  # noqa: E402

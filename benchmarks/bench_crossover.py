@@ -26,7 +26,7 @@ def test_cpu_path(benchmark, problem, cpu_backend, crossover_dim, path):
     data = problem(n, crossover_dim)
     result = run_benchmark(
         benchmark,
-        lambda: sotalign.sinkhorn(data.x, data.y, EPS, N_ITERS, backend="cpu", path=path),
+        lambda: sotalign.sinkhorn(data.x, data.y, EPS, n_iters=N_ITERS, backend="cpu", path=path),
         suite="crossover",
         provider=f"sotalign-cpu-{path}",
         group=f"crossover n={n} d={crossover_dim}",

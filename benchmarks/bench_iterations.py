@@ -93,8 +93,8 @@ def test_iterations(benchmark, n, eps, eps_scaling):
     options = dict(tol=TOL, check_every=1, n_iters=MAX_ITERS, eps_scaling=eps_scaling)
     student = sotalign.sinkhorn(x, y, eps, **options)
     teacher = sotalign.sinkhorn(x_t, y_t, EPS_TEACHER, **options)
-    fixed_student = sotalign.sinkhorn(x, y, eps, FIXED_ITERS)
-    fixed_teacher = sotalign.sinkhorn(x_t, y_t, EPS_TEACHER, FIXED_ITERS)
+    fixed_student = sotalign.sinkhorn(x, y, eps, n_iters=FIXED_ITERS)
+    fixed_teacher = sotalign.sinkhorn(x_t, y_t, EPS_TEACHER, n_iters=FIXED_ITERS)
     fixed_value, fixed_grad = fixed_step(features, n, eps)
 
     benchmark.group = f"iterations n={n}"

@@ -39,7 +39,7 @@ def test_sotalign(benchmark, problem, sinkhorn_shape, variant):
     data = problem(*sinkhorn_shape)
     result = run_benchmark(
         benchmark,
-        lambda: sotalign.sinkhorn(data.x, data.y, EPS, N_ITERS, backend=backend, path=path),
+        lambda: sotalign.sinkhorn(data.x, data.y, EPS, n_iters=N_ITERS, backend=backend, path=path),
         provider=label,
         requested_backend=backend,
         requested_path=path,
@@ -76,7 +76,7 @@ def test_peers_solve_the_same_problem(problem):
     """Not timed: every peer's plan, from the potentials it returns, is sotalign's plan on a
     small instance (which also checks each wrapper's conversion of the potentials)."""
     data = problem(128, 16)
-    ours = sotalign.sinkhorn(data.x, data.y, EPS, N_ITERS, backend="reference").plan()
+    ours = sotalign.sinkhorn(data.x, data.y, EPS, n_iters=N_ITERS, backend="reference").plan()
     K = cosine(data.x, data.y)
     for name in CPU_PEERS:
         if PEERS[name].missing(CPU):

@@ -45,7 +45,9 @@ from benchmarks.report import RESULTS  # noqa: E402
 from sotalign.kernels.base import Affinity  # noqa: E402
 from sotalign.kernels.reference import ReferenceBackend  # noqa: E402
 from sotalign.kernels.triton.backend import fp16_split  # noqa: E402
-from sotalign.ot.sinkhorn import solve, uniform_log_weights  # noqa: E402
+from sotalign.ot.options import SolverOptions  # noqa: E402
+from sotalign.ot.problem import uniform_problem  # noqa: E402
+from sotalign.ot.sinkhorn import solve  # noqa: E402
 
 REFERENCE = ReferenceBackend()
 EPS_TEACHER = 0.01
@@ -117,16 +119,15 @@ def run(features, eps: float, iters: int, backend, mode: str | None):
     formulas in fp32 on round(x̂) round(ŷ)ᵀ; ``mode`` None: ``backend`` on the features as
     given (the float64 reference, or the Triton kernels)."""
     x, y, x_t, y_t = features
-    n, m = x.shape[0], y.shape[0]
     if mode is None:
         K, K_t = Affinity.from_features(x, y), Affinity.from_features(x_t, y_t)
     else:
         backend = REFERENCE
         K, K_t = (Affinity.from_dense(dot_as_computed(a, b, mode)) for a, b in ((x, y), (x_t, y_t)))
-    log_a = uniform_log_weights(n, x.dtype, x.device)
-    log_b = uniform_log_weights(m, x.dtype, x.device)
-    f, g, _ = solve(backend, K, eps, iters, log_a, log_b)
-    f_t, g_t, _ = solve(backend, K_t, EPS_TEACHER, iters, log_a, log_b)
+    options = SolverOptions(n_iters=iters)
+    student = solve(uniform_problem(backend, K), eps, options)
+    teacher = solve(uniform_problem(backend, K_t), EPS_TEACHER, options)
+    f, g, f_t, g_t = student.f, student.g, teacher.f, teacher.g
     args = (K, f, g, eps, K_t, f_t, g_t, EPS_TEACHER)
     value = backend.klot_value(*args)
     if mode is None:

@@ -79,7 +79,7 @@ def test_gpu_check_fails_when_its_tests_fail(tmp_path):
 
 
 def test_roofline_reproduces_design():
-    """The roofline gives DESIGN.md's 0.72 ms (dense) and 0.56 ms (online fp16) per iteration."""
+    """The roofline gives docs/design.md's 0.72 ms (dense) and 0.56 ms (online fp16) per iteration."""
     n, d = 16384, 512
     dense = roofline.sinkhorn_iteration_bound(n, n, d, "dense", "h100-sxm")
     online = roofline.sinkhorn_iteration_bound(n, n, d, "online", "h100-sxm", "fp16")

@@ -139,6 +139,18 @@ class Backend:
     name: str = "base"
     #: True when no primitive creates an n×m buffer for a feature affinity.
     online: bool = True
+    #: The device types the backend computes on (None: any torch device).
+    device_types: tuple[str, ...] | None = None
+    #: What to do about tensors on another device, appended to the error.
+    device_hint: str = ""
+
+    def check_device(self, device: torch.device) -> None:
+        """The one check that this backend runs on ``device`` (a ``ValueError`` naming both)."""
+        if self.device_types is not None and device.type not in self.device_types:
+            kinds = " or ".join(kind.upper() for kind in self.device_types)
+            raise ValueError(
+                f"the {self.name!r} backend needs {kinds} tensors, got tensors on {device}{self.device_hint}"
+            )
 
     def lse_rows(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         raise NotImplementedError

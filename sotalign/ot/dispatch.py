@@ -56,7 +56,6 @@ from ..kernels import (
     backend_error,
     cpu_extension_error,
     load_backend,
-    triton_interpreter,
 )
 from .validation import check_positive
 
@@ -207,16 +206,6 @@ def dense_budget(device: torch.device, memory_budget: float | None = None) -> tu
     return float(DEFAULT_MEMORY_BUDGET), "default CPU budget"
 
 
-def _check_device(name: str, device: torch.device) -> None:
-    if name == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
-    if name == "triton" and device.type != "cuda" and not triton_interpreter():
-        raise ValueError(
-            f"backend 'triton' needs CUDA tensors, got tensors on {device} "
-            "(set TRITON_INTERPRET=1 to run its kernels on CPU in the interpreter)"
-        )
-
-
 def _gib(size: float) -> str:
     return f"{size / 2**30:.3g} GiB"
 
@@ -296,7 +285,7 @@ def _route(backend, device, n, m, dense, dtype, precision, path_reason) -> Route
         name, backend_reason = "torch", f"the portable backend on {device.type}"
     resolved, precision_reason = _resolve_precision(precision, name, device, dense, dtype)
     chosen = load_backend(name, resolved)
-    _check_device(name, device)
+    chosen.check_device(device)
     reason = (
         f"{'dense' if dense else 'online'}: {path_reason}; {name}: {backend_reason}; "
         f"precision {precision_reason}"

@@ -156,10 +156,21 @@ def _check_value(value: Tensor, **potentials: Tensor) -> None:
     validation.check_finite_result("klot", "eps too small for the dtype?", **finite, value=value)
 
 
+def _fake_outputs(like: Tensor, n: int, m: int):
+    """Empty tensors shaped like a forward's (value, f, g, f*, g*, marginal errors)."""
+    return (
+        like.new_empty(()),
+        like.new_empty(n),
+        like.new_empty(m),
+        like.new_empty(n),
+        like.new_empty(m),
+        like.new_empty(2),
+    )
+
+
 @klot_features_op.register_fake
 def _(x, y, x_teacher, y_teacher, a, b, *scalars):
-    n, m = x.shape[0], y.shape[0]
-    return x.new_empty(()), x.new_empty(n), x.new_empty(m), x.new_empty(n), x.new_empty(m), x.new_empty(2)
+    return _fake_outputs(x, x.shape[0], y.shape[0])
 
 
 @torch.library.custom_op("sotalign::klot_features_backward", mutates_args=())
@@ -255,8 +266,7 @@ def klot_dense_op(
 
 @klot_dense_op.register_fake
 def _(K, K_teacher, *rest):
-    n, m = K.shape
-    return K.new_empty(()), K.new_empty(n), K.new_empty(m), K.new_empty(n), K.new_empty(m), K.new_empty(2)
+    return _fake_outputs(K, *K.shape)
 
 
 @torch.library.custom_op("sotalign::klot_dense_backward", mutates_args=())

@@ -103,6 +103,17 @@ class SinkhornResult:
 # ---------------------------------------------------------------------------------- the loop
 
 
+@dataclass(frozen=True)
+class Solution:
+    """What :func:`solve` returns: the potentials, the iterations done, and the row error of the
+    state before the symmetric step (per problem, free: read off the update the step makes)."""
+
+    f: Tensor
+    g: Tensor
+    done: int
+    row_error: Tensor
+
+
 @dataclass
 class LoopState:
     """Where the loop stands: the potentials, and the iterations done. ``f`` is None before
@@ -145,8 +156,8 @@ def solve(
     g_init: Tensor | None = None,
     eps_start: float | None = None,
     spread: float | None = None,
-) -> LoopState:
-    """Run the Sinkhorn loop on ``problem``; returns the final :class:`LoopState`.
+) -> Solution:
+    """Run the Sinkhorn loop on ``problem``.
 
     With ``options.tol``, every ``check_every`` iterations the row-marginal error of the
     current (f, g) is read off the next row update for free (:meth:`Problem.row_error`;
@@ -178,12 +189,13 @@ def solve(
         _run_graphed(problem, state, eps, options)
     else:
         _run(problem, state, eps, options, options.n_iters)
-    if state.f_next is None:
-        state.f_next = problem.row_update(state.g, eps)
-    state.row_error = problem.row_error(state.f, state.f_next, eps)
+    assert state.f is not None  # n_iters ≥ 1, and the loop stops only after an update
+    f = state.f
+    f_next = state.f_next if state.f_next is not None else problem.row_update(state.g, eps)
+    row_error = problem.row_error(f, f_next, eps)
     if options.symmetric:
-        state.f = 0.5 * (state.f + state.f_next)
-    return state
+        f = 0.5 * (f + f_next)
+    return Solution(f, state.g, state.done, row_error)
 
 
 def _iterate(problem: Problem, state: LoopState, eps: float, f_next: Tensor | None = None) -> None:
@@ -195,18 +207,15 @@ def _iterate(problem: Problem, state: LoopState, eps: float, f_next: Tensor | No
 
 def _run(problem: Problem, state: LoopState, eps: float, options: SolverOptions, until: int) -> None:
     """Eager iterations at the target ε until ``until`` are done or the tolerance is met."""
+    tol = options.tol
     while state.done < until:
         f_next = problem.row_update(state.g, eps)
-        if _check_due(state, options):
+        if tol is not None and state.f is not None and state.done % options.check_every == 0:
             state.row_error = problem.row_error(state.f, f_next, eps)
-            if float(state.row_error.max()) < options.tol:
+            if float(state.row_error.max()) < tol:
                 state.f_next = f_next
                 return
         _iterate(problem, state, eps, f_next)
-
-
-def _check_due(state: LoopState, options: SolverOptions) -> bool:
-    return options.tol is not None and state.f is not None and state.done % options.check_every == 0
 
 
 def _run_graphed(problem: Problem, state: LoopState, eps: float, options: SolverOptions) -> None:
@@ -222,29 +231,27 @@ def _run_graphed(problem: Problem, state: LoopState, eps: float, options: Solver
         if state.f_next is None:
             _run(problem, state, eps, options, n_iters)
         return
-    # Static buffers: the graph reads them and writes them back, and keeps for the check
-    # the state a chunk started from, the row update from it, and that state's row error.
-    static = LoopState(
-        f=torch.zeros_like(problem.rows.weights) if state.f is None else state.f.clone(), g=state.g.clone()
-    )
-    start = LoopState(f=torch.empty_like(static.f), g=torch.empty_like(static.g))
-    first_update = torch.empty_like(static.f)
-    error = torch.zeros_like(problem.row_error(static.f, static.f, eps))
-    checking = options.tol is not None
+    # Static buffers: the graph reads f, g and writes them back, and keeps for the check the
+    # state a chunk started from, the row update from it, and that state's row error.
+    f = torch.zeros_like(problem.rows.weights) if state.f is None else state.f.clone()
+    g = state.g.clone()
+    f_start, g_start, f_first = torch.empty_like(f), torch.empty_like(g), torch.empty_like(f)
+    error = torch.zeros_like(problem.row_error(f, f, eps))
+    tol = options.tol
 
     def chunk() -> None:
-        f_next = problem.row_update(static.g, eps)
-        if checking:
-            error.copy_(problem.row_error(static.f, f_next, eps))
-            start.f.copy_(static.f)
-            start.g.copy_(static.g)
-            first_update.copy_(f_next)
-        running = LoopState(f=static.f, g=static.g)
+        f_next = problem.row_update(g, eps)
+        if tol is not None:
+            error.copy_(problem.row_error(f, f_next, eps))
+            f_start.copy_(f)
+            g_start.copy_(g)
+            f_first.copy_(f_next)
+        running = LoopState(f=f, g=g)
         _iterate(problem, running, eps, f_next)
         for _ in range(every - 1):
             _iterate(problem, running, eps)
-        static.f.copy_(running.f)
-        static.g.copy_(running.g)
+        f.copy_(running.f)  # type: ignore[arg-type]  # set by _iterate
+        g.copy_(running.g)
 
     graph = None
     for _ in range(chunks):
@@ -253,11 +260,11 @@ def _run_graphed(problem: Problem, state: LoopState, eps: float, options: Solver
         else:
             graph.replay()
         # no check before the very first iteration: there is no f yet
-        if checking and state.done > 0 and float(error.max()) < options.tol:
-            state.f, state.g, state.f_next, state.row_error = start.f, start.g, first_update, error
+        if tol is not None and state.done > 0 and float(error.max()) < tol:
+            state.f, state.g, state.f_next, state.row_error = f_start, g_start, f_first, error
             return
         state.done += every
-    state.f, state.g = static.f, static.g
+    state.f, state.g = f, g
     _run(problem, state, eps, options, n_iters)
 
 

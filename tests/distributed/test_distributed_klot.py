@@ -70,11 +70,22 @@ def sinkhorn_task(rank, world, x, y, options):
     return r.f, r.g, r.n_iters, r.marginal_error, r.path, (r.row_offset, r.col_offset, r.n, r.m)
 
 
-def klot_task(rank, world, x, y, x_t, y_t, options):
+def weighted_sinkhorn_task(rank, world, x, y, a, b, options):
+    import sotalign.distributed as sd
+
+    r = sd.sinkhorn(
+        shard(x, ROWS, rank), shard(y, COLS, rank), a=shard(a, ROWS, rank), b=shard(b, COLS, rank), **options
+    )
+    return r.f, r.g, r.marginal_error
+
+
+def klot_task(rank, world, x, y, x_t, y_t, options, weights=None):
     import sotalign.distributed as sd
 
     xs = shard(x, ROWS, rank).clone().requires_grad_(True)
     ys = shard(y, COLS, rank).clone().requires_grad_(True)
+    if weights is not None:
+        options = dict(options, a=shard(weights[0], ROWS, rank), b=shard(weights[1], COLS, rank))
     value = sd.klot(xs, ys, shard(x_t, ROWS, rank), shard(y_t, COLS, rank), **options)
     value.backward()
     return value.detach(), xs.grad, ys.grad
@@ -90,7 +101,7 @@ def traffic_task(rank, world, x, y, path, iters):
             shard(x, ROWS, rank),
             shard(y, COLS, rank),
             0.1,
-            n_iters,
+            n_iters=n_iters,
             backend="torch",
             path=path,
             symmetric=False,
@@ -115,6 +126,40 @@ def test_sinkhorn_matches_single_process(cluster, problem, backend, path):
         assert p[3] == pytest.approx(single.marginal_error, rel=1e-6, abs=1e-12)
         assert p[4] == path
         assert p[5] == (sum(ROWS[:rank]), sum(COLS[:rank]), N, M)
+
+
+def sharded_weights(seed: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.rand(N, dtype=torch.float64, generator=generator) + 0.1
+    b = torch.rand(M, dtype=torch.float64, generator=generator) + 0.1
+    a[2] = 0  # a zero weight: zero plan mass, no NaN
+    return a, b
+
+
+@pytest.mark.parametrize("path", ["online", "dense"])
+def test_squared_euclidean_cost_and_weights_match_single_process(cluster, problem, path):
+    """Shards of the weights (scaled to a global mass of one) and the folded norms of the
+    squared-Euclidean cost, for Sinkhorn and for KLOT's value and gradients."""
+    x, y, x_t, y_t = problem
+    a, b = sharded_weights()
+    options = dict(eps=0.5, n_iters=40, cost="sqeuclidean", backend="torch", path=path)
+    single = sotalign.sinkhorn(x, y, a=a, b=b, **options)
+    parts = cluster.run(weighted_sinkhorn_task, x, y, a, b, options)
+    f = gather([p[0] for p in parts], ROWS)
+    assert float(f[2]) == -float("inf")
+    kept = torch.arange(N) != 2
+    assert relative_error(f[kept], single.f[kept]) < 1e-9
+    assert relative_error(gather([p[1] for p in parts], COLS), single.g) < 1e-9
+    assert parts[0][2] == pytest.approx(single.marginal_error, rel=1e-6, abs=1e-12)
+
+    klot_options = dict(eps=1.0, eps_teacher=0.5, n_iters=40, cost="sqeuclidean", backend="torch", path=path)
+    X, Y = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    value = sotalign.klot(X, Y, x_t, y_t, a=a, b=b, **klot_options)
+    value.backward()
+    parts = cluster.run(klot_task, x, y, x_t, y_t, klot_options, (a, b))
+    assert float(parts[0][0]) == pytest.approx(value.item(), rel=1e-9)
+    assert relative_error(gather([p[1] for p in parts], ROWS), X.grad) < 1e-9
+    assert relative_error(gather([p[2] for p in parts], COLS), Y.grad) < 1e-9
 
 
 @pytest.mark.parametrize("path", ["online", "dense"])
@@ -190,7 +235,7 @@ def test_bytes_per_iteration_match_the_formula(cluster, problem, path):
 def bad_options_task(rank, world, x, y):
     import sotalign.distributed as sd
 
-    return sd.sinkhorn(shard(x, ROWS, rank), shard(y, COLS, rank), 0.1 if rank != 1 else 0.2, 5)
+    return sd.sinkhorn(shard(x, ROWS, rank), shard(y, COLS, rank), 0.1 if rank != 1 else 0.2, n_iters=5)
 
 
 def nan_task(rank, world, x, y):
@@ -199,13 +244,13 @@ def nan_task(rank, world, x, y):
     xs = shard(x, ROWS, rank).clone()
     if rank == 2:
         xs[0, 0] = float("nan")
-    return sd.sinkhorn(xs, shard(y, COLS, rank), 0.1, 5)
+    return sd.sinkhorn(xs, shard(y, COLS, rank), 0.1, n_iters=5)
 
 
 def non_bool_symmetric_task(rank, world, x, y):
     import sotalign.distributed as sd
 
-    return sd.sinkhorn(shard(x, ROWS, rank), shard(y, COLS, rank), 0.1, 5, symmetric="no")
+    return sd.sinkhorn(shard(x, ROWS, rank), shard(y, COLS, rank), 0.1, n_iters=5, symmetric="no")
 
 
 def test_disagreeing_options_and_bad_input_fail_on_every_rank_naming_the_rank(cluster, problem):

@@ -247,21 +247,28 @@ def test_precision_flag_on_the_front():
     assert sotalign.sinkhorn(x, y, precision="fp32").f.shape == (5,)
 
 
-def test_triton_needs_cuda_tensors_unless_interpreted(monkeypatch):
-    monkeypatch.setattr(
-        dispatch, "load_backend", lambda name, precision="fp32": types.SimpleNamespace(name=name)
-    )
-    monkeypatch.setattr(dispatch, "triton_interpreter", lambda: False)
-    with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors, got tensors on cpu"):
+def test_the_route_checks_the_backends_device(monkeypatch):
+    """Each backend states its devices once (``Backend.device_types``); the route asks it."""
+    from sotalign.kernels import Backend
+
+    class CudaOnly(Backend):
+        name = "triton"
+        device_types = ("cuda",)
+        device_hint = " (a hint)"
+
+    monkeypatch.setattr(dispatch, "load_backend", lambda name, precision="fp32": CudaOnly())
+    with pytest.raises(
+        ValueError, match=r"the 'triton' backend needs CUDA tensors, got tensors on cpu \(a hint\)"
+    ):
         dispatch.choose_route("triton", "auto", torch.device("cpu"), 8, 8, 4, torch.float32, 1, GIB)
-    monkeypatch.setattr(dispatch, "triton_interpreter", lambda: True)
+    monkeypatch.setattr(CudaOnly, "device_types", None)
     chosen = dispatch.choose_route("triton", "auto", torch.device("cpu"), 8, 8, 4, torch.float32, 1, GIB)
     assert chosen.backend.name == "triton"
 
 
 def test_cpu_backend_needs_cpu_tensors(fake_cuda):
     fake_cuda()
-    with pytest.raises(ValueError, match="backend 'cpu' runs on CPU tensors"):
+    with pytest.raises(ValueError, match="the 'cpu' backend needs CPU tensors"):
         dispatch.choose_route("cpu", "auto", CUDA, 8, 8, 4, torch.float32, 1, GIB)
 
 

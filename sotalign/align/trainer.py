@@ -20,7 +20,7 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +37,12 @@ from ..rundir import (
     CHECKPOINT,
     CONFIG_FILE,
     DATA_FILE,
+    LOCK_FILE,
     LOG_FILE,
     METRICS_FILE,
     TEACHER_DIR,
     append_line,
+    hold_run_dir,
     load_checkpoint,
     read_json,
     read_log,
@@ -199,6 +201,13 @@ def _clear_unstarted(run_dir: Path) -> None:
     shutil.rmtree(run_dir / TEACHER_DIR, ignore_errors=True)
 
 
+def _remove_if_empty(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but its lock file (its holder is this process)."""
+    if [path.name for path in run_dir.iterdir()] == [LOCK_FILE]:
+        (run_dir / LOCK_FILE).unlink()
+        run_dir.rmdir()
+
+
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, data: AlignmentData, resume: bool) -> bool:
     """Create the run directory and record its configuration and data; on resume, insist they
     are the same. Returns True when this call started the run (its files are new)."""
@@ -222,7 +231,6 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, data: AlignmentData, re
                 "to continue it, or choose a new directory"
             )
         _clear_unstarted(run_dir)  # it stopped before its first step: start again in place
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_json(config_path, stored)
     record_data(run_dir, data)
     return True
@@ -331,20 +339,24 @@ def fit(
     device = resolve_device(config.device)
     ranks = Ranks.from_environment(device, config.klot_scope)
     prepared = {"started_here": False}
+    with ExitStack() as held:
 
-    def prepare() -> None:
-        _check_values(data)
-        prepared["started_here"] = _prepare_run_dir(run_dir, config, data, resume)
+        def prepare() -> None:
+            held.enter_context(hold_run_dir(run_dir))  # rank 0 holds it until fit returns
+            try:
+                prepared["started_here"] = _prepare_run_dir(run_dir, config, data, resume)
+            except BaseException:
+                _remove_if_empty(run_dir)
+                raise
 
-    ranks.on_main(prepare)
-    try:
-        return _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_step, started)
-    except BaseException:
-        if prepared["started_here"] and not _has_progress(run_dir):
-            _clear_unstarted(run_dir)
-            with suppress(OSError):
-                run_dir.rmdir()  # only if nothing else is in it
-        raise
+        ranks.on_main(prepare)
+        try:
+            return _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_step, started)
+        except BaseException:
+            if prepared["started_here"] and not _has_progress(run_dir):
+                _clear_unstarted(run_dir)
+                _remove_if_empty(run_dir)
+            raise
 
 
 class _Step(nn.Module):

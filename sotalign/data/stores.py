@@ -93,7 +93,24 @@ class EmbeddingStore(ABC):
         return {"rows": self._n, "dim": self.dim, "bytes": self._disk_bytes(), "sample_sha256": digest}
 
     def _disk_bytes(self) -> int:
-        return os.path.getsize(self.path)
+        return sum(os.path.getsize(file) for file in self.files())
+
+    def files(self) -> list[str]:
+        """The files holding the store's rows."""
+        return [self.path]
+
+    def describe_row(self, row: int) -> str:
+        """Where stored row ``row`` lives, for an error message: ``<file>: row <row>``."""
+        return f"{self.path}: row {row}"
+
+    def finite_rows(self, indices) -> torch.Tensor:
+        """As :meth:`rows`, and a ValueError naming the file and the row if one holds NaN or Inf."""
+        block = self.rows(indices)
+        bad = ~torch.isfinite(block).all(dim=1)
+        if bool(bad.any()):
+            row = int(np.asarray(indices)[int(torch.nonzero(bad)[0, 0])])
+            raise ValueError(f"{self.describe_row(row)} contains NaN or Inf")
+        return block
 
     def first_nonfinite(self, chunk_rows: int = 65536) -> int | None:
         """Index of the first row holding a NaN or ±Inf (streamed in chunks), or None."""
@@ -109,7 +126,7 @@ class EmbeddingStore(ABC):
         """Stream through the store; ValueError naming the file and first bad row on NaN/Inf."""
         row = self.first_nonfinite(chunk_rows)
         if row is not None:
-            raise ValueError(f"{self.path}: row {row} contains NaN or Inf")
+            raise ValueError(f"{self.describe_row(row)} contains NaN or Inf")
 
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -245,18 +262,13 @@ class ShardedStore(EmbeddingStore):
             parts.append(self.shards[s]._gather(local))
         return torch.cat(parts)
 
-    def _disk_bytes(self) -> int:
-        return sum(shard._disk_bytes() for shard in self.shards)
+    def files(self) -> list[str]:
+        return [file for shard in self.shards for file in shard.files()]
 
-    def check_finite(self, chunk_rows: int = 65536) -> None:
-        """As `EmbeddingStore.check_finite`, naming the shard file, its row and the global row."""
-        for s, shard in enumerate(self.shards):
-            row = shard.first_nonfinite(chunk_rows)
-            if row is not None:
-                raise ValueError(
-                    f"{shard.path}: row {row} contains NaN or Inf "
-                    f"(row {int(self.offsets[s]) + row} of the sharded store {self.path})"
-                )
+    def describe_row(self, row: int) -> str:
+        s = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        local = self.shards[s].describe_row(row - int(self.offsets[s]))
+        return f"{local} (row {row} of the sharded store {self.path})"
 
 
 def open_store(source, *, key: str | None = None) -> EmbeddingStore:

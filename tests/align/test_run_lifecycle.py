@@ -316,21 +316,42 @@ def test_an_ignored_sigint_stays_ignored(platonic, tmp_path):
     assert sotalign.load(tmp_path / "run").method == "sail"  # ran to the end
 
 
-def test_bad_store_values_fail_before_anything_is_written(platonic, tmp_path):
+def test_bad_store_values_are_caught_in_the_batch_that_reads_them(platonic, tmp_path, monkeypatch):
+    from sotalign.align.trainer import BatchSource
+    from sotalign.data import scan
+
+    monkeypatch.setattr(scan, "SCANS", tmp_path / "scans")
+    config = TrainConfig(method="sotalign", steps=6, **TINY)
+    spec = spec_for(platonic)
+    # the row that the third step's unpaired image batch reads
+    data = AlignmentData.from_spec(spec)
+    batches = BatchSource(config.recipe(), config, data, None, torch.device("cpu"))
+    row = int(data.unpaired_images.indices[batches.images.batch(2)[5]])
     images = np.load(platonic / "images.npy")
-    images[137, 3] = np.nan
+    images[row, 3] = np.nan
     bad = tmp_path / "bad.npy"
     save_store(bad, images)
-    spec = DataSpec(images=str(bad), texts=str(platonic / "texts.npy"), n_pairs=40)
+    bad_spec = DataSpec(images=str(bad), texts=str(platonic / "texts.npy"), n_pairs=40)
     run = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"bad\.npy: row 137 contains NaN or Inf"):
-        fit(
-            TrainConfig(method="sotalign", steps=4, **TINY),
-            AlignmentData.from_spec(spec),
-            run,
-            progress=False,
-        )
-    assert not run.exists()
+    with pytest.raises(ValueError, match=rf"bad\.npy: row {row} contains NaN or Inf"):
+        fit(config, AlignmentData.from_spec(bad_spec), run, progress=False)
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+    # `check-store` scans the whole store once; fit then refuses it before writing anything
+    scanned = runner.invoke(app, ["check-store", str(bad)])
+    assert scanned.exit_code == 1 and f"row {row} contains NaN or Inf (scanned in" in scanned.output
+    again = runner.invoke(app, ["check-store", str(bad)])
+    assert again.exit_code == 1 and "as an earlier scan found" in again.output
+    with pytest.raises(
+        ValueError, match=rf"bad\.npy: row {row} contains NaN or Inf \(found by sotalign check-store\)"
+    ):
+        fit(config, AlignmentData.from_spec(bad_spec), tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    # a repaired store is a different store: scanned again, and accepted
+    save_store(bad, np.load(platonic / "images.npy"))
+    repaired = runner.invoke(app, ["check-store", str(bad)])
+    assert repaired.exit_code == 0 and "300 rows × 12, all finite (scanned in" in repaired.output
+    fit(config, AlignmentData.from_spec(bad_spec), tmp_path / "refused", progress=False)
 
 
 def test_small_data_gets_held_out_splits_sized_from_it(tmp_path):

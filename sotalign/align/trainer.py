@@ -21,6 +21,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from .. import ot
 from ..data import AlignmentData, BatchSampler, Rows
 from ..data.scan import refuse_known_bad
 from ..data.views import READ_ROWS
@@ -68,6 +70,8 @@ from .timing import StepClock
 #: as measured over the first timed steps.
 PREFETCH_ABOVE_LOAD_SHARE = 0.10
 PREFETCH_PROBE_STEPS = 2
+#: fit warns when KLOT's plans stay unconverged this many steps in a row.
+NOT_CONVERGED_STEPS = 10
 
 # ----------------------------------------------------------------------------- batches
 
@@ -363,6 +367,31 @@ def _finish(
     write_json(run_dir / METRICS_FILE, metrics)
 
 
+class _KlotConvergence:
+    """One warning when the marginal errors of KLOT's plans stay above
+    :data:`sotalign.ot.NOT_CONVERGED` for :data:`NOT_CONVERGED_STEPS` steps in a row (or every
+    step of a shorter run)."""
+
+    def __init__(self, config: TrainConfig, steps: int, warn: bool):
+        self.config, self.patience, self.warn = config, min(NOT_CONVERGED_STEPS, steps), warn
+        self.run = 0  # steps in a row above the threshold
+
+    def observe(self, done: int, student: float, teacher: float) -> None:
+        self.run = self.run + 1 if max(student, teacher) > ot.NOT_CONVERGED else 0
+        if self.warn and self.run == self.patience:
+            self.warn = False
+            config = self.config
+            warnings.warn(
+                f"KLOT did not converge in the {self.run} steps up to step {done}: the marginal error "
+                f"is {student:.3g} of the student plan's mass and {teacher:.3g} of the teacher plan's "
+                f"(above {ot.NOT_CONVERGED:g}); raise --n-iters (now {config.n_iters}), or --eps (now "
+                f"{config.eps:g}) for the student plan and --eps-teacher (now {config.eps_teacher:g}) "
+                "for the teacher's",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
 def _timing(clock: StepClock, unpaired_rows: int, prefetch: bool) -> dict | None:
     """The timed steps of this process (all but its first): what ``metrics.json`` records."""
     if not clock.steps:
@@ -379,7 +408,7 @@ def _timing(clock: StepClock, unpaired_rows: int, prefetch: bool) -> dict | None
 
 def _progress_text(record: dict, clock: StepClock, unpaired_rows: int) -> str:
     """The progress bar's description: the logged values, then where the steps' time goes."""
-    text = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "val"))
+    text = " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
     shares = clock.shares()
     if not shares:
         return text
@@ -556,6 +585,7 @@ def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_st
 
     unpaired_rows = batches.images.batch_size + batches.texts.batch_size if "unpaired" in recipe.needs else 0
     prefetcher = Prefetcher(batches.read, config.steps)
+    convergence = _KlotConvergence(config, config.steps - start, warn=ranks.is_main)
     with bar, _deferred_interrupt() as interrupt, closing(prefetcher):
         task = bar.add_task("", total=config.steps, completed=start)
         first_step_done = None
@@ -569,6 +599,7 @@ def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_st
                 with clock.phase("forward"):
                     terms = step_terms(batch)
                     loss = sum(weights[name] * value for name, value in terms.items())
+                    plan_errors = ot.klot_marginal_errors() if "klot" in terms else None
                 with clock.phase("backward"):
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -578,12 +609,18 @@ def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_st
 
                 done = step + 1
                 # every logged value in one read of the device: the step's one host sync
-                values = torch.stack([t.detach().double() for t in (loss, *terms.values())]).tolist()
+                logged = [t.detach().double().reshape(1) for t in (loss, *terms.values())]
+                if plan_errors is not None:
+                    logged.append(plan_errors.detach().double().reshape(2))
+                values = torch.cat(logged).tolist()
                 record = {
                     "step": done,
                     "lr": scheduler.get_last_lr()[0],
-                    **dict(zip(["loss", *terms], values, strict=True)),
+                    **dict(zip(["loss", *terms], values[: 1 + len(terms)], strict=True)),
                 }
+                if plan_errors is not None:
+                    record["klot_marginal_error"] = {"student": values[-2], "teacher": values[-1]}
+                    convergence.observe(done, *values[-2:])
                 clock.settle()
                 if not prefetcher.active and clock.steps >= PREFETCH_PROBE_STEPS:
                     if clock.shares()["load"] > PREFETCH_ABOVE_LOAD_SHARE:

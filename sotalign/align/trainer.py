@@ -591,73 +591,74 @@ def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_st
         first_step_done = None
         for step in range(start, config.steps):
             clock.enabled = step > start  # the first step pays for warm-ups
-            with clock.phase("step"):
-                with clock.phase("load"):
-                    parts = batches.to_device(prefetcher.take(step))
-                with clock.phase("teacher"):
-                    batch = batches.with_teacher(parts)
-                with clock.phase("forward"):
-                    terms = step_terms(batch)
-                    loss = sum(weights[name] * value for name, value in terms.items())
-                    plan_errors = ot.klot_marginal_errors() if "klot" in terms else None
-                with clock.phase("backward"):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                with clock.phase("update"):
-                    optimizer.step()
-                    scheduler.step()
+            step_started = clock.now()
+            with clock.phase("load"):
+                parts = batches.to_device(prefetcher.take(step))
+            with clock.phase("teacher"):
+                batch = batches.with_teacher(parts)
+            with clock.phase("forward"):
+                terms = step_terms(batch)
+                loss = sum(weights[name] * value for name, value in terms.items())
+                plan_errors = ot.klot_marginal_errors() if "klot" in terms else None
+            with clock.phase("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with clock.phase("update"):
+                optimizer.step()
+                scheduler.step()
 
-                done = step + 1
-                # every logged value in one read of the device: the step's one host sync
-                logged = [t.detach().double().reshape(1) for t in (loss, *terms.values())]
-                if plan_errors is not None:
-                    logged.append(plan_errors.detach().double().reshape(2))
-                values = torch.cat(logged).tolist()
-                record = {
-                    "step": done,
-                    "lr": scheduler.get_last_lr()[0],
-                    **dict(zip(["loss", *terms], values[: 1 + len(terms)], strict=True)),
-                }
-                if plan_errors is not None:
-                    record["klot_marginal_error"] = {"student": values[-2], "teacher": values[-1]}
-                    convergence.observe(done, *values[-2:])
-                clock.settle()
-                if not prefetcher.active and clock.steps >= PREFETCH_PROBE_STEPS:
-                    if clock.shares()["load"] > PREFETCH_ABOVE_LOAD_SHARE:
-                        prefetcher.start()
-                if data.val_images is not None and (done % config.eval_every == 0 or done == config.steps):
-                    record["val"] = evaluate(model, data.val_images, data.val_texts)
-                    if record["val"]["mean_R@1"] > best["metric"]:
-                        best = {
-                            "step": done,
-                            "metric": record["val"]["mean_R@1"],
-                            "heads": _clone(heads.state_dict()),
-                            "losses": _clone(losses.state_dict()),
-                        }
-                stop = ranks.any(interrupt["stop"])  # every rank stops at the same step
-                checkpoint = done % config.checkpoint_every == 0 or done == config.steps or stop
-                if ranks.is_main:
-                    append_line(log_path, record, durable=checkpoint)
-                    if checkpoint:
-                        save(done, best)
-                bar.update(task, completed=done, description=_progress_text(record, clock, unpaired_rows))
-                if on_step is not None:
-                    on_step(done)
-                if done == start + 1:
-                    first_step_done = time.perf_counter()
-                elif done == start + 2 and progress:  # the first step pays for warm-ups
-                    per_step = time.perf_counter() - first_step_done
-                    left = _duration(per_step * (config.steps - done))
-                    bar.console.print(
-                        f"{config.steps} steps planned (--steps), {config.out_dim}-d heads (--out-dim): "
-                        f"about {left} left at {per_step:.3g} s per step",
-                        markup=False,
-                    )
-                if ranks.any(interrupt["stop"]) and done < config.steps:
-                    if ranks.is_main and not checkpoint:  # Ctrl-C came after this step's checkpoint decision
-                        save(done, best)
-                    ranks.barrier()
-                    raise TrainingInterrupted(run_dir, done, config.steps)
+            done = step + 1
+            # every logged value in one read of the device: the step's one host sync
+            logged = [t.detach().double().reshape(1) for t in (loss, *terms.values())]
+            if plan_errors is not None:
+                logged.append(plan_errors.detach().double().reshape(2))
+            values = torch.cat(logged).tolist()
+            record = {
+                "step": done,
+                "lr": scheduler.get_last_lr()[0],
+                **dict(zip(["loss", *terms], values[: 1 + len(terms)], strict=True)),
+            }
+            if plan_errors is not None:
+                record["klot_marginal_error"] = {"student": values[-2], "teacher": values[-1]}
+                convergence.observe(done, *values[-2:])
+            clock.settle()
+            if not prefetcher.active and clock.steps >= PREFETCH_PROBE_STEPS:
+                if clock.shares()["load"] > PREFETCH_ABOVE_LOAD_SHARE:
+                    prefetcher.start()
+            if data.val_images is not None and (done % config.eval_every == 0 or done == config.steps):
+                record["val"] = evaluate(model, data.val_images, data.val_texts)
+                if record["val"]["mean_R@1"] > best["metric"]:
+                    best = {
+                        "step": done,
+                        "metric": record["val"]["mean_R@1"],
+                        "heads": _clone(heads.state_dict()),
+                        "losses": _clone(losses.state_dict()),
+                    }
+            stop = ranks.any(interrupt["stop"])  # every rank stops at the same step
+            checkpoint = done % config.checkpoint_every == 0 or done == config.steps or stop
+            if ranks.is_main:
+                append_line(log_path, record, durable=checkpoint)
+                if checkpoint:
+                    save(done, best)
+            bar.update(task, completed=done, description=_progress_text(record, clock, unpaired_rows))
+            if on_step is not None:
+                on_step(done)
+            if done == start + 1:
+                first_step_done = time.perf_counter()
+            elif done == start + 2 and progress:  # the first step pays for warm-ups
+                per_step = time.perf_counter() - first_step_done
+                left = _duration(per_step * (config.steps - done))
+                bar.console.print(
+                    f"{config.steps} steps planned (--steps), {config.out_dim}-d heads (--out-dim): "
+                    f"about {left} left at {per_step:.3g} s per step",
+                    markup=False,
+                )
+            if ranks.any(interrupt["stop"]) and done < config.steps:
+                if ranks.is_main and not checkpoint:  # Ctrl-C came after this step's checkpoint decision
+                    save(done, best)
+                ranks.barrier()
+                raise TrainingInterrupted(run_dir, done, config.steps)
+            clock.add("step", step_started)
     clock.settle(wait=True)
     timing = _timing(clock, unpaired_rows, prefetcher.active)
 

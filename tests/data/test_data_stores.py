@@ -207,6 +207,14 @@ def test_rows_are_checked_as_they_are_read_naming_the_shard_and_the_row(tmp_path
         view.get([3, 26, 27, 28])
 
 
+def test_finite_values_whose_sum_overflows_are_accepted(tmp_path):
+    huge = np.full((6, 4), 3e38, dtype=np.float32)  # finite, but their float32 sum is inf
+    save_store(tmp_path / "huge.npy", huge)
+    store = open_store(tmp_path / "huge.npy")
+    np.testing.assert_array_equal(Rows.whole(store).get(np.arange(6)).numpy(), huge)
+    assert store.first_nonfinite() is None
+
+
 def test_a_whole_store_scan_is_remembered_for_that_very_store(tmp_path, monkeypatch):
     monkeypatch.setattr(scan, "SCANS", tmp_path / "scans")
     data = _data(n=200, d=4)

@@ -66,8 +66,8 @@ from .teachers import JSON_FILE as TEACHER_JSON
 from .teachers import Teacher, make_teacher
 from .timing import StepClock
 
-#: Read the next batch while a step runs when reading takes more than this share of a step,
-#: as measured over the first timed steps.
+#: Read the next batch while a step runs once reading has taken more than this share of the
+#: timed steps (checked after each step, from PREFETCH_PROBE_STEPS timed steps on).
 PREFETCH_ABOVE_LOAD_SHARE = 0.10
 PREFETCH_PROBE_STEPS = 2
 #: fit warns when KLOT's plans stay unconverged this many steps in a row.

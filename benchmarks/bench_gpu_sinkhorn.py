@@ -445,13 +445,13 @@ def test_sinkhorn(benchmark, gpu_bench, gpu_gate, gpu_device, device_problem, sh
 
 
 def test_roofline_reproduces_design():
-    """Not timed: roofline.py gives DESIGN.md's 0.72 ms (dense) and 0.56 ms (online fp16)."""
+    """Not timed: roofline.py gives docs/design.md's 0.72 ms (dense) and 0.56 ms (online fp16)."""
     n, d = HEADLINE
     dense = roofline.sinkhorn_iteration_bound(n, n, d, "dense", "h100-sxm")
     online = roofline.sinkhorn_iteration_bound(n, n, d, "online", "h100-sxm", "fp16")
     assert round(dense * 1e3, 2) == 0.72 and round(online * 1e3, 2) == 0.56
     assert roofline.best_iteration_bound(n, n, d) == online
-    # anchors.md §4: a KLOT step with d = d* = 512 is bound near 0.11 s.
+    # a KLOT step with d = d* = 512 is bound near 0.11 s
     assert 0.11 <= roofline.klot_step_bound(n, n, d, d, "online", precision="fp16") <= 0.115
     assert roofline.gpu_key("NVIDIA H100 80GB HBM3") == "h100-sxm"
     assert roofline.gpu_key("NVIDIA H100 PCIe") == "h100-pcie"

@@ -1,4 +1,4 @@
-r"""The device check: one short run on one H100/H200 that measures what issue 8 asks for.
+r"""The device check: one short run on one H100/H200 that measures the GPU kernels.
 
     make gpu-check                     # = bash benchmarks/gpu_check.sh
     bash benchmarks/gpu_check.sh --smoke   # CPU, Triton in its interpreter, tiny shapes

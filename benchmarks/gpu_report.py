@@ -11,9 +11,9 @@ GPU suites (``gpu-sinkhorn``, ``gpu-klot``, ``gpu-scale`` in ``extra_info["suite
 IQR of the call time, the per-iteration time (Sinkhorn: call / n_iters), the roofline bound
 of the provider's own path and dot precision (:mod:`roofline`, for the GPU the run was on;
 an H100 SXM stands in for unknown devices), the % of that bound reached, the ratio to the
-best bound of the shape (fp16-online or fp32-dense, DESIGN.md's roofline), the peak memory
+best bound of the shape (fp16-online or fp32-dense, docs/design.md's roofline), the peak memory
 beyond the inputs, and speed-ups over the paper's dense algorithm and over FlashSinkhorn at
-the same dot precision. The targets of issue 3 are checked in a table of their own.
+the same dot precision. The speed targets (targets.json) are checked in a table of their own.
 
 An ``iterations`` JSON gives ``<json stem>.md``: the iteration-count table.
 """
@@ -34,7 +34,7 @@ from report import curves, local_machine, machine_slug, plot_lines, pyplot, save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SUITES = ("gpu-sinkhorn", "gpu-klot", "gpu-scale")
-#: The GPU targets (issue 3), kept as data in targets.json next to this file.
+#: The GPU speed targets, kept as data in targets.json next to this file.
 TARGETS = json.loads((Path(__file__).resolve().parent / "targets.json").read_text())
 SINKHORN_HEADLINE = tuple(TARGETS["sinkhorn"]["headline"])
 SINKHORN_MAX_X_BEST_BOUND = TARGETS["sinkhorn"]["max_x_best_bound"]
@@ -207,7 +207,7 @@ def goal(target: str, measured: str | None, met: bool | None) -> dict:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """Issue 3's targets, each with the measured figure and whether it was met (None: not run)."""
+    """The speed targets, each with the measured figure and whether it was met (None: not run)."""
     out = []
     n, d = SINKHORN_HEADLINE
     where = f"Sinkhorn n={n}, d={d}"
@@ -360,13 +360,13 @@ def markdown(
         "K read twice per iteration at HBM bandwidth), for "
         + ", ".join(bound_gpus)
         + "; *% of bound* = bound / median; *× best bound* = median / "
-        "the shape's best bound (min of fp16-online and fp32-dense: DESIGN.md's 0.56 ms per "
+        "the shape's best bound (min of fp16-online and fp32-dense: docs/design.md's 0.56 ms per "
         "iteration at n = 16384, d = 512). *per iter* = call / iterations, including the "
         "call's fixed work. *peak mem Δ*: CUDA max_memory_allocated over the timed rounds "
         "minus what was allocated before (the inputs); the peak RSS increase on CPU. "
         "× vs Flash compares at the same dot precision. GeomLoss anneals ε (not the same fixed-ε problem).",
         "",
-        "## Targets (issue 3)",
+        "## Targets",
         "",
         "| target | measured | |",
         "|---|---|---|",

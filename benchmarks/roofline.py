@@ -1,6 +1,6 @@
-r"""The roofline bound of one log-domain Sinkhorn iteration and of one KLOT step (DESIGN.md §3).
+r"""The roofline bound of one log-domain Sinkhorn iteration and of one KLOT step (docs/design.md §4).
 
-The model (anchors.md §4). One Sinkhorn iteration is two half-steps (a row and a column
+The model. One Sinkhorn iteration is two half-steps (a row and a column
 log-sum-exp), each touching every one of the n·m entries of K:
 
 * **online** (K recomputed from the d-dimensional features in every half-step): the
@@ -21,7 +21,7 @@ tf32       dense TF32 tensor-core peak (no sparsity)
 fp16       dense FP16/BF16 tensor-core peak with fp32 accumulation (no sparsity)
 =========  =============================================================================
 
-DESIGN.md's two H100 figures at n = m = 16384, d = 512 are this model with fp16 tensor cores
+docs/design.md's two H100 figures at n = m = 16384, d = 512 are this model with fp16 tensor cores
 (online: 5.50e11 flop / 989.4 TFLOP/s = 0.556 ms) and a stored fp32 K read at 3.0 TB/s
 (dense: 2.15 GB / 3.0 TB/s = 0.716 ms); ``python benchmarks/roofline.py`` prints them and
 ``test_roofline_reproduces_design`` in bench_gpu_sinkhorn.py checks them. The best bound of a shape,
@@ -40,9 +40,9 @@ H100 NVL 94 GB     60 TF/s     417.5 TF/s    835 TF/s      3.9 TB/s     132   1.
 H200 SXM 141 GB    67 TF/s     494.7 TF/s    989.4 TF/s    4.8 TB/s     132   1.83 GHz*
 =================  ==========  ============  ============  ===========  ====  ==========
 
-\* the clock DESIGN.md uses for the exponential throughput (SXM boost is up to 1.98 GHz).
+\* the clock used for the exponential throughput (SXM boost is up to 1.98 GHz).
 The exponential throughput is the MUFU rate, 16 ex2/clk/SM × SMs × clock (3.9e12/s on an
-H100 SXM). The sustained bandwidth is the spec × 3.0/3.35: DESIGN.md's 3.0 TB/s for an H100
+H100 SXM). The sustained bandwidth is the spec × 3.0/3.35: docs/design.md's 3.0 TB/s for an H100
 SXM, the rate a streaming read reaches in practice; the same fraction is used on the others.
 """
 
@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: DESIGN.md's sustained HBM bandwidth on an H100 SXM over its spec bandwidth.
+#: docs/design.md's sustained HBM bandwidth on an H100 SXM over its spec bandwidth.
 SUSTAINED_FRACTION = 3.0 / 3.35
 PRECISIONS = ("fp32", "tf32x3", "fp16x3", "tf32", "fp16")
 PATHS = ("online", "dense")
@@ -139,7 +139,7 @@ def sinkhorn_iteration_bound(
 
 
 def best_iteration_bound(n: int, m: int, d: int, gpu: str | GPU = "h100-sxm") -> float:
-    """The smaller of the fp16-online and the fp32-dense bound (DESIGN.md's roofline)."""
+    """The smaller of the fp16-online and the fp32-dense bound (docs/design.md's roofline)."""
     return min(
         sinkhorn_iteration_bound(n, m, d, "online", gpu, "fp16"),
         sinkhorn_iteration_bound(n, m, d, "dense", gpu),

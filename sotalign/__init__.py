@@ -3,7 +3,8 @@
 Example::
 
     import sotalign
-    r = sotalign.sinkhorn(x, y, eps=0.05)             # potentials r.f, r.g of the plan
+    r = sotalign.sinkhorn(x, y, eps=0.05)             # potentials r.f, r.g and value r.value
+    s = sotalign.sinkhorn_divergence(x, y, eps=0.1)    # debiased S_ε, squared-Euclidean cost
     loss = sotalign.klot(x, y, x_teacher, y_teacher)  # KL(P* ‖ P), exact gradient (P − P*)/ε
     model = sotalign.load("runs/sotalign")            # a trained alignment (sotalign fit)
 
@@ -16,9 +17,11 @@ from importlib import import_module
 
 from . import _openmp  # noqa: F401  (first: before anything loads torch)
 from .ot import (
+    COSTS,
     DEFAULT_MEMORY_BUDGET,
     KLOTLoss,
     Route,
+    SinkhornLoss,
     SinkhornResult,
     SolverOptions,
     available_backends,
@@ -27,6 +30,7 @@ from .ot import (
     plan_route,
     sinkhorn,
     sinkhorn_dense,
+    sinkhorn_divergence,
 )
 
 __version__ = "0.1.0"
@@ -54,12 +58,14 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "COSTS",
     "DEFAULT_MEMORY_BUDGET",
     "AlignedModel",
     "AlignmentData",
     "DataSpec",
     "KLOTLoss",
     "Route",
+    "SinkhornLoss",
     "SinkhornResult",
     "SolverOptions",
     "TrainConfig",
@@ -72,4 +78,5 @@ __all__ = [
     "plan_route",
     "sinkhorn",
     "sinkhorn_dense",
+    "sinkhorn_divergence",
 ]

@@ -100,6 +100,44 @@ def _configs(base: dict, source: str, train: dict, data: dict):
     return build_configs(values, source)
 
 
+#: The options `fit` and `compare` share: command-line parameter → `TrainConfig` field.
+_TRAIN_FIELDS = {
+    "steps": "steps",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "warmup": "warmup_steps",
+    "batch_pairs": "paired_batch_size",
+    "batch_unpaired": "unpaired_batch_size",
+    "alpha": "alpha",
+    "eps": "eps",
+    "eps_teacher": "eps_teacher",
+    "n_iters": "n_iters",
+    "backend": "backend",
+    "out_dim": "out_dim",
+    "head": "head_kind",
+    "head_init": "head_init",
+    "eval_every": "eval_every",
+    "checkpoint_every": "checkpoint_every",
+    "device": "device",
+}
+#: ... and command-line parameter → `DataSpec` field.
+_DATA_FIELDS = {
+    "images": "images",
+    "texts": "texts",
+    "pairs": "n_pairs",
+    "val": "n_val",
+    "test": "n_test",
+    "unpaired": "n_unpaired",
+    "split_seed": "split_seed",
+    "key": "key",
+}
+
+
+def _fields(names: dict[str, str], parameters: dict) -> dict:
+    """A command's ``parameters`` (its ``locals()``) under their configuration field names."""
+    return {field: parameters[name] for name, field in names.items()}
+
+
 def _base_config(config_file: Path | None) -> tuple[dict, str]:
     from .align.config import ConfigError, config_dict, load_config
 
@@ -178,7 +216,7 @@ KeyOpt = Annotated[
     str | None, Opt("--key", help="Array name inside .safetensors/.h5 stores.", rich_help_panel=DATA)
 ]
 MethodOpt = Annotated[
-    str | None, Opt("--method", help="Recipe (see `sotalign info`) [sotalign].", rich_help_panel=TRAIN)
+    str | None, Opt("--method", help="Method (see `sotalign info`) [sotalign].", rich_help_panel=TRAIN)
 ]
 StepsOpt = Annotated[int | None, Opt("--steps", help="Training steps [2000].", rich_help_panel=TRAIN)]
 LrOpt = Annotated[float | None, Opt("--lr", help="Peak learning rate of Lion [1e-4].", rich_help_panel=TRAIN)]
@@ -278,7 +316,7 @@ def fit(
     seed: Annotated[int | None, Opt(help="Training seed [0].", rich_help_panel=TRAIN)] = None,
     option: Annotated[
         list[str] | None,
-        Opt("--option", help="Recipe option key=value (repeatable).", rich_help_panel=TRAIN),
+        Opt("--option", help="Method option key=value (repeatable).", rich_help_panel=TRAIN),
     ] = None,
     teacher_option: Annotated[
         list[str] | None,
@@ -291,6 +329,7 @@ def fit(
 
     Under `torchrun --nproc-per-node N` it trains with DDP on shards of the same global batches
     (only rank 0 writes; a run resumes on any number of ranks)."""
+    parameters = dict(locals())  # read by name through _TRAIN_FIELDS and _DATA_FIELDS
     with _one_line_errors():
         from .align import AlignmentData, TrainingInterrupted
         from .align import fit as fit_run
@@ -301,40 +340,14 @@ def fit(
         else:
             base, source = _base_config(config_file)
         train = dict(
+            _fields(_TRAIN_FIELDS, parameters),
             method=method,
-            steps=steps,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup,
-            paired_batch_size=batch_pairs,
-            unpaired_batch_size=batch_unpaired,
-            alpha=alpha,
-            eps=eps,
-            eps_teacher=eps_teacher,
-            n_iters=n_iters,
-            backend=backend,
-            out_dim=out_dim,
-            head_kind=head,
-            head_init=head_init,
-            eval_every=eval_every,
-            checkpoint_every=checkpoint_every,
-            device=device,
             klot_scope=klot_scope,
             seed=seed,
             method_options=_parse_options(option, "--option") or None,
             teacher_options=_parse_options(teacher_option, "--teacher-option") or None,
         )
-        data = dict(
-            images=images,
-            texts=texts,
-            n_pairs=pairs,
-            n_val=val,
-            n_test=test,
-            n_unpaired=unpaired,
-            split_seed=split_seed,
-            key=key,
-            **stores,
-        )
+        data = dict(_fields(_DATA_FIELDS, parameters), **stores)
         config, spec = _configs(base, source, train, data)
         if spec is None:
             raise ValueError(
@@ -495,7 +508,7 @@ def _class_names(path: Path) -> list[str]:
 @_with_store_options
 def compare(
     out_dir: Annotated[Path, typer.Argument(help="Directory for the runs, compare.json and compare.md.")],
-    methods: Annotated[str, Opt(help="Comma-separated recipes.")] = "sail,structure,sotalign",
+    methods: Annotated[str, Opt(help="Comma-separated methods.")] = "sail,structure,sotalign",
     seeds: Annotated[str, Opt(help="Comma-separated seeds (split and training).")] = "0,1,2",
     config_file: ConfigOpt = None,
     images: ImagesOpt = None,
@@ -542,41 +555,13 @@ def compare(
     Each seed redraws the pairs (from an aligned dataset, or from the --paired-* pool with
     --pairs) unless --split-seed fixes them; the training seed is always the seed.
     """
+    parameters = dict(locals())  # read by name through _TRAIN_FIELDS and _DATA_FIELDS
     with _one_line_errors():
         from .align import compare as compare_runs
 
         base, source = _base_config(config_file)
-        train = dict(
-            steps=steps,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup,
-            paired_batch_size=batch_pairs,
-            unpaired_batch_size=batch_unpaired,
-            alpha=alpha,
-            eps=eps,
-            eps_teacher=eps_teacher,
-            n_iters=n_iters,
-            backend=backend,
-            out_dim=out_dim,
-            head_kind=head,
-            head_init=head_init,
-            eval_every=eval_every,
-            checkpoint_every=checkpoint_every,
-            device=device,
-        )
-        data = dict(
-            images=images,
-            texts=texts,
-            n_pairs=pairs,
-            n_val=val,
-            n_test=test,
-            n_unpaired=unpaired,
-            key=key,
-            split_seed=split_seed,
-            disjoint_unpaired=disjoint_unpaired,
-            **stores,
-        )
+        train = _fields(_TRAIN_FIELDS, parameters)
+        data = dict(_fields(_DATA_FIELDS, parameters), disjoint_unpaired=disjoint_unpaired, **stores)
         config, spec = _configs(base, source, train, data)
         if spec is None:
             raise ValueError(
@@ -776,7 +761,7 @@ def distance(
 
 @app.command()
 def info():
-    """Version, OT backends, devices, recipes and optional dependencies."""
+    """Version, OT backends, devices, methods and optional dependencies."""
     import platform
 
     import torch

@@ -3,7 +3,7 @@
 A run directory, written by :func:`sotalign.align.fit` and read by :func:`sotalign.load`::
 
     config.json          the TrainConfig and DataSpec of the run (store paths absolute)
-    data.json            path and fingerprint of each store (sotalign.align.rundata)
+    data.json            path and fingerprint of each store (sotalign.align.run_inputs)
     teacher/             stage 1: teacher.json + teacher.safetensors
     heads.safetensors    stage 2 heads (absent for the teacher-only ``<teacher>+none`` methods)
     heads.json           their configuration

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,8 +53,12 @@ def route_id(route) -> str:
     return "-".join(route)
 
 
-def features(n: int, m: int, d: int, dtype=torch.float64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two clouds with shared structure (so plans are far from uniform) and some noise."""
+def features(
+    n: int, m: int, d: int, dtype=torch.float64, seed: int = 0, *, unit: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two clouds of n and m rows in d dimensions with shared structure (so plans are far from
+    uniform) and some noise: the tests' one random feature generator. ``unit=True`` scales
+    every row to unit L2 norm (the input of a cosine affinity)."""
     generator = torch.Generator().manual_seed(seed)
     centers = torch.randn(5, d, generator=generator, dtype=torch.float64)
     x = centers[torch.randint(0, 5, (n,), generator=generator)] + 0.7 * torch.randn(
@@ -62,7 +67,19 @@ def features(n: int, m: int, d: int, dtype=torch.float64, seed: int = 0) -> tupl
     y = centers[torch.randint(0, 5, (m,), generator=generator)] + 0.7 * torch.randn(
         m, d, generator=generator, dtype=torch.float64
     )
+    if unit:
+        x, y = x / x.norm(dim=1, keepdim=True), y / y.norm(dim=1, keepdim=True)
     return x.to(dtype), y.to(dtype)
+
+
+def planted_pairs(n=400, d_x=10, d_y=7, noise=0.05, seed=0, offset=0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Paired features for fitting a teacher: B = A M + noise, with an anisotropic A (so
+    whitening matters), both shifted by ``offset`` (so centring matters)."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, d_x)) * np.linspace(0.3, 3.0, d_x) + offset
+    M = rng.standard_normal((d_x, d_y))
+    B = A @ M + noise * rng.standard_normal((n, d_y)) + 2 * offset
+    return A, B
 
 
 def klot_problem(n: int, m: int, d: int, d_teacher: int, dtype=torch.float64, seed: int = 0):
@@ -72,6 +89,37 @@ def klot_problem(n: int, m: int, d: int, d_teacher: int, dtype=torch.float64, se
     x_teacher = x_teacher + x[:, :d_teacher] if d_teacher <= d else x_teacher
     y_teacher = y_teacher + y[:, :d_teacher] if d_teacher <= d else y_teacher
     return x, y, x_teacher, y_teacher
+
+
+#: Training settings small enough for a test run on CPU (the paper's defaults are for 10k
+#: pairs and 1024-d encoders); a module overrides what it needs: dict(TINY_TRAINING, ...).
+TINY_TRAINING = dict(
+    out_dim=16,
+    lr=1e-2,
+    paired_batch_size=64,
+    unpaired_batch_size=96,
+    n_iters=20,
+    eps_teacher=0.05,
+    alpha=1e-2,
+    eval_every=10,
+    checkpoint_every=10,
+    device="cpu",
+)
+
+
+def toy_spec(directory, n_pairs: int = 40, **split):
+    """The DataSpec of the platonic toy that ``write_platonic`` wrote to ``directory``."""
+    from sotalign.data import DataSpec
+
+    return DataSpec(
+        images=str(directory / "images.npy"), texts=str(directory / "texts.npy"), n_pairs=n_pairs, **split
+    )
+
+
+def toy_flags(directory, pairs: int, val: int, *more: str) -> list[str]:
+    """The data flags of ``sotalign fit`` and ``compare`` for the platonic toy in ``directory``."""
+    images, texts = directory / "images.npy", directory / "texts.npy"
+    return ["--images", str(images), "--texts", str(texts), "--pairs", str(pairs), "--val", str(val), *more]
 
 
 def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import toy_flags
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -53,18 +54,7 @@ def store(tmp_path_factory):
 
 
 def data_args(store, pairs=48):
-    return [
-        "--images",
-        str(store / "images.npy"),
-        "--texts",
-        str(store / "texts.npy"),
-        "--pairs",
-        str(pairs),
-        "--val",
-        "100",
-        "--test",
-        "150",
-    ]
+    return toy_flags(store, pairs, 100, "--test", "150")
 
 
 def invoke(*args):
@@ -277,3 +267,40 @@ def test_bad_stores_and_configs_fail_with_one_line(store, tmp_path):
     )
     assert process.returncode == 1
     assert "missing.npy: no such file" in process.stderr and "Traceback" not in process.stderr
+
+
+#: Every training and data option that `fit` and `compare` share, with the config field it sets
+#: and a value other than its default.
+SHARED_OPTIONS = {
+    "--steps": ("steps", 2),
+    "--lr": ("lr", 0.02),
+    "--weight-decay": ("weight_decay", 0.001),
+    "--warmup": ("warmup_steps", 1),
+    "--batch-pairs": ("paired_batch_size", 40),
+    "--batch-unpaired": ("unpaired_batch_size", 50),
+    "--alpha": ("alpha", 0.3),
+    "--eps": ("eps", 0.07),
+    "--eps-teacher": ("eps_teacher", 0.02),
+    "--n-iters": ("n_iters", 7),
+    "--backend": ("backend", "torch"),
+    "--out-dim": ("out_dim", 10),
+    "--head": ("head_kind", "mlp"),
+    "--head-init": ("head_init", "random"),
+    "--eval-every": ("eval_every", 2),
+    "--checkpoint-every": ("checkpoint_every", 2),
+    "--device": ("device", "cpu"),
+}
+
+
+@pytest.mark.parametrize("command", ["fit", "compare"])
+def test_every_shared_option_reaches_the_run_config(store, tmp_path, command):
+    flags = [str(part) for flag, (_, value) in SHARED_OPTIONS.items() for part in (flag, value)]
+    data = ["--split-seed", "5", "--unpaired", "200", *toy_flags(store, 30, 60, "--test", "70")]
+    runs = ["--methods", "sail", "--seeds", "0"] if command == "compare" else ["--method", "sail"]
+    result = invoke(command, tmp_path / "out", *data, *runs, *flags, "--quiet")
+    assert result.exit_code == 0, result.output
+    (config_file,) = (tmp_path / "out").rglob("config.json")
+    config = json.loads(config_file.read_text())
+    assert {field: config[field] for field, _ in SHARED_OPTIONS.values()} == dict(SHARED_OPTIONS.values())
+    expected_data = dict(n_pairs=30, n_val=60, n_test=70, n_unpaired=200, split_seed=5)
+    assert {key: config["data"][key] for key in expected_data} == expected_data

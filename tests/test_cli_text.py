@@ -1,6 +1,6 @@
 """What the `sotalign` command prints: help and errors keep every bracketed word, user strings
 are never read as markup, tables are not cut, and bad values are refused before any file is
-written (issue 10, items 5, 6, 11 and 14)."""
+written."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import toy_flags
 from typer.testing import CliRunner
 
 from sotalign.align.config import ConfigError, TrainConfig, load_config
@@ -130,14 +131,7 @@ def test_a_typo_writes_nothing(store, tmp_path):
         result = invoke(
             "fit",
             run,
-            "--images",
-            store / "images.npy",
-            "--texts",
-            store / "texts.npy",
-            "--pairs",
-            "20",
-            "--val",
-            "20",
+            *toy_flags(store, 20, 20),
             *typo,
         )
         assert result.exit_code == 1, typo
@@ -157,14 +151,7 @@ def test_compare_refuses_empty_or_repeated_lists(store, tmp_path, flag, value, m
     result = invoke(
         "compare",
         tmp_path / "cmp",
-        "--images",
-        store / "images.npy",
-        "--texts",
-        store / "texts.npy",
-        "--pairs",
-        "20",
-        "--val",
-        "20",
+        *toy_flags(store, 20, 20),
         flag,
         value,
     )
@@ -188,14 +175,7 @@ def test_ctrl_c_during_fit_exits_130_with_the_resume_command(store, tmp_path):
         "sotalign.cli",
         "fit",
         str(run),
-        "--images",
-        str(store / "images.npy"),
-        "--texts",
-        str(store / "texts.npy"),
-        "--pairs",
-        "20",
-        "--val",
-        "20",
+        *toy_flags(store, 20, 20),
         "--method",
         "sail",
         "--steps",

@@ -87,13 +87,6 @@ def test_trainer_names_are_lazy_and_name_the_extra_when_it_is_missing():
     assert "module 'sotalign' has no attribute 'nope'" in nope
 
 
-def test_the_deprecated_model_module_still_works():
-    with pytest.warns(DeprecationWarning, match="sotalign.model is deprecated"):
-        sys.modules.pop("sotalign.model", None)
-        import sotalign.model as old
-    assert old.load is sotalign.load and old.AlignedModel is sotalign.AlignedModel
-
-
 def core_site(directory: pathlib.Path) -> pathlib.Path:
     """A folder with only torch, numpy and torch's own requirements (symlinks into this
     environment): what ``pip install sotalign`` brings, without the extras."""

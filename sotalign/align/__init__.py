@@ -1,4 +1,4 @@
-"""Stage 1 (linear teachers) and stage 2 (alignment heads, losses, recipes, trainer) of SOTAlign.
+"""Stage 1 (linear teachers) and stage 2 (alignment heads, losses, methods, trainer) of SOTAlign.
 
 Example::
 
@@ -18,9 +18,9 @@ from .compare import compare  # noqa: E402
 from .config import ConfigError, DataSpec, TrainConfig, load_config  # noqa: E402
 from .heads import AlignmentHeads, make_head  # noqa: E402
 from .losses import DIVERGENCES, InfoNCELoss, SigLIPLoss, divergence  # noqa: E402
-from .methods import METHODS, Batch, Recipe, get_method, loss_terms  # noqa: E402
+from .methods import METHODS, Batch, Method, get_method, loss_terms  # noqa: E402
 from .model import AlignedModel, load  # noqa: E402
-from .rundata import open_run_data, repoint  # noqa: E402
+from .run_inputs import open_run_data, repoint  # noqa: E402
 from .teachers import TEACHER_NAMES, Teacher, make_teacher  # noqa: E402
 from .trainer import TrainingInterrupted, fit  # noqa: E402
 
@@ -35,7 +35,7 @@ __all__ = [
     "ConfigError",
     "DataSpec",
     "InfoNCELoss",
-    "Recipe",
+    "Method",
     "Rows",
     "SigLIPLoss",
     "Teacher",

@@ -1,4 +1,4 @@
-"""Compare recipes over seeds on the same data: one run per (method, seed), then a summary of
+"""Compare methods over seeds on the same data: one run per (method, seed), then a summary of
 held-out mean R@1 as JSON and as a Markdown table."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 Both are frozen dataclasses that validate every value when built, so a bad value fails
 before any work starts, with one line naming the option. `load_config` reads them from a
 TOML (or JSON) file: top-level keys are `TrainConfig` fields, the `[data]` table holds
-`DataSpec` fields, `[method_options]` and `[teacher_options]` are passed to the recipe and
+`DataSpec` fields, `[method_options]` and `[teacher_options]` are passed to the method and
 the stage-1 teacher.
 
     method = "sotalign"
@@ -34,7 +34,7 @@ from .methods import get_method
 from .teachers import make_teacher
 
 #: "random": PyTorch's default; "teacher": heads start as the stage-1 teacher's maps;
-#: "auto": "teacher" when the recipe has a teacher a linear head can start from, else "random".
+#: "auto": "teacher" when the method has a teacher a linear head can start from, else "random".
 HEAD_INITS = ("auto", "random", "teacher")
 
 
@@ -50,7 +50,7 @@ class TrainConfig:
     Departures from the paper, measured on real encoders (README, "SOTAlign on real encoders"):
     `alpha` is in the units of `sotalign.klot`, whose plans have mass 1; the paper's rows sum
     to 1 (mass n), so KLOT_paper = n · KLOT_ours and the paper's α = 1e-4 at its ~10k-row
-    batches is α ≈ 1 here (the default). `head_init="auto"` starts the heads of a recipe with a
+    batches is α ≈ 1 here (the default). `head_init="auto"` starts the heads of a method with a
     stage-1 teacher as the teacher's maps (`AlignmentHeads.init_from_teacher`) and makes that
     starting point a candidate of the validation model selection; the paper initialises them
     at random (`head_init="random"`).
@@ -124,23 +124,23 @@ class TrainConfig:
                 f"{owner}.head_kind must be one of {', '.join(HEAD_KINDS)} (got {self.head_kind!r})"
             )
         try:
-            recipe = get_method(self.method, **self.method_options)
+            method = self.training_method()
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(str(error).strip("'\"")) from None
-        if self.head_init == "teacher" and recipe.teacher is None:
+        if self.head_init == "teacher" and method.teacher is None:
             raise ConfigError(
                 f"{owner}.head_init='teacher' needs a method with a stage-1 teacher, not {self.method!r}"
             )
-        if recipe.teacher is not None:
+        if method.teacher is not None:
             try:  # an unfitted teacher: its options are checked, nothing is computed
-                make_teacher(recipe.teacher, **self.teacher_options)
+                make_teacher(method.teacher, **self.teacher_options)
             except (TypeError, ValueError) as error:
                 raise ConfigError(f"{owner}.teacher_options: {error}") from None
         elif self.teacher_options:
             raise ConfigError(f"{owner}.teacher_options: method {self.method!r} has no teacher")
 
-    def recipe(self):
-        """The training recipe named by `method`, with `method_options` applied."""
+    def training_method(self):
+        """The training method named by `method`, with `method_options` applied."""
         return get_method(self.method, **self.method_options)
 
 

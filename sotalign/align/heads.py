@@ -8,10 +8,9 @@ Embeddings are the L2-normalised outputs, so K = cos(f(X), g(Y)) = f̂(X) ĝ(Y)�
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ot.validation import check_count
+from ..ot.validation import check_count, unit_rows
 
 HEAD_KINDS = ("linear", "mlp")
 
@@ -60,7 +59,7 @@ class AlignmentHeads(nn.Module):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != dim:
             raise ValueError(f"{name} must have shape (n, {dim}), got {tuple(x.shape)}")
-        return F.normalize(head(x), dim=1)
+        return unit_rows(head(x))
 
     def embed_images(self, x: Tensor) -> Tensor:
         return self._embed(self.image, x, "images", self.image_dim)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ot import klot, sinkhorn
-from ..ot.validation import check_count, check_matrices, check_positive, check_real
+from ..ot.validation import check_count, check_matrices, check_positive, check_real, unit_rows
 
 DIVERGENCES = ("none", "cka", "infonce", "klot")
 
@@ -171,35 +171,14 @@ class InfoNCELoss(nn.Module):
 # --------------------------------------------------------------------------- divergences
 
 
-def klot_divergence(
-    img: Tensor,
-    txt: Tensor,
-    teacher_img: Tensor,
-    teacher_txt: Tensor,
-    *,
-    eps: float = 0.05,
-    eps_teacher: float = 0.01,
-    n_iters: int = 100,
-    backend: str = "auto",
-    **options,
-) -> Tensor:
+def klot_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor, **options) -> Tensor:
     r"""KLOT(K ‖ K*) = KL(OT_ε*(K*) ‖ OT_ε(K)) (paper Eq. 12) with cosine affinities.
 
-    Exactly :func:`sotalign.klot` with ``affinity="cosine"``; gradient (P − P*)/ε
-    (Theorem 5.1/C.4). Further keyword ``options`` (``path``, ``tol``, ...) go to it.
+    Exactly :func:`sotalign.klot` with ``affinity="cosine"`` and its defaults; gradient
+    (P − P*)/ε (Theorem 5.1/C.4). Keyword ``options`` (``eps``, ``eps_teacher``, ``n_iters``,
+    ``backend``, ``path``, ``tol``, ...) go to it.
     """
-    return klot(
-        img,
-        txt,
-        teacher_img,
-        teacher_txt,
-        eps=eps,
-        eps_teacher=eps_teacher,
-        n_iters=n_iters,
-        affinity="cosine",
-        backend=backend,
-        **options,
-    )
+    return klot(img, txt, teacher_img, teacher_txt, affinity="cosine", **options)
 
 
 def cka_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor) -> Tensor:
@@ -219,10 +198,10 @@ def cka_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: T
         raise ValueError(
             f"CKA needs at least 2 rows and 2 columns, got K of shape {(img.shape[0], txt.shape[0])}"
         )
-    x = F.normalize(img, dim=1)
-    y = F.normalize(txt, dim=1)
-    xt = F.normalize(teacher_img.detach(), dim=1).to(x.dtype)
-    yt = F.normalize(teacher_txt.detach(), dim=1).to(x.dtype)
+    x = unit_rows(img)
+    y = unit_rows(txt)
+    xt = unit_rows(teacher_img.detach()).to(x.dtype)
+    yt = unit_rows(teacher_txt.detach()).to(x.dtype)
     x, y = x - x.mean(0), y - y.mean(0)
     xt, yt = xt - xt.mean(0), yt - yt.mean(0)
     cross = ((x.T @ xt) * (y.T @ yt)).sum()
@@ -255,8 +234,8 @@ def generalized_infonce_divergence(
     _check_divergence_inputs(img, txt, teacher_img, teacher_txt)
     eps_teacher = check_positive("eps_teacher", eps_teacher)
     temperature = check_positive("temperature", temperature)
-    K = F.normalize(img, dim=1) @ F.normalize(txt, dim=1).T
-    K_t = F.normalize(teacher_img.detach(), dim=1) @ F.normalize(teacher_txt.detach(), dim=1).T
+    K = unit_rows(img) @ unit_rows(txt).T
+    K_t = unit_rows(teacher_img.detach()) @ unit_rows(teacher_txt.detach()).T
     K_t = K_t.to(K.dtype)
 
     def rows(student: Tensor, teacher: Tensor) -> Tensor:
@@ -312,7 +291,7 @@ def structure_regularizer(raw: Tensor, emb: Tensor, *, levels: int = 1, temperat
     temperature = check_positive("temperature", temperature)
 
     def transition(z: Tensor) -> Tensor:
-        z = F.normalize(z, dim=1)
+        z = unit_rows(z)
         z = z - z.mean(0)
         return torch.softmax((z @ z.T) / temperature, dim=1)
 
@@ -414,8 +393,8 @@ def nnclr_positives(query_raw: Tensor, pool_raw: Tensor, k: int = 1, *, chunk_si
     if k > pool_raw.shape[0]:
         raise ValueError(f"k = {k} exceeds the pool size {pool_raw.shape[0]}")
     with torch.no_grad():
-        queries = F.normalize(query_raw.float(), dim=1)
-        pool = F.normalize(pool_raw.float(), dim=1)
+        queries = unit_rows(query_raw.float())
+        pool = unit_rows(pool_raw.float())
         out = []
         for q0 in range(0, queries.shape[0], chunk_size):
             q = queries[q0 : q0 + chunk_size]

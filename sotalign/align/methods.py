@@ -1,6 +1,6 @@
-r"""Training recipes: SOTAlign, its baselines and the Table 1 teacher × divergence grid.
+r"""Training methods: SOTAlign, its baselines and the Table 1 teacher × divergence grid.
 
-Every recipe trains linear heads f (images) and g (texts) with the SigLIP loss on a batch of
+Every method trains linear heads f (images) and g (texts) with the SigLIP loss on a batch of
 pairs (A, B) (learned scale init 20, bias −10, as SAIL and the paper) and adds its own use of
 the unpaired image batch X and text batch Y, drawn independently of each other:
 
@@ -15,8 +15,8 @@ the unpaired image batch X and text batch Y, drawn independently of each other:
                   (stage 1), D ∈ {cka, infonce, klot}; T+none is the teacher alone (no heads)
     sotalign      = cca+klot (paper Algorithm 1)
 
-All terms of a recipe come from one function, :func:`loss_terms`, as a dict of named raw
-values; the trainer minimises Σ weight·term with the weights of `Recipe.weights(alpha)`.
+All terms of a method come from one function, :func:`loss_terms`, as a dict of named raw
+values; the trainer minimises Σ weight·term with the weights of `Method.weights(alpha)`.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class Batch:
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """A named training recipe. `needs` lists the batch parts beyond the pairs it uses."""
+class Method:
+    """A named training method. `needs` lists the batch parts beyond the pairs it uses."""
 
     name: str
 
@@ -73,7 +73,7 @@ class Recipe:
 
 
 @dataclass(frozen=True)
-class Sail(Recipe):
+class Sail(Method):
     """SAIL: SigLIP on the pairs; `semi=True` adds the unpaired rows as extra negatives."""
 
     semi: bool = False
@@ -84,7 +84,7 @@ class Sail(Recipe):
 
 
 @dataclass(frozen=True)
-class Structure(Recipe):
+class Structure(Method):
     """SigLIP + λ·STRUCTURE per modality (Gröger et al. 2025; levels 1, τ = 0.07).
 
     `semi=True` computes the regulariser on the paired and unpaired rows of the batch.
@@ -104,7 +104,7 @@ class Structure(Recipe):
 
 
 @dataclass(frozen=True)
-class NNCLR(Recipe):
+class NNCLR(Method):
     """SigLIP + w·SigLIP on nearest-neighbour pseudo-pairs (DeCLIP-style NNCLR, one of top-k)."""
 
     weight: float = 1.0
@@ -116,7 +116,7 @@ class NNCLR(Recipe):
 
 
 @dataclass(frozen=True)
-class SClip(Recipe):
+class SClip(Method):
     """SigLIP + w·S-CLIP: unpaired images (texts) get OT soft labels over the paired captions
     (images), from the plan between them and the paired images (captions) in the joint space."""
 
@@ -130,7 +130,7 @@ class SClip(Recipe):
 
 
 @dataclass(frozen=True)
-class TeacherDivergence(Recipe):
+class TeacherDivergence(Method):
     """Table 1: stage-1 teacher T, then SigLIP + α·D(student ‖ teacher) on unpaired batches."""
 
     teacher: str = "cca"
@@ -156,8 +156,8 @@ class TeacherDivergence(Recipe):
         return {"siglip": 1.0, self.divergence: alpha}
 
 
-def _registry() -> dict[str, Recipe]:
-    methods: dict[str, Recipe] = {
+def _registry() -> dict[str, Method]:
+    methods: dict[str, Method] = {
         "sotalign": TeacherDivergence("sotalign", teacher="cca", divergence="klot"),
         "sail": Sail("sail"),
         "sail-semi": Sail("sail-semi", semi=True),
@@ -173,26 +173,26 @@ def _registry() -> dict[str, Recipe]:
     return methods
 
 
-METHODS: dict[str, Recipe] = _registry()
+METHODS: dict[str, Method] = _registry()
 
 
-def get_method(name: str, **options) -> Recipe:
-    """The recipe called `name`, with its defaults replaced by `options` (its dataclass fields)."""
+def get_method(name: str, **options) -> Method:
+    """The method called `name`, with its defaults replaced by `options` (its dataclass fields)."""
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    recipe = METHODS[name]
-    fields = {f.name for f in dataclasses.fields(recipe)} - {"name"}
+    method = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(method)} - {"name"}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise TypeError(
             f"method {name!r} has no option(s) {', '.join(unknown)}"
             f" (options: {', '.join(sorted(fields)) or 'none'})"
         )
-    return dataclasses.replace(recipe, **options)
+    return dataclasses.replace(method, **options)
 
 
 def loss_terms(
-    recipe: Recipe,
+    method: Method,
     batch: Batch,
     heads,
     losses: nn.ModuleDict,
@@ -203,9 +203,9 @@ def loss_terms(
     backend: str = "auto",
     ranks: Ranks | None = None,
 ) -> dict[str, Tensor]:
-    """The raw loss terms of one step of `recipe` (keys as in `recipe.weights`).
+    """The raw loss terms of one step of `method` (keys as in `method.weights`).
 
-    `heads` is an :class:`AlignmentHeads`; `losses` the recipe's :meth:`Recipe.loss_modules`.
+    `heads` is an :class:`AlignmentHeads`; `losses` the method's :meth:`Method.loss_modules`.
     `eps`, `eps_teacher`, `n_iters` and `backend` configure the teacher divergence. Under
     torchrun, `ranks` says which shard of the global batch `batch` is; every term is then the
     value on the global batch (embeddings gathered across ranks, KLOT as `ranks.klot`; see
@@ -222,17 +222,17 @@ def loss_terms(
         return ranks.local(heads.embed_texts(y))
 
     img, txt = g(embed_images(batch.paired_images)), g(embed_texts(batch.paired_texts))
-    unpaired = "unpaired" in recipe.needs
+    unpaired = "unpaired" in method.needs
     u_img = embed_images(batch.unpaired_images) if unpaired else None  # this rank's rows
     u_txt = embed_texts(batch.unpaired_texts) if unpaired else None
 
-    if isinstance(recipe, Sail):
+    if isinstance(method, Sail):
         return {"siglip": siglip(img, txt, extra_texts=g(u_txt), extra_images=g(u_img))}
     terms = {"siglip": siglip(img, txt)}
-    if isinstance(recipe, TeacherDivergence):
-        if recipe.divergence == "none":
-            raise ValueError(f"method {recipe.name!r} is the stage-1 teacher alone: it trains no heads")
-        if recipe.divergence == "klot":
+    if isinstance(method, TeacherDivergence):
+        if method.divergence == "none":
+            raise ValueError(f"method {method.name!r} is the stage-1 teacher alone: it trains no heads")
+        if method.divergence == "klot":
             terms["klot"] = ranks.klot(
                 u_img,
                 u_txt,
@@ -245,29 +245,29 @@ def loss_terms(
             )
         else:
             options = {"cka": {}, "infonce": dict(eps_teacher=eps_teacher, temperature=eps)}
-            terms[recipe.divergence] = divergence(
-                recipe.divergence,
+            terms[method.divergence] = divergence(
+                method.divergence,
                 g(u_img),
                 g(u_txt),
                 g(batch.teacher_images),
                 g(batch.teacher_texts),
-                **options[recipe.divergence],
+                **options[method.divergence],
             )
-    elif isinstance(recipe, Structure):
+    elif isinstance(method, Structure):
         raw_images, raw_texts, emb_images, emb_texts = g(batch.paired_images), g(batch.paired_texts), img, txt
-        if recipe.semi:
+        if method.semi:
             raw_images = torch.cat([raw_images, g(batch.unpaired_images)])
             raw_texts = torch.cat([raw_texts, g(batch.unpaired_texts)])
             emb_images, emb_texts = torch.cat([img, g(u_img)]), torch.cat([txt, g(u_txt)])
-        options = dict(levels=recipe.levels, temperature=recipe.temperature)
+        options = dict(levels=method.levels, temperature=method.temperature)
         terms["structure"] = structure_regularizer(raw_images, emb_images, **options) + structure_regularizer(
             raw_texts, emb_texts, **options
         )
-    elif isinstance(recipe, NNCLR):
+    elif isinstance(method, NNCLR):
         terms["nn_images"] = siglip(g(u_img), g(embed_texts(batch.neighbour_texts)))
         terms["nn_texts"] = siglip(g(embed_images(batch.neighbour_images)), g(u_txt))
-    elif isinstance(recipe, SClip):
-        options = dict(eps=recipe.eps, scale=1.0 / recipe.temperature, n_iters=n_iters, backend=backend)
+    elif isinstance(method, SClip):
+        options = dict(eps=method.eps, scale=1.0 / method.temperature, n_iters=n_iters, backend=backend)
         terms["s_clip"] = s_clip_loss(g(u_img), img, txt, **options) + s_clip_loss(
             g(u_txt), txt, img, **options
         )

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import Tensor
 
-from ..ot.validation import as_matrix
+from ..ot.validation import as_matrix, unit_rows
 from ..rundir import (
     CHECKPOINT,
     CONFIG_FILE,
@@ -73,17 +72,13 @@ class AlignedModel:
         """Unit vectors in the aligned space (CPU float32) of frozen image features (n × d_x)."""
         if self.heads is not None:
             return self._embed(features, self.heads.embed_images, batch_size)
-        return self._embed(
-            features, lambda x: F.normalize(self.teacher.transform_images(x), dim=1), batch_size
-        )
+        return self._embed(features, lambda x: unit_rows(self.teacher.transform_images(x)), batch_size)
 
     def embed_texts(self, features, batch_size: int = 8192) -> Tensor:
         """Unit vectors in the aligned space (CPU float32) of frozen text features (n × d_y)."""
         if self.heads is not None:
             return self._embed(features, self.heads.embed_texts, batch_size)
-        return self._embed(
-            features, lambda y: F.normalize(self.teacher.transform_texts(y), dim=1), batch_size
-        )
+        return self._embed(features, lambda y: unit_rows(self.teacher.transform_texts(y)), batch_size)
 
     def similarity(self, image_features, text_features) -> Tensor:
         """Cosine similarity in the aligned space, images × texts."""

@@ -32,12 +32,11 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from lion_pytorch import Lion
 from safetensors import SafetensorError
 from torch import Tensor
 
-from ..ot.validation import as_matrix, check_count, check_positive, check_real
+from ..ot.validation import as_matrix, check_count, check_positive, check_real, unit_rows
 from ..rundir import atomic_write
 from .losses import InfoNCELoss, SigLIPLoss
 
@@ -173,7 +172,7 @@ class Teacher(abc.ABC):
         self.n_pairs = int(n_pairs)
 
     def _prepare(self, X: Tensor) -> Tensor:
-        return F.normalize(X, dim=1) if self.normalize_inputs else X
+        return unit_rows(X) if self.normalize_inputs else X
 
     def _transform(self, X, name: str, mean: Tensor, W: Tensor) -> Tensor:
         self._require_fitted()
@@ -557,7 +556,7 @@ class ContrastiveTeacher(Teacher):
                 a, b = A[index], B[index]
             else:
                 a, b = A, B
-            value = criterion(F.normalize(a @ W_x.T, dim=1), F.normalize(b @ W_y.T, dim=1))
+            value = criterion(unit_rows(a @ W_x.T), unit_rows(b @ W_y.T))
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()

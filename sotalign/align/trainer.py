@@ -1,6 +1,6 @@
-r"""The two-stage SOTAlign trainer (paper Algorithm 1) for every recipe in `methods`.
+r"""The two-stage SOTAlign trainer (paper Algorithm 1) for every method in `methods`.
 
-Stage 1 fits the recipe's linear teacher on all pairs (A, B) once. Stage 2 trains the heads:
+Stage 1 fits the method's linear teacher on all pairs (A, B) once. Stage 2 trains the heads:
 each step draws, independently, a batch of pairs, a batch of unpaired images X_b and a batch of
 unpaired texts Y_b (stateless samplers: batch = function of (seed, stream, step)), computes the
 teacher features X_b W_xᵀ, Y_b W_yᵀ on the fly, and takes one Lion step on
@@ -59,9 +59,9 @@ from .config import ConfigError, TrainConfig, config_dict
 from .ddp import Ranks, data_parallel
 from .heads import AlignmentHeads
 from .losses import nnclr_positives, sample_neighbors
-from .methods import Batch, Recipe, loss_terms
+from .methods import Batch, Method, loss_terms
 from .model import AlignedModel
-from .rundata import record_data, verify_data
+from .run_inputs import record_data, verify_data
 from .teachers import JSON_FILE as TEACHER_JSON
 from .teachers import Teacher, make_teacher
 from .timing import StepClock
@@ -81,15 +81,15 @@ class BatchSource:
 
     def __init__(
         self,
-        recipe: Recipe,
+        method: Method,
         config: TrainConfig,
         data: AlignmentData,
         teacher: Teacher | None,
         device: torch.device,
         ranks: Ranks | None = None,
     ):
-        self.recipe, self.data, self.teacher, self.device, self.seed = (
-            recipe,
+        self.method, self.data, self.teacher, self.device, self.seed = (
+            method,
             data,
             teacher,
             device,
@@ -103,10 +103,10 @@ class BatchSource:
             )
 
         self.paired = sampler(data.paired_images, config.paired_batch_size, "paired")
-        if "unpaired" in recipe.needs:
+        if "unpaired" in method.needs:
             self.images = sampler(data.unpaired_images, config.unpaired_batch_size, "unpaired_images")
             self.texts = sampler(data.unpaired_texts, config.unpaired_batch_size, "unpaired_texts")
-        if "neighbours" in recipe.needs:
+        if "neighbours" in method.needs:
             # NNCLR: nearest paired image of each unpaired image, nearest paired caption of each
             # unpaired text, found once in the frozen unimodal spaces (k candidates each).
             self.image_neighbours = self._neighbours(data.unpaired_images, data.paired_images)
@@ -119,7 +119,7 @@ class BatchSource:
                 nnclr_positives(
                     queries.get(np.arange(s, min(s + READ_ROWS, len(queries)))),
                     pool_features,
-                    k=self.recipe.k,
+                    k=self.method.k,
                 )
                 for s in range(0, len(queries), READ_ROWS)
             ]
@@ -136,14 +136,14 @@ class BatchSource:
             data.paired_images.get(pairs),
             data.paired_texts.get(pairs),
         )
-        if "unpaired" in self.recipe.needs:
+        if "unpaired" in self.method.needs:
             images = self.images.shard(step, ranks.rank, ranks.world)
             texts = self.texts.shard(step, ranks.rank, ranks.world)
             parts["unpaired_images"], parts["unpaired_texts"] = (
                 data.unpaired_images.get(images),
                 data.unpaired_texts.get(texts),
             )
-        if "neighbours" in self.recipe.needs:
+        if "neighbours" in self.method.needs:
             # One of the k neighbours, drawn from a generator seeded by (seed, step): stateless.
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             near_images = sample_neighbors(self.image_neighbours[torch.from_numpy(images)], generator)
@@ -158,8 +158,8 @@ class BatchSource:
         return {name: value.to(self.device, non_blocking=True) for name, value in parts.items()}
 
     def with_teacher(self, parts: dict[str, torch.Tensor]) -> Batch:
-        """The batch, with the teacher's features of the unpaired rows if the recipe needs them."""
-        if "teacher" in self.recipe.needs:
+        """The batch, with the teacher's features of the unpaired rows if the method needs them."""
+        if "teacher" in self.method.needs:
             parts["teacher_images"] = self.teacher.transform_images(parts["unpaired_images"])
             parts["teacher_texts"] = self.teacher.transform_texts(parts["unpaired_texts"])
         return Batch(**parts)
@@ -326,23 +326,23 @@ def _deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-def _stage1(recipe: Recipe, config: TrainConfig, data: AlignmentData, run_dir: Path) -> Teacher | None:
-    """Fit the recipe's teacher on all pairs (or reuse the saved one), saved and read back so a
+def _stage1(method: Method, config: TrainConfig, data: AlignmentData, run_dir: Path) -> Teacher | None:
+    """Fit the method's teacher on all pairs (or reuse the saved one), saved and read back so a
     fresh and a resumed run use bit-identical teacher maps."""
-    if recipe.teacher is None:
+    if method.teacher is None:
         return None
     teacher_dir = run_dir / TEACHER_DIR
     if not (teacher_dir / TEACHER_JSON).exists():
-        teacher = make_teacher(recipe.teacher, **config.teacher_options)
+        teacher = make_teacher(method.teacher, **config.teacher_options)
         teacher.fit(data.paired_images.all(), data.paired_texts.all())
         teacher.save(teacher_dir)
     return Teacher.load(teacher_dir)
 
 
-def _check_data(recipe: Recipe, data: AlignmentData) -> None:
-    if "unpaired" in recipe.needs and (data.unpaired_images is None or data.unpaired_texts is None):
+def _check_data(method: Method, data: AlignmentData) -> None:
+    if "unpaired" in method.needs and (data.unpaired_images is None or data.unpaired_texts is None):
         raise ValueError(
-            f"method {recipe.name!r} needs unpaired images and texts "
+            f"method {method.name!r} needs unpaired images and texts "
             "(give --unpaired-images/--unpaired-texts, or an aligned dataset with rows to spare)"
         )
 
@@ -392,6 +392,17 @@ class _KlotConvergence:
             )
 
 
+@contextmanager
+def _klot_warns_through_fit():
+    """KLOT warns after each forward whose plans miss their marginals: in training, at every
+    step. fit silences those warnings and warns once itself (:class:`_KlotConvergence`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"klot's (student|teacher) plan did not converge", category=RuntimeWarning
+        )
+        yield
+
+
 def _timing(clock: StepClock, unpaired_rows: int, prefetch: bool) -> dict | None:
     """The timed steps of this process (all but its first): what ``metrics.json`` records."""
     if not clock.steps:
@@ -439,7 +450,7 @@ def fit(
     """Train `config.method` on `data`, writing the run directory; returns the selected model.
 
     `resume=True` continues the run recorded in `run_dir/config.json` (the configuration must
-    be the same, and so must the data: :mod:`sotalign.align.rundata`) from
+    be the same, and so must the data: :mod:`sotalign.align.run_inputs`) from
     `checkpoints/last.pt`, or from step 0 if it was stopped before the first checkpoint, and
     ends with the same weights as an uninterrupted run. `on_step(step)` is called after every
     finished step (and its checkpoint), e.g. to stop a run.
@@ -455,8 +466,8 @@ def fit(
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    recipe = config.recipe()
-    _check_data(recipe, data)
+    method = config.training_method()
+    _check_data(method, data)
     device = resolve_device(config.device)
     ranks = Ranks.from_environment(device, config.klot_scope)
     prepared = {"started_here": False}
@@ -473,7 +484,7 @@ def fit(
 
         ranks.on_main(prepare)
         try:
-            return _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_step, started)
+            return _train(method, config, data, run_dir, device, ranks, resume, progress, on_step, started)
         except BaseException:
             if prepared["started_here"] and not _has_progress(run_dir):
                 _clear_unstarted(run_dir)
@@ -485,21 +496,21 @@ class _Step(nn.Module):
     """The loss terms of one step, as a module (what DistributedDataParallel wraps)."""
 
     def __init__(
-        self, recipe: Recipe, heads: AlignmentHeads, losses: nn.ModuleDict, ranks: Ranks, options: dict
+        self, method: Method, heads: AlignmentHeads, losses: nn.ModuleDict, ranks: Ranks, options: dict
     ):
         super().__init__()
-        self.recipe, self.heads, self.losses, self.ranks, self.options = recipe, heads, losses, ranks, options
+        self.method, self.heads, self.losses, self.ranks, self.options = method, heads, losses, ranks, options
 
     def forward(self, batch: Batch) -> dict:
-        return loss_terms(self.recipe, batch, self.heads, self.losses, ranks=self.ranks, **self.options)
+        return loss_terms(self.method, batch, self.heads, self.losses, ranks=self.ranks, **self.options)
 
 
-def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_step, started) -> AlignedModel:
+def _train(method, config, data, run_dir, device, ranks, resume, progress, on_step, started) -> AlignedModel:
     """Stages 1 and 2 of :func:`fit` in a prepared run directory (files written by rank 0)."""
-    ranks.on_main(lambda: _stage1(recipe, config, data, run_dir))
-    teacher = _stage1(recipe, config, data, run_dir)  # read back by every rank
-    if not recipe.trains_heads:
-        model = AlignedModel(teacher=teacher, method=recipe.name)
+    ranks.on_main(lambda: _stage1(method, config, data, run_dir))
+    teacher = _stage1(method, config, data, run_dir)  # read back by every rank
+    if not method.trains_heads:
+        model = AlignedModel(teacher=teacher, method=method.name)
         ranks.on_main(lambda: _finish(run_dir, model, data, None, time.perf_counter() - started))
         return model
 
@@ -515,19 +526,19 @@ def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_st
     )
     if from_teacher:
         heads.init_from_teacher(teacher)
-    losses = recipe.loss_modules().to(device)
-    weights = recipe.weights(config.alpha)
+    losses = method.loss_modules().to(device)
+    weights = method.weights(config.alpha)
     optimizer = Lion(
         [*heads.parameters(), *losses.parameters()], lr=config.lr, weight_decay=config.weight_decay
     )
     scheduler = LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
-    batches = BatchSource(recipe, config, data, teacher, device, ranks)
-    model = AlignedModel(heads=heads, teacher=teacher, method=recipe.name)
+    batches = BatchSource(method, config, data, teacher, device, ranks)
+    model = AlignedModel(heads=heads, teacher=teacher, method=method.name)
     divergence_options = dict(
         eps=config.eps, eps_teacher=config.eps_teacher, n_iters=config.n_iters, backend=config.backend
     )
     clock = StepClock(device)
-    step_terms = _Step(recipe, heads, losses, dataclasses.replace(ranks, clock=clock), divergence_options)
+    step_terms = _Step(method, heads, losses, dataclasses.replace(ranks, clock=clock), divergence_options)
 
     start, best = 0, {"step": None, "metric": -math.inf, "heads": None, "losses": None}
     checkpoint_path, log_path = run_dir / CHECKPOINT, run_dir / LOG_FILE
@@ -557,7 +568,7 @@ def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_st
     progress = progress and ranks.is_main
 
     bar = Progress(
-        TextColumn(f"[bold]{recipe.name}[/]"),
+        TextColumn(f"[bold]{method.name}[/]"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
@@ -583,10 +594,10 @@ def _train(recipe, config, data, run_dir, device, ranks, resume, progress, on_st
             },
         )
 
-    unpaired_rows = batches.images.batch_size + batches.texts.batch_size if "unpaired" in recipe.needs else 0
+    unpaired_rows = batches.images.batch_size + batches.texts.batch_size if "unpaired" in method.needs else 0
     prefetcher = Prefetcher(batches.read, config.steps)
     convergence = _KlotConvergence(config, config.steps - start, warn=ranks.is_main)
-    with bar, _deferred_interrupt() as interrupt, closing(prefetcher):
+    with bar, _deferred_interrupt() as interrupt, closing(prefetcher), _klot_warns_through_fit():
         task = bar.add_task("", total=config.steps, completed=start)
         first_step_done = None
         for step in range(start, config.steps):

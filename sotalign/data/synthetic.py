@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from ..ot.validation import check_count, check_real
 from ..rundir import atomic_output, atomic_write
 from .stores import save_store
 
@@ -56,15 +57,11 @@ class PlatonicGenerator:
 
     def __post_init__(self):
         for name in ("image_dim", "text_dim", "latent_dim", "n_concepts", "hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_count(name, getattr(self, name))
         for name in ("noise", "spread"):
-            value = getattr(self, name)
-            if not np.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            if check_real(name, getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        check_count("seed", self.seed, minimum=0)
         rng = np.random.default_rng([self.seed, 0])
         L, H = self.latent_dim, self.hidden
         w = {"centres": rng.standard_normal((self.n_concepts, L))}

@@ -26,6 +26,7 @@ learned scale), put the factor on the gradient of the rank's own embeddings inst
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +34,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..kernels import Affinity, Backend
-from ..ot import validation as check
+from ..ot import problem as ot_problem
+from ..ot import validation
 from ..ot.dispatch import choose_route
-from ..ot.options import SolverOptions
+from ..ot.klot import feature_gradients, gradient_features, watch_convergence
+from ..ot.options import DEFAULT_EPS, DEFAULT_EPS_TEACHER, SolverOptions
+from ..ot.problem import Marginal
+from ..ot.sinkhorn import _cost, solve
 from .comm import Carry, Comm, circulate
-from .solver import Shards, marginal_error, operator, solve
+from .solver import RingOperator, Shards, shard_operator
 
 
 @dataclass(frozen=True)
@@ -98,12 +103,11 @@ def all_gather_rows(t: Tensor, group=None) -> Tensor:
     return _GatherRows.apply(t, comm, tuple(comm.sizes(t.shape[0], t.device)))
 
 
-def _validated(affinity, eps, solver: dict, **tensors):
-    """The checks of the single-process front (the tensors here, the solver options by
-    :class:`~sotalign.ot.options.SolverOptions`); returns the options as the solvers take them."""
-    device = check.check_structure(**tensors)
-    check.check_finite(**tensors)
-    check.check_affinity(affinity)
+def _validated(eps, options: SolverOptions, **tensors) -> tuple[float, SolverOptions]:
+    """The checks of the single-process front (the solver options were checked by
+    :class:`~sotalign.ot.options.SolverOptions`); returns ε and the options of the loop."""
+    device = validation.check_structure(**tensors)
+    validation.check_finite(**tensors)
     for first, second in (("x", "y"), ("x_teacher", "y_teacher")):
         if first in tensors and tensors[first].shape[1] != tensors[second].shape[1]:
             raise ValueError(
@@ -124,9 +128,9 @@ def _validated(affinity, eps, solver: dict, **tensors):
             f"tensors are on {device} but the current CUDA device is "
             f"{torch.cuda.current_device()} (call torch.cuda.set_device(local_rank))"
         )
-    options = dataclasses.asdict(SolverOptions(**solver))
-    del options["cuda_graph"]  # single-process only
-    return {"eps": check.check_positive("eps", eps), **options}
+    if options.cuda_graph:
+        raise ValueError("cuda_graph=True is not supported by sotalign.distributed (each step communicates)")
+    return validation.check_positive("eps", eps), dataclasses.replace(options, cuda_graph=False)
 
 
 def _agree(comm: Comm, what: str, tensors: dict, validate) -> tuple[dict, tuple, tuple]:
@@ -134,18 +138,21 @@ def _agree(comm: Comm, what: str, tensors: dict, validate) -> tuple[dict, tuple,
     try:
         options = validate()
         x, y = tensors["x"], tensors["y"]
-        dims = {f"d_{name}": t.shape[1] for name, t in tensors.items() if isinstance(t, Tensor)}
+        dims = {
+            f"d_{name}": t.shape[1] for name, t in tensors.items() if isinstance(t, Tensor) and t.dim() == 2
+        }
         shared = {
             "function": what,
             **options,
-            "affinity": tensors["affinity"],
-            "backend": tensors["backend"],
-            "path": tensors["path"],
-            "precision": tensors["precision"],
+            "cost": tensors["cost"],
+            "weights": [name for name in ("a", "b") if tensors.get(name) is not None],
             **dims,
-            "dtype": str(check.compute_dtype(*(t for t in tensors.values() if isinstance(t, Tensor)))),
+            "dtype": str(validation.compute_dtype(*(t for t in tensors.values() if isinstance(t, Tensor)))),
             "device": x.device.type,
         }
+        for name, rows in (("a", x.shape[0]), ("b", y.shape[0])):
+            if tensors.get(name) is not None:
+                validation.check_weights(name, tensors[name], (rows,), x.dtype, x.device)
         mine = {"error": None, "rows": x.shape[0], "cols": y.shape[0], "options": shared}
     except (TypeError, ValueError) as error:
         mine = {"error": f"{type(error).__name__}: {error}"}
@@ -195,130 +202,157 @@ def _route(
     return route.backend, dense
 
 
-def _prepare(affinity: str, dtype, *tensors: Tensor) -> list[Tensor]:
-    tensors = [t.to(dtype) for t in tensors]
-    if affinity == "cosine":
-        tensors = [check.unit_rows(t) for t in tensors]
-    return [t.contiguous() for t in tensors]
+def _marginals(
+    comm: Comm, op: RingOperator, cost: str, x: Tensor, y: Tensor, a, b
+) -> tuple[Marginal, Marginal]:
+    """This rank's row marginal and its (or, for the block row, every) column marginal: weights
+    uniform or given per shard, scaled to a global mass of one."""
+    u, v = ot_problem.offsets(cost, x, y)
+    w_a = x.new_ones(x.shape[0]) if a is None else a.to(x.dtype)
+    w_b = y.new_ones(y.shape[0]) if b is None else b.to(y.dtype)
+    if op.whole_columns:
+        w_b = comm.all_gather(w_b.contiguous(), list(op.K.col_sizes))
+        v = comm.all_gather(v.contiguous(), list(op.K.col_sizes))
+    mass_a = comm.all_reduce(w_a.sum().reshape(1))
+    mass_b = w_b.sum().reshape(1) if op.whole_columns else comm.all_reduce(w_b.sum().reshape(1))
+    return Marginal(w_a / mass_a, math.inf, u), Marginal(w_b / mass_b, math.inf, v)
+
+
+def _problem(setup: _Setup, cost: str, x: Tensor, y: Tensor, a, b):
+    work = ot_problem.work_affinity(cost, x, y)
+    op = shard_operator(
+        setup.backend, Shards(setup.comm, work.x, work.y, setup.row_sizes, setup.col_sizes), setup.dense
+    )
+    return op, op.problem(*_marginals(setup.comm, op, cost, x, y, a, b))
 
 
 def sinkhorn(
     x: Tensor,
     y: Tensor,
-    eps: float = 0.05,
-    n_iters: int = 100,
+    eps: float = DEFAULT_EPS,
     group=None,
     *,
-    tol: float | None = None,
-    affinity: str = "cosine",
-    backend: str = "auto",
-    path: str = "auto",
-    check_every: int = 10,
-    symmetric: bool = True,
-    memory_budget: float | None = None,
-    eps_scaling: float | None = None,
-    precision: str = "auto",
+    cost: str | None = None,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    options: SolverOptions | None = None,
+    affinity: str | None = None,
+    **solver_options,
 ) -> DistributedSinkhornResult:
     """Entropic OT between the rows of X = [x_0; x_1; …] and Y = [y_0; y_1; …] (concatenated
     over the ranks of ``group``); returns this rank's f (its rows) and g (its columns).
 
-    The same maths and options as :func:`sotalign.sinkhorn` (uniform marginals; ``tol`` is
-    decided on the global marginal error, so every rank stops at the same iteration).
-    ``path="online"`` passes the shards around the ring every half-step (O((n+m)·d) sent per
-    iteration, O(shard) memory); ``path="dense"`` stores this rank's block row of K once
-    (n_r×m) and exchanges only O(n+m) numbers per iteration. Collective: every rank calls it."""
+    The same maths and options as :func:`sotalign.sinkhorn` (``cost``; ``a``, ``b`` this rank's
+    shards of the weights, scaled to a global mass of one; ``tol`` is decided on the global
+    marginal error, so every rank stops at the same iteration). Unbalanced marginals
+    (``reg_m``) and batches are not supported here. ``path="online"`` passes the shards around
+    the ring every half-step (O((n+m)·d) sent per iteration, O(shard) memory);
+    ``path="dense"`` stores this rank's block row of K once (n_r×m) and exchanges only O(n+m)
+    numbers per iteration. Collective: every rank calls it."""
     comm = Comm(group)
-    tensors = {"x": x, "y": y, "affinity": affinity, "backend": backend, "path": path, "precision": precision}
-    solver = dict(
-        n_iters=n_iters,
-        tol=tol,
-        check_every=check_every,
-        symmetric=symmetric,
-        eps_scaling=eps_scaling,
-        backend=backend,
-        path=path,
-        precision=precision,
-        memory_budget=memory_budget,
+    cost = _cost(cost, affinity)
+    options = SolverOptions.resolve(options, **solver_options)
+    tensors = {"x": x, "y": y, "a": a, "b": b, "cost": cost}
+    agreed, row_sizes, col_sizes = _agree(
+        comm, "sinkhorn", tensors, lambda: _shared(*_validated(eps, options, x=x, y=y))
     )
-    options, row_sizes, col_sizes = _agree(
-        comm,
-        "sinkhorn",
-        tensors,
-        lambda: _validated(affinity, eps, solver, x=x, y=y),
+    eps, options = _validated(eps, options, x=x, y=y)
+    dtype = validation.compute_dtype(x, y)
+    x, y = ot_problem.cost_features(cost, x.detach().to(dtype), y.detach().to(dtype))
+    setup = _setup(comm, options, x, row_sizes, col_sizes, x.shape[1], dtype, 1)
+    with torch.no_grad():
+        op, problem = _problem(setup, cost, x.contiguous(), y.contiguous(), a, b)
+        state = solve(problem, eps, options, spread=op.spread())
+        errors, _ = problem.marginal_error(state.f, state.g, eps)
+    half = ot_problem.AFFINITY_CONSTANT[cost] / 2
+    f = state.f + problem.rows.offset - half
+    g = op.own_columns(state.g + problem.cols.offset - half)
+    K = op.K
+    return DistributedSinkhornResult(
+        f,
+        g,
+        eps,
+        state.done,
+        float(errors),
+        setup.backend.name,
+        op.path,
+        K.n,
+        K.m,
+        K.row_offset,
+        K.col_offset,
     )
-    dtype = check.compute_dtype(x, y)
-    x, y = _prepare(affinity, dtype, x.detach(), y.detach())
-    chosen, dense = _route(
+
+
+def _shared(eps: float, options: SolverOptions) -> dict:
+    """What the ranks must agree on."""
+    return {"eps": eps, **dataclasses.asdict(options)}
+
+
+def _setup(
+    comm: Comm, options: SolverOptions, x: Tensor, row_sizes, col_sizes, d, dtype, n_matrices
+) -> _Setup:
+    backend, dense = _route(
         comm,
-        backend,
-        path,
+        options.backend,
+        options.path,
         x.device,
         row_sizes,
         col_sizes,
-        x.shape[1],
+        d,
         dtype,
-        1,
-        options["memory_budget"],
-        precision,
+        n_matrices,
+        options.memory_budget,
+        options.precision,
     )
-    K = Shards(comm, x, y, row_sizes, col_sizes)
-    eps = options["eps"]
-    with torch.no_grad():
-        op = operator(chosen, K, dense)
-        f, g, done = solve(
-            op,
-            eps,
-            options["n_iters"],
-            tol=options["tol"],
-            check_every=options["check_every"],
-            symmetric=options["symmetric"],
-            eps_scaling=options["eps_scaling"],
-        )
-        error = marginal_error(op, f, g, eps)
-    return DistributedSinkhornResult(
-        f, op.own_columns(g), eps, done, error, chosen.name, op.path, K.n, K.m, K.row_offset, K.col_offset
-    )
+    return _Setup(comm, backend, dense, row_sizes, col_sizes)
 
 
 class _GlobalKLOT(torch.autograd.Function):
     """The global KLOT value (forward) and this rank's share of its gradient (backward)."""
 
     @staticmethod
-    def forward(ctx, x, y, x_teacher, y_teacher, setup: _Setup, options: dict):
-        comm = setup.comm
-        K = Shards(comm, x, y, setup.row_sizes, setup.col_sizes)
-        K_t = Shards(comm, x_teacher, y_teacher, setup.row_sizes, setup.col_sizes)
-        eps, eps_t = options["eps"], options["eps_teacher"]
-        loop = {key: options[key] for key in ("tol", "check_every", "symmetric", "eps_scaling")}
-        op, op_t = operator(setup.backend, K, setup.dense), operator(setup.backend, K_t, setup.dense)
-        f, g, _ = solve(op, eps, options["n_iters"], **loop)
-        f_t, g_t, _ = solve(op_t, eps_t, options["n_iters"], **loop)
-        value = op.klot_value(f, g, eps, op_t, f_t, g_t, eps_t)
-        g, g_t = op.own_columns(g), op_t.own_columns(g_t)
-        ctx.save_for_backward(x, y, x_teacher, y_teacher, f, g, f_t, g_t)
-        ctx.setup, ctx.eps = setup, (eps, eps_t)
+    def forward(
+        ctx, x, y, x_teacher, y_teacher, a, b, setup: _Setup, cost: str, eps: tuple, options: SolverOptions
+    ):
+        eps_student, eps_teacher = eps
+        op, student = _problem(setup, cost, x, y, a, b)
+        op_t, teacher = _problem(setup, cost, x_teacher, y_teacher, a, b)
+        s = solve(student, eps_student, options, spread=op.spread() if options.eps_scaling else None)
+        t = solve(teacher, eps_teacher, options, spread=op_t.spread() if options.eps_scaling else None)
+        value = op.klot_value(s.f, s.g, eps_student, op_t, t.f, t.g, eps_teacher)
+        errors = torch.stack([s.row_error, t.row_error])
+        shards = (Affinity.from_features(op.K.x, op.K.y), Affinity.from_features(op_t.K.x, op_t.K.y))
+        watch_convergence(errors, eps, shards, options)
+        g, g_t = op.own_columns(s.g), op_t.own_columns(t.g)
+        ctx.save_for_backward(x, y, x_teacher, y_teacher, s.f, g, t.f, g_t)
+        ctx.setup, ctx.cost, ctx.eps = setup, cost, eps
         return value.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_value):
         x, y, x_t, y_t, f, g, f_t, g_t = ctx.saved_tensors
         setup, (eps, eps_t) = ctx.setup, ctx.eps
-        grad_x = torch.zeros_like(x)
+        x_grad, y_grad = gradient_features(ctx.cost, x, y)
+        teacher = ot_problem.work_affinity(ctx.cost, x_t, y_t)
+        rows = None
         carry = Carry(setup.comm, list(setup.col_sizes))
-        for _, (y_s, y_t_s, g_s, g_t_s) in circulate(setup.comm, (y, y_t, g, g_t), setup.col_sizes):
+        for _, (y_s, y_t_s, g_s, g_t_s) in circulate(
+            setup.comm, (y_grad, teacher.y, g, g_t), setup.col_sizes
+        ):
             gx, gy = setup.backend.klot_grad_features(
-                Affinity.from_features(x, y_s),
+                Affinity.from_features(x_grad, y_s),
                 f,
                 g_s,
                 eps,
-                Affinity.from_features(x_t, y_t_s),
+                Affinity.from_features(teacher.x, y_t_s),
                 f_t,
                 g_t_s,
                 eps_t,
             )
-            grad_x += gx
+            rows = gx if rows is None else rows + gx
             carry.add(gy)
-        return grad_value * grad_x, grad_value * carry.result(), None, None, None, None
+        grad_x, grad_y = feature_gradients(ctx.cost, x, y, rows, carry.result())
+        return grad_value * grad_x, grad_value * grad_y, None, None, None, None, None, None, None, None
 
 
 def klot(
@@ -326,72 +360,46 @@ def klot(
     y: Tensor,
     x_teacher: Tensor,
     y_teacher: Tensor,
-    eps: float = 0.05,
-    eps_teacher: float = 0.01,
-    n_iters: int = 100,
+    eps: float = DEFAULT_EPS,
+    eps_teacher: float = DEFAULT_EPS_TEACHER,
     group=None,
     *,
-    affinity: str = "cosine",
-    backend: str = "auto",
-    path: str = "auto",
-    tol: float | None = None,
-    check_every: int = 10,
-    symmetric: bool = True,
-    memory_budget: float | None = None,
-    eps_scaling: float | None = None,
-    precision: str = "auto",
+    cost: str | None = None,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    options: SolverOptions | None = None,
+    affinity: str | None = None,
+    **solver_options,
 ) -> Tensor:
     """The global KLOT(K ‖ K*) of :func:`sotalign.klot` over the concatenation of every rank's
-    rows (``x``, ``x_teacher``) and columns (``y``, ``y_teacher``), the same value on every rank.
+    rows (``x``, ``x_teacher``) and columns (``y``, ``y_teacher``), the same value on every rank;
+    ``a``, ``b`` are this rank's shards of the weights (scaled to a global mass of one).
 
     Differentiable wrt ``x`` and ``y``: backward gives this rank the exact gradient of the
     global value wrt its own shards (scaled by its incoming gradient). Under DDP multiply the
     loss by :func:`ddp_scale` (the world size): DDP averages the per-rank gradients, and the
-    gradient of the global value is their sum. Collective, forward and backward."""
+    gradient of the global value is their sum. Warns, like :func:`sotalign.klot`, when a plan
+    did not converge. Collective, forward and backward."""
     comm = Comm(group)
-    tensors = {
-        "x": x,
-        "y": y,
-        "x_teacher": x_teacher,
-        "y_teacher": y_teacher,
-        "affinity": affinity,
-        "backend": backend,
-        "path": path,
-        "precision": precision,
-    }
-
-    solver = dict(
-        n_iters=n_iters,
-        tol=tol,
-        check_every=check_every,
-        symmetric=symmetric,
-        eps_scaling=eps_scaling,
-        backend=backend,
-        path=path,
-        precision=precision,
-        memory_budget=memory_budget,
-    )
+    cost = _cost(cost, affinity)
+    options = SolverOptions.resolve(options, **solver_options)
+    tensors = {"x": x, "y": y, "x_teacher": x_teacher, "y_teacher": y_teacher, "a": a, "b": b, "cost": cost}
 
     def validate():
-        options = _validated(affinity, eps, solver, x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
-        return {**options, "eps_teacher": check.check_positive("eps_teacher", eps_teacher)}
+        eps_checked, loop = _validated(eps, options, x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
+        return {
+            **_shared(eps_checked, loop),
+            "eps_teacher": validation.check_positive("eps_teacher", eps_teacher),
+        }
 
-    options, row_sizes, col_sizes = _agree(comm, "klot", tensors, validate)
-    dtype = check.compute_dtype(x, y, x_teacher, y_teacher)
-    x, y = _prepare(affinity, dtype, x, y)
-    x_teacher, y_teacher = _prepare(affinity, dtype, x_teacher.detach(), y_teacher.detach())
-    chosen, dense = _route(
-        comm,
-        backend,
-        path,
-        x.device,
-        row_sizes,
-        col_sizes,
-        min(x.shape[1], x_teacher.shape[1]),
-        dtype,
-        2,
-        options["memory_budget"],
-        precision,
+    agreed, row_sizes, col_sizes = _agree(comm, "klot", tensors, validate)
+    eps, options = _validated(eps, options, x=x, y=y)
+    dtype = validation.compute_dtype(x, y, x_teacher, y_teacher)
+    x, y = (t.contiguous() for t in ot_problem.cost_features(cost, x.to(dtype), y.to(dtype)))
+    x_teacher, y_teacher = (
+        t.contiguous()
+        for t in ot_problem.cost_features(cost, x_teacher.detach().to(dtype), y_teacher.detach().to(dtype))
     )
-    setup = _Setup(comm, chosen, dense, row_sizes, col_sizes)
-    return _GlobalKLOT.apply(x, y, x_teacher, y_teacher, setup, options)
+    setup = _setup(comm, options, x, row_sizes, col_sizes, min(x.shape[1], x_teacher.shape[1]), dtype, 2)
+    eps_pair = (eps, agreed["eps_teacher"])
+    return _GlobalKLOT.apply(x, y, x_teacher, y_teacher, a, b, setup, cost, eps_pair, options)

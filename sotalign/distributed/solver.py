@@ -26,18 +26,21 @@ primitives (``lse_rows`` / ``lse_cols`` of one block, :mod:`sotalign.kernels.bas
 
 ``path="auto"`` takes the block row when the dense path of :func:`sotalign.ot.dispatch.choose_route`
 would store K for an n_max×m problem on every rank, else the ring.
+
+Either operator is a :class:`~sotalign.kernels.base.Backend` over the sharded K, so the solve is
+the one loop of :func:`sotalign.ot.sinkhorn.solve` on :meth:`~RingOperator.problem`, whose
+stopping test sums the row error over the ranks (every rank stops at the same iteration).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..kernels import Affinity, Backend
-from ..ot.sinkhorn import column_update, eps_schedule, row_error, row_update
+from ..ot.problem import Marginal, Problem
 from .comm import Comm, circulate
 
 
@@ -83,6 +86,11 @@ class RingOperator(Backend):
     def own_columns(self, g: Tensor) -> Tensor:
         return g
 
+    def problem(self, rows: Marginal, cols: Marginal) -> Problem:
+        """The global problem on this K: ``rows`` holds this rank's rows, ``cols`` its columns
+        (all of them when ``whole_columns``)."""
+        return Problem(self, self.K, rows, cols, self.K.comm.all_reduce, self.own_columns)  # type: ignore[arg-type]
+
     def lse_rows(self, K: Shards, g: Tensor, eps: float) -> Tensor:
         total = None
         for _, (y, g_s) in circulate(K.comm, (K.y, g), K.col_sizes):
@@ -121,7 +129,7 @@ class RingOperator(Backend):
         return K.comm.all_reduce(total)
 
 
-class BlockRowOperator(Backend):
+class BlockRowOperator(RingOperator):
     """The same reductions from this rank's stored block row K_r = x_r Yᵀ (n_r×m)."""
 
     path = "dense"
@@ -156,57 +164,5 @@ class BlockRowOperator(Backend):
         return self.K.comm.all_reduce(local.double())
 
 
-def operator(backend: Backend, K: Shards, dense: bool):
+def shard_operator(backend: Backend, K: Shards, dense: bool) -> RingOperator:
     return BlockRowOperator(backend, K) if dense else RingOperator(backend, K)
-
-
-def uniform_shard_log_weights(size: int, total: int, like: Tensor) -> Tensor:
-    """log(1/total) for this rank's ``size`` entries of a uniform marginal over ``total``."""
-    return torch.full((size,), -math.log(total), dtype=like.dtype, device=like.device)
-
-
-def solve(
-    op,
-    eps: float,
-    n_iters: int,
-    *,
-    tol: float | None,
-    check_every: int,
-    symmetric: bool,
-    eps_scaling: float | None,
-) -> tuple[Tensor, Tensor, int]:
-    """The loop of :func:`sotalign.ot.sinkhorn.solve` on a sharded K: same schedule, same
-    tolerance test (the row error of this rank's rows, summed over the ranks, so every rank
-    stops at the same iteration), same symmetric final step. Returns this rank's f, g (this
-    rank's columns, or all of them if ``op.whole_columns``) and the iterations done."""
-    K = op.K
-    log_a = uniform_shard_log_weights(K.x.shape[0], K.n, K.x)
-    log_b = uniform_shard_log_weights(K.m if op.whole_columns else K.y.shape[0], K.m, K.y)
-    g = torch.zeros_like(log_b)
-    eps_start = op.spread() if eps_scaling is not None else None
-    schedule = eps_schedule(eps, n_iters, eps_scaling, eps_start)
-    f, f_next, done = None, None, len(schedule)
-    for it, level in enumerate(schedule):
-        f_next = row_update(op, K, g, level, log_a)
-        if tol is not None and f is not None and it % check_every == 0 and level == eps:
-            error = K.comm.all_reduce(row_error(f, f_next, eps, log_a).reshape(1))
-            if float(error) < tol:
-                done = it
-                break
-        f = f_next
-        g = column_update(op, K, f, level, log_b)
-        f_next = None
-    if symmetric:
-        if f_next is None:
-            f_next = row_update(op, K, g, eps, log_a)
-        f = 0.5 * (f + f_next)
-    return f, g, done
-
-
-def marginal_error(op, f: Tensor, g: Tensor, eps: float) -> float:
-    """max(‖P1 − a‖₁, ‖Pᵀ1 − b‖₁) over the whole plan, the same on every rank."""
-    K = op.K
-    rows = torch.exp(f / eps + op.lse_rows(K, g, eps)) - 1.0 / K.n
-    cols = torch.exp(op.own_columns(g / eps + op.lse_cols(K, f, eps))) - 1.0 / K.m
-    errors = torch.stack([rows.abs().sum(), cols.abs().sum()])
-    return float(K.comm.all_reduce(errors).max())

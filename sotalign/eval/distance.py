@@ -17,13 +17,13 @@ import torch
 
 from ..data.stores import EmbeddingStore
 from ..ot.validation import as_matrix, check_count
-from .retrieval import normalise
+from .retrieval import cosine_rows
 
 
 def _unit_rows(name: str, x):
     """float64 unit rows: a numpy array on CPU (POT's numpy backend is the faster one there), a
     torch tensor on an accelerator (POT then runs there with its torch backend)."""
-    unit = normalise(name, as_matrix(name, x).double())
+    unit = cosine_rows(name, as_matrix(name, x).double())
     return unit.cpu().numpy() if unit.device.type == "cpu" else unit
 
 

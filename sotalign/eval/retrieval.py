@@ -6,18 +6,18 @@ import numbers
 
 import torch
 
-from ..ot.validation import as_matrix, compute_dtype
+from ..ot.validation import as_matrix, compute_dtype, unit_rows
 
 
-def normalise(name: str, x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm; a zero row has no direction and is an error."""
-    norms = x.norm(dim=1, keepdim=True)
-    if bool((norms == 0).any()):
+def cosine_rows(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The unit rows of ``x`` (:func:`~sotalign.ot.validation.unit_rows`); an all-zero row has
+    no direction, so it is an error here rather than a zero row."""
+    zero = ~(x != 0).any(dim=1)
+    if bool(zero.any()):
         raise ValueError(
-            f"{name} has an all-zero row ({int(torch.nonzero(norms[:, 0] == 0)[0, 0])}); "
-            "cosine similarity is undefined"
+            f"{name} has an all-zero row ({int(torch.nonzero(zero)[0, 0])}); cosine similarity is undefined"
         )
-    return x / norms
+    return unit_rows(x)
 
 
 def check_ks(ks) -> tuple[int, ...]:
@@ -87,8 +87,8 @@ def retrieval_metrics(image_emb, text_emb, ks=(1, 5, 10), *, chunk_size: int = 4
     ks = check_ks(ks)
     chunk_size = check_chunk(chunk_size)
     dtype = compute_dtype(images, texts)
-    images = normalise("image_emb", images.to(dtype))
-    texts = normalise("text_emb", texts.to(dtype))
+    images = cosine_rows("image_emb", images.to(dtype))
+    texts = cosine_rows("text_emb", texts.to(dtype))
     out: dict[str, float] = {}
     top1 = []
     for name, queries, keys in (("i2t", images, texts), ("t2i", texts, images)):

@@ -7,7 +7,7 @@ import numbers
 import torch
 
 from ..ot.validation import as_matrix
-from .retrieval import check_chunk, normalise
+from .retrieval import check_chunk, cosine_rows
 
 
 def _same_rows(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -17,7 +17,7 @@ def _same_rows(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _knn(x: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
     """Indices of each row's k nearest rows by cosine similarity, excluding the row itself."""
-    x = normalise("features", x)
+    x = cosine_rows("features", x)
     out = []
     for start in range(0, len(x), chunk_size):
         scores = x[start : start + chunk_size] @ x.T

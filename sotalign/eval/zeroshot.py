@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..ot.validation import as_matrix, compute_dtype
-from .retrieval import check_chunk, check_ks, normalise, pessimistic_ranks
+from .retrieval import check_chunk, check_ks, cosine_rows, pessimistic_ranks
 
 
 def _device_of(module) -> torch.device | None:
@@ -58,8 +58,8 @@ def zero_shot_weights(
         with torch.no_grad():
             features = embed_texts(features if device is None else features.to(device))
         features = as_matrix("embed_texts output", features)
-    per_prompt = normalise("embedded prompts", features).reshape(len(names), len(templates), -1)
-    return normalise("class weights (mean over templates)", per_prompt.mean(dim=1))
+    per_prompt = cosine_rows("embedded prompts", features).reshape(len(names), len(templates), -1)
+    return cosine_rows("class weights (mean over templates)", per_prompt.mean(dim=1))
 
 
 def zero_shot_accuracy(
@@ -91,8 +91,8 @@ def zero_shot_accuracy(
     ks = check_ks(ks)
     chunk_size = check_chunk(chunk_size)
     dtype = compute_dtype(images, weights)
-    images = normalise("image_emb", images.to(dtype))
-    weights = normalise("class_weights", weights.to(dtype).to(images.device))
+    images = cosine_rows("image_emb", images.to(dtype))
+    weights = cosine_rows("class_weights", weights.to(dtype).to(images.device))
     labels = labels.long().to(images.device)
     ranks = torch.cat(
         [

@@ -15,8 +15,9 @@ A backend provides four streaming primitives over such a K:
 * ``lse_rows(K, bias, ε)[i] = LSE_j [(K_ij + bias_j) / ε]``      (the f half-step)
 * ``lse_cols(K, bias, ε)[j] = LSE_i [(K_ij + bias_i) / ε]``      (the g half-step)
 
-  and the half-steps themselves, ``row_update`` (f = ε log a − ε LSE_j[(K + g)/ε]) and
+  and the half-steps themselves, ``row_update`` (f = τ ε (log a − LSE_j[(K + g)/ε])) and
   ``column_update``, which default to these and which a backend may fuse into one pass.
+  τ (``scale``) is 1 for an exact marginal and ρ/(ρ + ε) for a KL-relaxed one (unbalanced OT).
 * ``klot_value(K, f, g, ε, K*, f*, g*, ε*) = Σ_ij P*_ij (log P*_ij − log P_ij)``
   accumulated in float64 (the terms cancel heavily at small ε).
 * ``klot_grad_features(K=xyᵀ, f, g, ε, K*, f*, g*, ε*) = (G y, Gᵀ x)`` with
@@ -35,6 +36,16 @@ Three plan products apply P without storing it (attention's ``P·V``):
 :class:`Backend` implements them generically over blocks of rows ``K.rows(start, stop)``
 (O(block) memory); backends with fused kernels override them.
 
+**Batches.** Every primitive but the KLOT ones also takes a batch of B independent problems:
+features x (B, n, d) and y (B, m, d), or a stored K (B, n, m); biases, potentials and log
+weights then carry the batch dimension first ((B, n) or (B, m)), as do the outputs ((B, n),
+(B, m), (B, n, k) for plan products, (B,) for ``plan_inner``). ``K.batch`` is B, or None for
+a single problem (2-D tensors, no batch dimension anywhere).
+
+**Zero weights.** A bias or a log weight may be −inf (a row or column of weight zero, e.g.
+padding a small problem in a batch). Such entries contribute exp(−inf) = 0: an LSE over only
+−inf terms is −inf (never NaN), and a potential of −inf gives its row or column zero plan mass.
+
 Inputs are float32 or float64 and contiguous; outputs have the input dtype.
 """
 
@@ -51,7 +62,8 @@ BLOCK_BYTES = 32 * 2**20
 
 @dataclass(frozen=True)
 class Affinity:
-    """An n×m affinity matrix, stored (``dense``) or given by features (``x @ y.T``).
+    """An n×m affinity matrix, stored (``dense``) or given by features (``x @ y.T``), or a
+    batch of B of them (a leading batch dimension on every tensor).
 
     Exactly one form is set, the other fields are None. They are typed as tensors: every
     primitive reads the form it was given (``is_dense``), which a type checker cannot follow.
@@ -75,9 +87,16 @@ class Affinity:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(n, m): the shape of one problem's K."""
         if self.dense is not None:
-            return (self.dense.shape[0], self.dense.shape[1])
-        return (self.x.shape[0], self.y.shape[0])
+            return (self.dense.shape[-2], self.dense.shape[-1])
+        return (self.x.shape[-2], self.y.shape[-2])
+
+    @property
+    def batch(self) -> int | None:
+        """The number of problems B, or None for one problem given without a batch dimension."""
+        t = self.dense if self.dense is not None else self.x
+        return t.shape[0] if t.dim() == 3 else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,13 +110,13 @@ class Affinity:
         """The dense form: K = x yᵀ computed once by the BLAS matmul, in full fp32."""
         if self.dense is not None:
             return self
-        return Affinity.from_dense(fp32_matmul(self.x, self.y.T))
+        return Affinity.from_dense(fp32_matmul(self.x, self.y.mT))
 
     def rows(self, start: int, stop: int) -> Tensor:
-        """The dense block K[start:stop, :] (for chunked backends)."""
+        """The dense block K[..., start:stop, :] (for chunked backends)."""
         if self.dense is not None:
-            return self.dense[start:stop]
-        return self.x[start:stop] @ self.y.T
+            return self.dense[..., start:stop, :]
+        return self.x[..., start:stop, :] @ self.y.mT
 
 
 def fp32_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -127,13 +146,14 @@ class Backend:
     def lse_cols(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         raise NotImplementedError
 
-    def row_update(self, K: Affinity, g: Tensor, eps: float, log_a: Tensor) -> Tensor:
-        """The Sinkhorn row half-step f = ε log a − ε LSE_j[(K + g)/ε] (backends may fuse it)."""
-        return eps * (log_a - self.lse_rows(K, g, eps))
+    def row_update(self, K: Affinity, g: Tensor, eps: float, log_a: Tensor, scale: float = 1.0) -> Tensor:
+        """The Sinkhorn row half-step f = τ ε (log a − LSE_j[(K + g)/ε]), τ = ``scale``
+        (backends may fuse it)."""
+        return (scale * eps) * (log_a - self.lse_rows(K, g, eps))
 
-    def column_update(self, K: Affinity, f: Tensor, eps: float, log_b: Tensor) -> Tensor:
-        """The column half-step g = ε log b − ε LSE_i[(K + f)/ε]."""
-        return eps * (log_b - self.lse_cols(K, f, eps))
+    def column_update(self, K: Affinity, f: Tensor, eps: float, log_b: Tensor, scale: float = 1.0) -> Tensor:
+        """The column half-step g = τ ε (log b − LSE_i[(K + f)/ε])."""
+        return (scale * eps) * (log_b - self.lse_cols(K, f, eps))
 
     def klot_value(
         self,
@@ -179,33 +199,34 @@ class Backend:
     def plan_matmul(self, K: Affinity, f: Tensor, g: Tensor, eps: float, V: Tensor) -> Tensor:
         """P V with P_ij = exp((f_i + g_j + K_ij)/ε), one block of rows of P at a time."""
         check_plan_factor("V", V, K.shape[1], K)
-        out = torch.empty(K.shape[0], V.shape[1], dtype=K.dtype, device=K.device)
+        out = V.new_empty((*V.shape[:-2], K.shape[0], V.shape[-1]))
         for start, stop in row_blocks(K):
-            out[start:stop] = plan_block(K, f, g, eps, start, stop) @ V
+            out[..., start:stop, :] = plan_block(K, f, g, eps, start, stop) @ V
         return out
 
     def plan_t_matmul(self, K: Affinity, f: Tensor, g: Tensor, eps: float, U: Tensor) -> Tensor:
         """Pᵀ U, accumulated over blocks of rows of P."""
         check_plan_factor("U", U, K.shape[0], K)
-        out = torch.zeros(K.shape[1], U.shape[1], dtype=K.dtype, device=K.device)
+        out = U.new_zeros((*U.shape[:-2], K.shape[1], U.shape[-1]))
         for start, stop in row_blocks(K):
-            out.addmm_(plan_block(K, f, g, eps, start, stop).T, U[start:stop])
+            out += plan_block(K, f, g, eps, start, stop).mT @ U[..., start:stop, :]
         return out
 
     def plan_inner(self, K: Affinity, f: Tensor, g: Tensor, eps: float, K2: Affinity) -> Tensor:
         """Σ_ij P_ij K2_ij, each block summed in float64; returned in K's dtype."""
         check_plan_affinity(K, K2)
-        total = torch.zeros((), dtype=torch.float64, device=K.device)
+        total = torch.zeros(() if K.batch is None else (K.batch,), dtype=torch.float64, device=K.device)
         for start, stop in row_blocks(K):
             block = plan_block(K, f, g, eps, start, stop).mul_(K2.rows(start, stop))
-            total += block.sum(dtype=torch.float64)
+            total += block.sum(dim=(-2, -1), dtype=torch.float64)
         return total.to(K.dtype)
 
 
 def block_rows(K: Affinity) -> int:
-    """Rows per block: as many as fit in ``BLOCK_BYTES`` (at least one, at most n)."""
+    """Rows per block: as many as fit in ``BLOCK_BYTES`` for all the problems of a batch
+    (at least one, at most n)."""
     n, m = K.shape
-    return min(n, max(1, BLOCK_BYTES // (m * K.dtype.itemsize)))
+    return min(n, max(1, BLOCK_BYTES // ((K.batch or 1) * m * K.dtype.itemsize)))
 
 
 def row_blocks(K: Affinity):
@@ -216,19 +237,22 @@ def row_blocks(K: Affinity):
 
 
 def plan_block(K: Affinity, f: Tensor, g: Tensor, eps: float, start: int, stop: int) -> Tensor:
-    """P[start:stop] = exp((f_i + g_j + K_ij)/ε) for those rows (a new block: a stored K's
-    rows are views, so the first step must not be in place)."""
-    block = (K.rows(start, stop) + f[start:stop, None]).add_(g[None, :])
+    """P[..., start:stop, :] = exp((f_i + g_j + K_ij)/ε) for those rows (a new block: a stored
+    K's rows are views, so the first step must not be in place)."""
+    block = (K.rows(start, stop) + f[..., start:stop, None]).add_(g[..., None, :])
     return block.div_(eps).exp_()
 
 
 def check_plan_factor(name: str, V: Tensor, rows: int, K: Affinity) -> None:
-    """The right-hand factor of a plan product: a (rows × k) tensor like K."""
+    """The right-hand factor of a plan product: a (rows × k) tensor like K ((B, rows, k) for a
+    batch of B problems)."""
     if not isinstance(V, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(V).__name__}")
-    if V.dim() != 2 or V.shape[0] != rows:
+    expected = (rows,) if K.batch is None else (K.batch, rows)
+    if V.dim() != len(expected) + 1 or tuple(V.shape[:-1]) != expected:
         raise ValueError(
-            f"{name} must have shape ({rows}, k) for an affinity of shape {K.shape}, got {tuple(V.shape)}"
+            f"{name} must have shape ({', '.join(map(str, expected))}, k) for an affinity of "
+            f"shape {K.shape}{'' if K.batch is None else f' in a batch of {K.batch}'}, got {tuple(V.shape)}"
         )
     if V.dtype != K.dtype or V.device != K.device:
         raise ValueError(
@@ -241,7 +265,7 @@ def check_plan_affinity(K: Affinity, K2: Affinity) -> None:
     """The second affinity of ``plan_inner``: same shape, dtype and device as K."""
     if not isinstance(K2, Affinity):
         raise TypeError(f"K2 must be an Affinity, got {type(K2).__name__}")
-    if K2.shape != K.shape or K2.dtype != K.dtype or K2.device != K.device:
+    if K2.shape != K.shape or K2.batch != K.batch or K2.dtype != K.dtype or K2.device != K.device:
         raise ValueError(
             f"K2 must match K (shape {K.shape}, {K.dtype} on {K.device}), got shape "
             f"{K2.shape}, {K2.dtype} on {K2.device}"

@@ -1,21 +1,27 @@
-r"""Entropic optimal transport between the rows and columns of an affinity K, in the log domain.
+r"""Entropic optimal transport in the log domain: the one Sinkhorn loop, and ``sinkhorn``.
 
-With cost −K, marginals a (n) and b (m) of equal mass, and ε > 0,
+For a cost C (:mod:`sotalign.ot.problem`: squared Euclidean, cosine or dot), weights a, b and
+ε > 0, ``sinkhorn`` solves
 
-    P = argmin_{P ∈ Π(a, b)}  −⟨P, K⟩ + ε ⟨P, log P⟩,      log P_ij = (f_i + g_j + K_ij) / ε.
+    OT_ε(a, b) = min_P ⟨P, C⟩ + ε KL(P ‖ a⊗b) + ρ_a KL(P1 ‖ a) + ρ_b KL(Pᵀ1 ‖ b)
 
-Sinkhorn alternates the two half-steps, each making one marginal exact:
+(ρ = ``reg_m``; None: both marginals exact). Sinkhorn alternates the two half-steps, each
+making one marginal exact (or, relaxed, its τ-scaled version, τ = ρ/(ρ + ε)):
 
-    f_i = ε log a_i − ε LSE_j [(K_ij + g_j) / ε],      g_j = ε log b_j − ε LSE_i [(K_ij + f_i) / ε].
+    f_i = τ_a ε (log a_i − LSE_j [(K_ij + g_j) / ε]),      g_j = τ_b ε (log b_j − LSE_i [(K_ij + f_i) / ε]),
 
-Defaults follow the SOTAlign paper and its authors' code: uniform marginals of mass one,
-100 iterations from g = 0, then one *symmetric* step that averages the potentials with one
-more update of each, so both marginals are approximately (not exactly) satisfied.
+log P_ij = (f_i + g_j + K_ij) / ε, K the affinity the kernels read. Defaults follow the SOTAlign
+paper and its authors' code: 100 iterations from g = 0, then one *symmetric* step that averages
+the potentials with one more update of each, so both marginals are approximately (not
+exactly) satisfied.
+
+:func:`solve` is the only loop: ``sinkhorn``, ``klot``, ``sinkhorn_divergence`` and the
+distributed solver all run it, on any :class:`~sotalign.ot.problem.Problem` (any operator
+with ``lse_rows``/``lse_cols``), eagerly or replayed from CUDA graphs.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -23,95 +29,91 @@ import torch
 from torch import Tensor
 
 from ..kernels import Affinity, Backend, load_backend
-from . import validation as check
+from . import problem as ot_problem
+from . import validation
 from .dispatch import Route, choose_route
-from .options import SolverOptions
+from .options import DEFAULT_EPS, SolverOptions
+from .problem import Marginal, Problem
 
 
 @dataclass(frozen=True)
 class SinkhornResult:
-    """Potentials of an entropic OT plan: ``log P_ij = (f_i + g_j + K_ij) / eps``."""
+    """An entropic OT plan, by its potentials: ``log P_ij = (f_i + g_j + K_ij) / eps`` with K the
+    affinity −C + c₀ of the cost (cos for "cosine", x·y for "dot", −‖x_i − y_j‖² for
+    "sqeuclidean"). A batch of B problems has a leading batch dimension on f, g and value."""
 
     f: Tensor
     g: Tensor
     eps: float
     n_iters: int
-    #: max(‖P1 − a‖₁, ‖Pᵀ1 − b‖₁) of the returned potentials.
+    #: max(‖P1 − a‖₁, ‖Pᵀ1 − b‖₁) of the returned potentials (worst problem of a batch); for a
+    #: relaxed marginal, the distance to the marginal its update makes exact.
     marginal_error: float
-    backend: str
-    path: str
+    #: OT_ε(a, b) read off the potentials (per problem): the primal objective at the optimum.
+    value: Tensor
+    route: Route
+    #: The affinity the kernels read and their potentials (f − u, g − v: :mod:`sotalign.ot.problem`).
     affinity: Affinity
-    #: Dot-product precision of the backend (``apply`` and ``apply_t`` reuse it).
-    precision: str = "fp32"
-    #: The route taken (backend, path, precision) and the one-line reason for it.
-    route: Route | None = None
+    kernel_f: Tensor
+    kernel_g: Tensor
+
+    @property
+    def backend(self) -> str:
+        return self.route.name
+
+    @property
+    def path(self) -> str:
+        return self.route.path
+
+    @property
+    def precision(self) -> str:
+        """Dot-product precision of the backend (``apply`` and ``apply_t`` reuse it)."""
+        return self.route.precision
 
     def plan(self) -> Tensor:
-        """The dense n×m plan P (allocates n×m; meant for small problems and tests)."""
+        """The dense n×m plan P ((B, n, m) for a batch; allocates it: small problems, tests)."""
         K = self.affinity.materialize().dense
-        return ((self.f[:, None] + self.g[None, :] + K) / self.eps).exp()
+        return ((self.kernel_f[..., :, None] + self.kernel_g[..., None, :] + K) / self.eps).exp()
 
     def apply(self, V: Tensor) -> Tensor:
-        """P V for an (m, k) tensor V, streamed by the backend's ``plan_matmul``: no n×m
-        buffer on an online backend, whatever path the solve took."""
-        self._check_operand("V", V, self.g.shape[0])
+        """P V for an (m, k) tensor V ((B, m, k) for a batch), streamed by the backend's
+        ``plan_matmul``: no n×m buffer on an online backend, whatever path the solve took."""
+        self._check_operand("V", V, self.kernel_g)
         with torch.no_grad():
-            return self._kernel().plan_matmul(self.affinity, self.f, self.g, self.eps, V)
+            return self._kernel().plan_matmul(self.affinity, self.kernel_f, self.kernel_g, self.eps, V)
 
     def apply_t(self, U: Tensor) -> Tensor:
-        """Pᵀ U for an (n, k) tensor U, streamed by the backend's ``plan_t_matmul``."""
-        self._check_operand("U", U, self.f.shape[0])
+        """Pᵀ U for an (n, k) tensor U ((B, n, k) for a batch), streamed by ``plan_t_matmul``."""
+        self._check_operand("U", U, self.kernel_f)
         with torch.no_grad():
-            return self._kernel().plan_t_matmul(self.affinity, self.f, self.g, self.eps, U)
+            return self._kernel().plan_t_matmul(self.affinity, self.kernel_f, self.kernel_g, self.eps, U)
 
-    def _check_operand(self, name: str, t: Tensor, rows: int) -> None:
-        check.check_matrix(name, t)
-        if t.shape[0] != rows:
-            raise ValueError(f"{name} must have shape ({rows}, k), got {tuple(t.shape)}")
-        check.check_same_device(**{name: t, "the plan": self.f})
-        check.check_finite(**{name: t})
+    def _check_operand(self, name: str, t: Tensor, potential: Tensor) -> None:
+        validation.check_features(name, t, batched=potential.dim() == 2)
+        if t.shape[:-1] != potential.shape:
+            expected = ", ".join(map(str, potential.shape))
+            raise ValueError(f"{name} must have shape ({expected}, k), got {tuple(t.shape)}")
+        validation.check_same_device(**{name: t, "the plan": potential})
+        validation.check_finite(**{name: t})
 
     def _kernel(self) -> Backend:
         return load_backend(self.backend, self.precision)
 
 
-def row_update(backend: Backend, K: Affinity, g: Tensor, eps: float, log_a: Tensor) -> Tensor:
-    """f = ε log a − ε LSE_j[(K + g)/ε]: makes the row marginal exact."""
-    return backend.row_update(K, g, eps, log_a)
+# ---------------------------------------------------------------------------------- the loop
 
 
-def column_update(backend: Backend, K: Affinity, f: Tensor, eps: float, log_b: Tensor) -> Tensor:
-    """g = ε log b − ε LSE_i[(K + f)/ε]: makes the column marginal exact."""
-    return backend.column_update(K, f, eps, log_b)
+@dataclass
+class LoopState:
+    """Where the loop stands: the potentials, and the iterations done. ``f`` is None before
+    the first row update; ``f_next`` is the row update from ``g`` when the loop stopped on
+    the tolerance (the symmetric step reuses it); ``row_error`` is the last one measured."""
 
-
-def row_error(f: Tensor, f_next: Tensor, eps: float, log_a: Tensor) -> Tensor:
-    """‖P1 − a‖₁ of the plan (f, g, ε), on device, read off the next row update f_next from g:
-    the row sums of P are ``a_i · exp((f_i − f_next_i)/ε)``."""
-    a = log_a.exp()
-    return (a * torch.exp((f - f_next) / eps) - a).abs().sum()
-
-
-def affinity_spread(K: Affinity) -> float:
-    """An upper bound on max K − min K, the ε at which the plan is near the product of the
-    marginals: from the stored K, or 2·max‖x_i‖·max‖y_j‖ for K = x yᵀ (Cauchy–Schwarz; 2
-    for cosine), in O((n+m)·d)."""
-    if K.is_dense:
-        return float(K.dense.max() - K.dense.min())
-    return 2.0 * float(K.x.norm(dim=1).max() * K.y.norm(dim=1).max())
-
-
-def affinity_bound(K: Affinity) -> float:
-    """An upper bound on max |K_ij|, computed in float64 so that it cannot overflow itself:
-    from the stored K, or max‖x_i‖·max‖y_j‖ for K = x yᵀ (Cauchy–Schwarz)."""
-    if K.is_dense:
-        return float(K.dense.abs().max())
-    return float(K.x.double().norm(dim=1).max()) * float(K.y.double().norm(dim=1).max())
-
-
-def check_scale(K: Affinity, eps: float, name: str) -> None:
-    """Refuse an affinity whose K/ε would overflow its dtype (see :func:`check_affinity_scale`)."""
-    check.check_affinity_scale(name, affinity_bound(K), eps, K.dtype)
+    f: Tensor | None
+    g: Tensor
+    done: int = 0
+    f_next: Tensor | None = None
+    row_error: Tensor | None = None
 
 
 def eps_schedule(eps: float, n_iters: int, eps_scaling: float | None, eps_start: float | None) -> list[float]:
@@ -126,86 +128,135 @@ def eps_schedule(eps: float, n_iters: int, eps_scaling: float | None, eps_start:
     return levels + [eps] * (n_iters - len(levels))
 
 
+def use_cuda_graph(options: SolverOptions, device: torch.device) -> bool:
+    """``cuda_graph=None`` (the default) means: on CUDA, when at least two chunks of
+    ``check_every`` iterations can be replayed (launch overhead dominates the small solves of
+    training; a capture costs about one chunk)."""
+    if options.cuda_graph is not None:
+        return options.cuda_graph
+    return device.type == "cuda" and options.n_iters >= 2 * options.check_every
+
+
 def solve(
-    backend: Backend,
-    K: Affinity,
+    problem: Problem,
     eps: float,
-    n_iters: int,
-    log_a: Tensor,
-    log_b: Tensor,
+    options: SolverOptions,
     *,
-    tol: float | None = None,
-    check_every: int = 10,
-    symmetric: bool = True,
     g_init: Tensor | None = None,
-    eps_scaling: float | None = None,
     eps_start: float | None = None,
-    cuda_graph: bool = False,
-) -> tuple[Tensor, Tensor, int]:
-    """Run the Sinkhorn loop; returns ``(f, g, iterations done)``.
+    spread: float | None = None,
+) -> LoopState:
+    """Run the Sinkhorn loop on ``problem``; returns the final :class:`LoopState`.
 
-    With ``tol``, every ``check_every`` iterations the row-marginal error of the current
-    (f, g) is read off the next row update for free (:func:`row_error`; columns are exact
-    after each column update), computed on the device, and the host synchronises on it only
-    there; the loop stops once it is below tol.
+    With ``options.tol``, every ``check_every`` iterations the row-marginal error of the
+    current (f, g) is read off the next row update for free (:meth:`Problem.row_error`;
+    columns are exact after each column update), computed on the device; the host
+    synchronises only there, and the loop stops once every problem is below tol.
 
-    ε-scaling (``eps_scaling`` = a factor in (0, 1)) anneals: iteration k runs at
-    ε_k = max(ε, ε₀·factor^k), from ``eps_start`` = ε₀ (by default the spread of K, where the
-    plan is close to a·bᵀ and one update nearly solves it) down to the target ε, then stays at
-    ε. The potentials carry across levels (they are in the units of K, so a solution at ε_k
-    is a warm start at ε_{k+1}); every iteration counts in ``n_iters``, and the tolerance
-    is checked only at the target ε.
+    ε-scaling (``eps_scaling`` in (0, 1)) anneals: iteration k runs at ε_k = max(ε, ε₀·factor^k),
+    from ``eps_start`` = ε₀ (by default ``spread``, an upper bound on max K − min K, where the
+    plan is close to a·bᵀ) down to ε, then stays there. The potentials carry across levels;
+    every iteration counts in ``n_iters``; the tolerance is checked only at the target ε.
 
-    ``cuda_graph`` captures ``check_every`` iterations at the target ε once into a CUDA graph
-    (static buffers for f and g) and replays it; the result is the same as the eager loop.
+    With CUDA graphs (:func:`use_cuda_graph`) the iterations at the target ε run in chunks of
+    ``check_every`` replayed from one captured graph, with the same result as the eager loop.
 
     The symmetric step of the paper averages (f, g) with (f', g') where f' is the row update
     from g and g' the column update from f. Since g was itself just computed from f, g' = g,
     so only f moves: f ← (f + f') / 2.
     """
-    g = torch.zeros_like(log_b) if g_init is None else g_init
-    if eps_scaling is not None and eps_start is None:
-        eps_start = affinity_spread(K)
-    schedule = eps_schedule(eps, n_iters, eps_scaling, eps_start)
-    if cuda_graph:
-        # the annealing levels run eagerly (ε changes each time), then graphs at the target ε
-        annealed = next((k for k, level in enumerate(schedule) if level == eps), n_iters)
-        f, g, _, done = _eager_loop(
-            backend, K, schedule[:annealed], log_a, log_b, None, check_every, None, g, 0, eps
-        )
-        f, g, f_next, done = _graphed_loop(
-            backend, K, eps, n_iters, log_a, log_b, tol, check_every, f, g, done
-        )
+    state = LoopState(f=None, g=torch.zeros_like(problem.cols.weights) if g_init is None else g_init)
+    if options.eps_scaling is not None and eps_start is None:
+        eps_start = spread
+    schedule = eps_schedule(eps, options.n_iters, options.eps_scaling, eps_start)
+    annealed = next((k for k, level in enumerate(schedule) if level == eps), options.n_iters)
+    for level in schedule[:annealed]:
+        _iterate(problem, state, level)
+    if use_cuda_graph(options, state.g.device):
+        _run_graphed(problem, state, eps, options)
     else:
-        f, g, f_next, done = _eager_loop(
-            backend, K, schedule, log_a, log_b, tol, check_every, None, g, 0, eps
-        )
-    if symmetric:
-        if f_next is None:
-            f_next = row_update(backend, K, g, eps, log_a)
-        f = 0.5 * (f + f_next)
-    return f, g, done
+        _run(problem, state, eps, options, options.n_iters)
+    if state.f_next is None:
+        state.f_next = problem.row_update(state.g, eps)
+    state.row_error = problem.row_error(state.f, state.f_next, eps)
+    if options.symmetric:
+        state.f = 0.5 * (state.f + state.f_next)
+    return state
 
 
-def _eager_loop(backend, K, schedule, log_a, log_b, tol, check_every, f, g, start, eps):
-    """Iterations ``start … len(schedule)−1``; returns (f, g, pending row update, done).
+def _iterate(problem: Problem, state: LoopState, eps: float, f_next: Tensor | None = None) -> None:
+    """One iteration: the row update (unless given), then the column update."""
+    state.f = problem.row_update(state.g, eps) if f_next is None else f_next
+    state.g = problem.column_update(state.f, eps)
+    state.done += 1
 
-    ``f_next`` is returned when the loop stopped on the tolerance: the row update from the
-    final g, which the symmetric step reuses."""
-    for it in range(start, len(schedule)):
-        level = schedule[it]
-        f_next = row_update(backend, K, g, level, log_a)
-        if (
-            tol is not None
-            and f is not None
-            and it % check_every == 0
-            and level == eps
-            and float(row_error(f, f_next, eps, log_a)) < tol
-        ):
-            return f, g, f_next, it
-        f = f_next
-        g = column_update(backend, K, f, level, log_b)
-    return f, g, None, len(schedule)
+
+def _run(problem: Problem, state: LoopState, eps: float, options: SolverOptions, until: int) -> None:
+    """Eager iterations at the target ε until ``until`` are done or the tolerance is met."""
+    while state.done < until:
+        f_next = problem.row_update(state.g, eps)
+        if _check_due(state, options):
+            state.row_error = problem.row_error(state.f, f_next, eps)
+            if float(state.row_error.max()) < options.tol:
+                state.f_next = f_next
+                return
+        _iterate(problem, state, eps, f_next)
+
+
+def _check_due(state: LoopState, options: SolverOptions) -> bool:
+    return options.tol is not None and state.f is not None and state.done % options.check_every == 0
+
+
+def _run_graphed(problem: Problem, state: LoopState, eps: float, options: SolverOptions) -> None:
+    """The loop at the target ε in chunks of ``check_every`` iterations replayed from one CUDA
+    graph. Chunks start where the eager loop checks the tolerance (multiples of
+    ``check_every``; iterations before the first run eagerly): the check runs inside the
+    graph, is read once per chunk, and when it passes, the state the chunk started from is
+    restored. Iterations left over (fewer than a chunk) run eagerly too."""
+    every, n_iters = options.check_every, options.n_iters
+    _run(problem, state, eps, options, min(n_iters, -(-state.done // every) * every))
+    chunks = (n_iters - state.done) // every
+    if state.f_next is not None or chunks == 0:
+        if state.f_next is None:
+            _run(problem, state, eps, options, n_iters)
+        return
+    # Static buffers: the graph reads them and writes them back, and keeps for the check
+    # the state a chunk started from, the row update from it, and that state's row error.
+    static = LoopState(
+        f=torch.zeros_like(problem.rows.weights) if state.f is None else state.f.clone(), g=state.g.clone()
+    )
+    start = LoopState(f=torch.empty_like(static.f), g=torch.empty_like(static.g))
+    first_update = torch.empty_like(static.f)
+    error = torch.zeros_like(problem.row_error(static.f, static.f, eps))
+    checking = options.tol is not None
+
+    def chunk() -> None:
+        f_next = problem.row_update(static.g, eps)
+        if checking:
+            error.copy_(problem.row_error(static.f, f_next, eps))
+            start.f.copy_(static.f)
+            start.g.copy_(static.g)
+            first_update.copy_(f_next)
+        running = LoopState(f=static.f, g=static.g)
+        _iterate(problem, running, eps, f_next)
+        for _ in range(every - 1):
+            _iterate(problem, running, eps)
+        static.f.copy_(running.f)
+        static.g.copy_(running.g)
+
+    graph = None
+    for _ in range(chunks):
+        if graph is None:
+            graph = _capture(chunk)
+        else:
+            graph.replay()
+        # no check before the very first iteration: there is no f yet
+        if checking and state.done > 0 and float(error.max()) < options.tol:
+            state.f, state.g, state.f_next, state.row_error = start.f, start.g, first_update, error
+            return
+        state.done += every
+    state.f, state.g = static.f, static.g
+    _run(problem, state, eps, options, n_iters)
 
 
 class _Graph:
@@ -227,116 +278,48 @@ class _Graph:
         self.graph.replay()
 
 
-def _graphed_loop(backend, K, eps, n_iters, log_a, log_b, tol, check_every, f, g, start):
-    """The eager loop at the target ε, in chunks of ``check_every`` iterations replayed from
-    one CUDA graph. Each chunk starts at a multiple of ``check_every`` (iterations up to the
-    first one run eagerly), where the eager loop checks the tolerance: the check is computed
-    inside the graph and read once per chunk, and when it passes, the state the chunk started
-    from is returned. Iterations left over (fewer than a chunk) run eagerly too."""
-    schedule = [eps] * n_iters
-    aligned = min(n_iters, -(-start // check_every) * check_every)
-    f, g, f_next, it = _eager_loop(
-        backend, K, schedule[:aligned], log_a, log_b, tol, check_every, f, g, start, eps
-    )
-    chunks = (n_iters - it) // check_every
-    if f_next is not None or chunks == 0:
-        if f_next is not None:
-            return f, g, f_next, it
-        return _eager_loop(backend, K, schedule, log_a, log_b, tol, check_every, f, g, it, eps)
-    # Static buffers: the graph reads f, g and writes the next f, g, plus, for the check,
-    # the state it started from, the row update from it, and that state's row error.
-    f_buf = torch.zeros_like(log_a) if f is None else f.clone()
-    g_buf = g.clone()
-    f_prev, g_prev, f_first = torch.empty_like(f_buf), torch.empty_like(g_buf), torch.empty_like(f_buf)
-    error = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
-
-    def chunk():
-        f_new = row_update(backend, K, g_buf, eps, log_a)
-        if tol is not None:
-            error.copy_(row_error(f_buf, f_new, eps, log_a))
-            f_prev.copy_(f_buf)
-            g_prev.copy_(g_buf)
-            f_first.copy_(f_new)
-        g_new = column_update(backend, K, f_new, eps, log_b)
-        for _ in range(check_every - 1):
-            f_new = row_update(backend, K, g_new, eps, log_a)
-            g_new = column_update(backend, K, f_new, eps, log_b)
-        f_buf.copy_(f_new)
-        g_buf.copy_(g_new)
-
-    graph = None
-    for _ in range(chunks):
-        if graph is None:
-            graph = _capture(chunk)
-        else:
-            graph.replay()
-        # no check before the very first iteration: there is no f yet
-        if tol is not None and it > 0 and float(error) < tol:
-            return f_prev, g_prev, f_first, it
-        it += check_every
-    return _eager_loop(backend, K, schedule, log_a, log_b, tol, check_every, f_buf, g_buf, it, eps)
-
-
 def _capture(body) -> _Graph:
     return _Graph(body)
 
 
-def marginal_error(
-    backend: Backend, K: Affinity, f: Tensor, g: Tensor, eps: float, log_a: Tensor, log_b: Tensor
-) -> float:
-    """max(‖P1 − a‖₁, ‖Pᵀ1 − b‖₁), from one row and one column LSE pass."""
-    rows = torch.exp(f / eps + backend.lse_rows(K, g, eps))
-    cols = torch.exp(g / eps + backend.lse_cols(K, f, eps))
-    return max(float((rows - log_a.exp()).abs().sum()), float((cols - log_b.exp()).abs().sum()))
+# ------------------------------------------------------------------------- scale and checks
 
 
-def uniform_log_weights(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.full((size,), -math.log(size), dtype=dtype, device=device)
+def affinity_spread(K: Affinity) -> float:
+    """An upper bound on max K − min K, the ε at which the plan is near the product of the
+    marginals: from the stored K, or 2·max‖x_i‖·max‖y_j‖ for K = x yᵀ (Cauchy–Schwarz; 2
+    for cosine), in O((n+m)·d)."""
+    if K.is_dense:
+        return float(K.dense.max() - K.dense.min())
+    return 2.0 * float(K.x.norm(dim=-1).max() * K.y.norm(dim=-1).max())
 
 
-def _log_weights(a, b, n, m, dtype, device) -> tuple[Tensor, Tensor]:
-    log_a = (
-        uniform_log_weights(n, dtype, device)
-        if a is None
-        else check.check_weights("a", a, n, dtype, device).log()
-    )
-    log_b = (
-        uniform_log_weights(m, dtype, device)
-        if b is None
-        else check.check_weights("b", b, m, dtype, device).log()
-    )
-    mass_a, mass_b = float(log_a.exp().sum()), float(log_b.exp().sum())
-    if abs(mass_a - mass_b) > 1e-6 * max(mass_a, mass_b):
-        raise ValueError(f"a and b must have the same total mass, got {mass_a:.8g} and {mass_b:.8g}")
-    return log_a, log_b
+def affinity_bound(K: Affinity) -> float:
+    """An upper bound on max |K_ij|, computed in float64 so that it cannot overflow itself:
+    from the stored K, or max‖x_i‖·max‖y_j‖ for K = x yᵀ (Cauchy–Schwarz)."""
+    if K.is_dense:
+        return float(K.dense.abs().max())
+    return float(K.x.double().norm(dim=-1).max()) * float(K.y.double().norm(dim=-1).max())
 
 
-def _warm_start(warm_start, m: int, dtype, device) -> tuple[Tensor | None, float | None]:
-    """The g of a previous result or of an (f, g) pair (f is recomputed from it first), and
-    the ε of that result when known (ε-scaling starts no higher than it)."""
-    if warm_start is None:
-        return None, None
-    result = isinstance(warm_start, SinkhornResult)
-    g = warm_start.g if result else warm_start[1]
-    if not isinstance(g, Tensor) or g.shape != (m,):
-        raise ValueError(f"warm_start must be a SinkhornResult or an (f, g) pair with g of shape ({m},)")
-    if not bool(torch.isfinite(g).all()):
-        raise ValueError("warm_start potentials contain NaN or Inf")
-    return g.to(dtype=dtype, device=device), (warm_start.eps if result else None)
+def check_scale(K: Affinity, eps: float, name: str) -> None:
+    """Refuse an affinity whose K/ε would overflow its dtype (see :func:`check_affinity_scale`)."""
+    validation.check_affinity_scale(name, affinity_bound(K), eps, K.dtype)
 
 
 #: Marginal error, as a share of the total mass, above which a returned solve is flagged.
 NOT_CONVERGED = 1e-2
 
 
-def _warn_if_not_converged(
-    error: float, mass: float, eps: float, K: Affinity, options: SolverOptions
-) -> None:
-    """One warning for a plan whose marginals are far from the target, naming the likely cause:
-    an ε that the dtype cannot resolve (potentials carry ~ulp(|K|) of absolute error, and the
-    plan sees it divided by ε), or an iteration budget too small for ε or its schedule."""
-    if error <= NOT_CONVERGED * mass:
-        return
+def convergence_warning(
+    what: str, error: float, mass: float, eps: float, K: Affinity, options: SolverOptions
+) -> str | None:
+    """The warning for a plan whose marginals are far from the target (None when it is fine),
+    naming the likely cause: an ε that the dtype cannot resolve (potentials carry
+    ~ulp(|K|) of absolute error, and the plan sees it divided by ε), or an iteration budget
+    too small for ε or its schedule."""
+    if not error > NOT_CONVERGED * mass:  # NaN is not converged either
+        return None
     resolution = torch.finfo(K.dtype).eps * max(affinity_spread(K), 1.0)
     if eps < 100 * resolution:
         cause = (
@@ -349,24 +332,153 @@ def _warn_if_not_converged(
             f"n_iters = {options.n_iters}{schedule} is too few for eps = {eps:g}: raise n_iters "
             "(with tol to stop early)" + (" or lower eps_scaling" if schedule else "")
         )
-    warnings.warn(
-        f"sinkhorn did not converge: marginal error {error:.3g} of a mass {mass:.3g}; {cause}",
-        RuntimeWarning,
-        stacklevel=3,
+    return f"{what} did not converge: marginal error {error:.3g} of a mass {mass:.3g}; {cause}"
+
+
+# -------------------------------------------------------------------------------- the front
+
+
+def _warm_start(warm_start, shape: tuple[int, ...], dtype, device) -> tuple[Tensor | None, float | None]:
+    """The g of a previous result or of an (f, g) pair (f is recomputed from it first), and
+    the ε of that result when known (ε-scaling starts no higher than it)."""
+    if warm_start is None:
+        return None, None
+    result = isinstance(warm_start, SinkhornResult)
+    g = warm_start.kernel_g if result else warm_start[1]
+    if not isinstance(g, Tensor) or tuple(g.shape) != shape:
+        raise ValueError(
+            f"warm_start must be a SinkhornResult or an (f, g) pair with g of shape {shape}, "
+            f"got {tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}"
+        )
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("warm_start potentials contain NaN or Inf")
+    return g.to(dtype=dtype, device=device), (warm_start.eps if result else None)
+
+
+def _solve_problem(
+    route: Route,
+    K: Affinity,
+    rows: Marginal,
+    cols: Marginal,
+    eps: float,
+    options: SolverOptions,
+    affinity_constant: float = 0.0,
+    warm_start=None,
+    problem_type: type[Problem] = Problem,
+) -> SinkhornResult:
+    """One solve on a chosen route, with its value, its error and its warning."""
+    g_init, warm_eps = _warm_start(warm_start, tuple(cols.weights.shape), K.dtype, K.device)
+    with torch.no_grad():
+        route, (K_read,) = route.prepare(K)
+        problem = problem_type(route.backend, K_read, rows, cols)
+        spread = affinity_spread(K_read) if options.eps_scaling is not None else None
+        eps_start = None if warm_eps is None or spread is None else min(spread, warm_eps)
+        state = solve(problem, eps, options, g_init=g_init, eps_start=eps_start, spread=spread)
+        f, g = state.f, state.g
+        validation.check_finite_result(
+            "sinkhorn", f"eps = {eps:g} in {K.dtype}", f=f[f > -torch.inf], g=g[g > -torch.inf]
+        )
+        errors, plan_mass = problem.marginal_error(f, g, eps)
+        value = problem.dual_value(f, g, eps, plan_mass)
+    error = float(errors.max())
+    message = convergence_warning("sinkhorn", error, float(plan_mass.max()), eps, K, options)
+    if message is not None:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    half = affinity_constant / 2
+    return SinkhornResult(
+        f=f + (rows.offset - half),
+        g=g + (cols.offset - half),
+        eps=eps,
+        n_iters=state.done,
+        marginal_error=error,
+        value=value,
+        route=route,
+        affinity=K,
+        kernel_f=f,
+        kernel_g=g,
     )
 
 
-def _sinkhorn(
-    K: Affinity, feature_dim: int | None, eps, options: SolverOptions, a, b, warm_start
+def sinkhorn(
+    x: Tensor,
+    y: Tensor,
+    eps: float = DEFAULT_EPS,
+    *,
+    cost: str | None = None,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    reg_m=None,
+    warm_start=None,
+    options: SolverOptions | None = None,
+    affinity: str | None = None,
+    **solver_options,
 ) -> SinkhornResult:
-    eps = check.check_positive("eps", eps)
-    check.check_cuda_graph(options.cuda_graph, K.device)
+    """Entropic OT plan between the rows of ``x`` (n×d) and of ``y`` (m×d), or between the
+    rows of each of B pairs of point clouds x (B, n, d), y (B, m, d) in one solve.
+
+    Potentials are not differentiable (:func:`sotalign.sinkhorn_divergence` and
+    :func:`sotalign.klot` are the differentiable losses).
+
+    Args:
+        eps: entropic regularisation ε > 0, in the units of the cost.
+        cost: ``"cosine"`` (default; C = 1 − cos), ``"sqeuclidean"`` (C = ‖x − y‖², POT's
+            convention, no ½) or ``"dot"`` (C = −xᵀy). ``affinity=`` is its deprecated alias.
+        a, b: non-negative weights ((n,), (m,), or (B, n), (B, m) for a batch; default
+            uniform). Balanced problems normalise each to mass one. A weight of zero gives its
+            row or column zero plan mass (and a potential of −inf): zeros pad a batch of
+            problems of unequal sizes.
+        reg_m: None (balanced), ρ, or (ρ_a, ρ_b): the KL penalty on each marginal (POT's
+            name); ``float("inf")`` keeps that marginal exact (semi-relaxed).
+        warm_start: a previous :class:`SinkhornResult` or ``(f, g)`` to start from.
+        options / solver_options: the :class:`~sotalign.ot.options.SolverOptions`, as one object
+            or as keywords (``n_iters``, ``tol``, ``check_every``, ``symmetric``,
+            ``eps_scaling``, ``cuda_graph``, ``backend``, ``path``, ``precision``,
+            ``memory_budget``); each is documented there.
+    """
+    cost = _cost(cost, affinity)
+    options = SolverOptions.resolve(options, **solver_options)
+    validation.check_point_clouds(x=x, y=y)
+    dtype = validation.compute_dtype(x, y)
+    x, y = ot_problem.cost_features(cost, x.detach().to(dtype), y.detach().to(dtype))
+    eps = validation.check_positive("eps", eps)
+    rows, cols = marginals(*ot_problem.offsets(cost, x, y), a, b, reg_m)
+    K = ot_problem.work_affinity(cost, x, y)
+    route = _features_route(K, x.shape[-1], options)
+    check_scale(K, eps, "x, y")
+    validation.check_cuda_graph(options.cuda_graph, K.device)
+    return _solve_problem(route, K, rows, cols, eps, options, ot_problem.AFFINITY_CONSTANT[cost], warm_start)
+
+
+def _cost(cost: str | None, affinity: str | None) -> str:
+    """``cost``, or the deprecated ``affinity`` spelling of it (one release)."""
+    if affinity is not None:
+        if cost is not None:
+            raise TypeError("give cost= only (affinity= is its deprecated alias)")
+        warnings.warn("affinity= is deprecated; use cost= (same values)", DeprecationWarning, stacklevel=3)
+        cost = affinity
+    return ot_problem.check_cost("cosine" if cost is None else cost)
+
+
+def marginals(u: Tensor, v: Tensor, a, b, reg_m) -> tuple[Marginal, Marginal]:
+    """The two :class:`Marginal` of a problem whose row and column offsets are u, v (their
+    shapes are those of the weights: (n,), (m,), or with the batch dimension first)."""
+    reach_a, reach_b = ot_problem.check_reg_m(reg_m)
+    balanced = reach_a == reach_b == float("inf")
+    weights_a = ot_problem.normalised_weights("a", a, tuple(u.shape), balanced, u)
+    weights_b = ot_problem.normalised_weights("b", b, tuple(v.shape), balanced, v)
+    if balanced and not bool(torch.allclose(weights_a.sum(-1), weights_b.sum(-1))):
+        raise ValueError("a and b must have the same total mass for a balanced problem")
+    return Marginal(weights_a, reach_a, u), Marginal(weights_b, reach_b, v)
+
+
+def _features_route(K: Affinity, feature_dim: int, options: SolverOptions) -> Route:
+    """The route of one solve on features (the rows of every problem of a batch count)."""
     n, m = K.shape
-    route = choose_route(
+    return choose_route(
         options.backend,
         options.path,
         K.device,
-        n,
+        n * (K.batch or 1),
         m,
         feature_dim,
         K.dtype,
@@ -374,130 +486,40 @@ def _sinkhorn(
         options.memory_budget,
         options.precision,
     )
-    check_scale(K, eps, "K" if feature_dim is None else "x, y")
-    log_a, log_b = _log_weights(a, b, n, m, K.dtype, K.device)
-    g_init, warm_eps = _warm_start(warm_start, m, K.dtype, K.device)
-    with torch.no_grad():
-        route, (K_read,) = route.prepare(K)
-        eps_start = None
-        if options.eps_scaling is not None and warm_eps is not None:
-            eps_start = min(affinity_spread(K_read), warm_eps)
-        f, g, done = solve(
-            route.backend,
-            K_read,
-            eps,
-            options.n_iters,
-            log_a,
-            log_b,
-            g_init=g_init,
-            eps_start=eps_start,
-            **options.loop(),
-        )
-        check.check_finite_result("sinkhorn", f"eps = {eps:g} in {K.dtype}", f=f, g=g)
-        error = marginal_error(route.backend, K_read, f, g, eps, log_a, log_b)
-    _warn_if_not_converged(error, float(log_a.exp().sum()), eps, K, options)
-    return SinkhornResult(f, g, eps, done, error, route.name, route.path, K, route.precision, route)
-
-
-def sinkhorn(
-    x: Tensor,
-    y: Tensor,
-    eps: float = 0.05,
-    n_iters: int = 100,
-    tol: float | None = None,
-    affinity: str = "cosine",
-    backend: str = "auto",
-    *,
-    path: str = "auto",
-    a: Tensor | None = None,
-    b: Tensor | None = None,
-    symmetric: bool = True,
-    warm_start=None,
-    check_every: int = 10,
-    memory_budget: float | None = None,
-    eps_scaling: float | None = None,
-    cuda_graph: bool = False,
-    precision: str = "auto",
-) -> SinkhornResult:
-    """Entropic OT plan between the rows of ``x`` (n×d) and of ``y`` (m×d).
-
-    ``affinity="cosine"`` uses K = x̂ ŷᵀ with L2-normalised rows; ``"dot"`` uses K = x yᵀ.
-    Potentials are not differentiable (use :func:`sotalign.klot` for gradients).
-
-    The solver options are those of :class:`~sotalign.ot.options.SolverOptions`, validated
-    there before any work.
-
-    Args:
-        eps: entropic regularisation ε > 0, in the units of K.
-        n_iters: maximum number of alternating iterations (≥ 1), ε-scaling ones included.
-        tol: stop early once the L1 marginal error is below ``tol`` (computed on the device
-            every ``check_every`` iterations at no extra pass; the host waits only then).
-        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"keops"``.
-        path: ``"auto"``, ``"dense"`` (K stored once) or ``"online"`` (K recomputed).
-        a, b: positive marginal weights of equal mass (default uniform, mass one).
-        symmetric: apply the paper's final averaged half-step.
-        warm_start: a previous :class:`SinkhornResult` or ``(f, g)`` to start from.
-        memory_budget: bytes that ``path="auto"`` may spend on a stored K (default: half
-            of the free CUDA memory on CUDA, 1 GiB on CPU; see :mod:`sotalign.ot.dispatch`).
-        eps_scaling: a factor in (0, 1): anneal ε from the spread of K (or from the ε of a
-            warm-start result, if lower) by this factor per iteration down to ``eps``.
-        cuda_graph: replay ``check_every`` iterations at a time from one captured CUDA graph
-            (CUDA tensors only; same result as the eager loop, less launch overhead).
-        precision: dot-product precision: ``"auto"`` (fp32 accuracy: the fp32-accurate
-            tensor-core flag on the online CUDA path, else ``"fp32"``), ``"fp32"``, or on
-            ``triton`` only ``"tf32x3"``/``"fp16x3"`` (fp32-accurate) and ``"tf32"``/``"fp16"``
-            (errors in benchmarks/results/*-precision.md). ``result.route`` says what ran.
-    """
-    check.check_matrices(x=x, y=y)
-    check.check_affinity(affinity)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must have the same feature dimension, got {x.shape[1]} and {y.shape[1]}")
-    dtype = check.compute_dtype(x, y)
-    x, y = x.detach().to(dtype), y.detach().to(dtype)
-    if affinity == "cosine":
-        x, y = check.unit_rows(x), check.unit_rows(y)
-    options = SolverOptions(
-        n_iters=n_iters,
-        tol=tol,
-        check_every=check_every,
-        symmetric=symmetric,
-        eps_scaling=eps_scaling,
-        cuda_graph=cuda_graph,
-        backend=backend,
-        path=path,
-        precision=precision,
-        memory_budget=memory_budget,
-    )
-    return _sinkhorn(Affinity.from_features(x, y), x.shape[1], eps, options, a, b, warm_start)
 
 
 def sinkhorn_dense(
     K: Tensor,
-    eps: float = 0.05,
-    n_iters: int = 100,
-    tol: float | None = None,
-    backend: str = "auto",
+    eps: float = DEFAULT_EPS,
     *,
     a: Tensor | None = None,
     b: Tensor | None = None,
-    symmetric: bool = True,
+    reg_m=None,
     warm_start=None,
-    check_every: int = 10,
-    eps_scaling: float | None = None,
-    cuda_graph: bool = False,
-    precision: str = "auto",
+    options: SolverOptions | None = None,
+    **solver_options,
 ) -> SinkhornResult:
-    """Entropic OT plan for a given n×m affinity ``K`` (cost −K); see :func:`sinkhorn`."""
-    check.check_matrices(K=K)
-    K = K.detach().to(check.compute_dtype(K))
-    options = SolverOptions(
-        n_iters=n_iters,
-        tol=tol,
-        check_every=check_every,
-        symmetric=symmetric,
-        eps_scaling=eps_scaling,
-        cuda_graph=cuda_graph,
-        backend=backend,
-        precision=precision,
+    """Entropic OT plan for a given affinity ``K`` (n×m, or (B, n, m) for a batch; cost −K);
+    see :func:`sinkhorn` for the other arguments."""
+    options = SolverOptions.resolve(options, **solver_options)
+    validation.check_point_clouds(K=K)
+    K = K.detach().to(validation.compute_dtype(K))
+    eps = validation.check_positive("eps", eps)
+    rows, cols = marginals(K.new_zeros(K.shape[:-1]), K.new_zeros((*K.shape[:-2], K.shape[-1])), a, b, reg_m)
+    n, m = K.shape[-2:]
+    route = choose_route(
+        options.backend,
+        options.path,
+        K.device,
+        n,
+        m,
+        None,
+        K.dtype,
+        1,
+        options.memory_budget,
+        options.precision,
     )
-    return _sinkhorn(Affinity.from_dense(K), None, eps, options, a, b, warm_start)
+    affinity = Affinity.from_dense(K)
+    check_scale(affinity, eps, "K")
+    validation.check_cuda_graph(options.cuda_graph, K.device)
+    return _solve_problem(route, affinity, rows, cols, eps, options, warm_start=warm_start)

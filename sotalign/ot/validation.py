@@ -11,8 +11,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-AFFINITIES = ("cosine", "dot")
-
 
 def check_matrix(name: str, t) -> None:
     """A non-empty, 2-D floating-point tensor."""
@@ -28,6 +26,43 @@ def check_matrix(name: str, t) -> None:
         raise ValueError(f"{name} must be 2-D (rows × features), got shape {tuple(t.shape)}")
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+
+
+def check_features(name: str, t, *, batched: bool = False) -> None:
+    """A non-empty floating-point tensor of rows × features, with a leading batch dimension
+    when ``batched``."""
+    if batched:
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be 3-D (batch × rows × features), got {shape}")
+        check_matrix(name, t[0])
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch: shape {tuple(t.shape)}")
+    else:
+        check_matrix(name, t)
+
+
+def check_point_clouds(*, values: bool = True, **tensors: Tensor) -> bool:
+    """Two point clouds (or a stored K): all 2-D, or all 3-D with the same batch size, on one
+    device, and (``values``: this reads them) finite. Returns whether they are batched."""
+    first = next(iter(tensors.values()))
+    batched = isinstance(first, Tensor) and first.dim() == 3
+    for name, t in tensors.items():
+        check_features(name, t, batched=batched)
+    if batched and len({t.shape[0] for t in tensors.values()}) > 1:
+        listing = ", ".join(f"{name} has {t.shape[0]}" for name, t in tensors.items())
+        raise ValueError(f"the batch sizes must agree: {listing}")
+    if len(tensors) == 2:
+        (name_x, x), (name_y, y) = tensors.items()
+        if x.shape[-1] != y.shape[-1]:
+            raise ValueError(
+                f"{name_x} and {name_y} must have the same feature dimension, "
+                f"got {x.shape[-1]} and {y.shape[-1]}"
+            )
+    check_same_device(**tensors)
+    if values:
+        check_finite(**tensors)
+    return batched
 
 
 def check_matrices(**tensors: Tensor) -> torch.device:
@@ -87,17 +122,12 @@ def check_eps_scaling(value) -> float | None:
     return value
 
 
-def check_cuda_graph(flag: bool, device: torch.device) -> bool:
-    """``cuda_graph=True`` only for CUDA tensors (the flag's type is a SolverOptions check)."""
+def check_cuda_graph(flag: bool | None, device: torch.device) -> bool | None:
+    """``cuda_graph=True`` only for CUDA tensors (None chooses by device; the flag's type is a
+    SolverOptions check)."""
     if flag and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs CUDA tensors, got tensors on {device}")
     return flag
-
-
-def check_affinity(affinity) -> str:
-    if affinity not in AFFINITIES:
-        raise ValueError(f"unknown affinity {affinity!r}; expected one of {AFFINITIES}")
-    return affinity
 
 
 def check_same_device(**tensors: Tensor) -> torch.device:
@@ -134,19 +164,32 @@ def as_matrix(name: str, value, dtype: torch.dtype | None = None, *, integers: b
     return value
 
 
-def check_weights(name: str, w, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Optional marginal weights: 1-D, length ``size``, finite and strictly positive."""
+def check_weights(name: str, w, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Marginal weights of ``shape`` ((n,), or (B, n) for a batch): finite and non-negative,
+    with a positive total for every problem (zeros mark padding)."""
+    check_weight_structure(name, w, shape, device)
+    check_weight_values(name, w)
+    return w.to(dtype)
+
+
+def check_weight_structure(name: str, w, shape: tuple[int, ...], device: torch.device) -> None:
+    """Type, shape and device of marginal weights (reads no value)."""
     if not isinstance(w, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if not w.dtype.is_floating_point:
         raise TypeError(f"{name} must have a floating-point dtype, got {w.dtype}")
-    if w.dim() != 1 or w.shape[0] != size:
-        raise ValueError(f"{name} must have shape ({size},), got {tuple(w.shape)}")
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(w.shape)}")
     if w.device != device:
         raise ValueError(f"{name} is on {w.device} but the features are on {device}")
-    if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
-        raise ValueError(f"{name} must be finite and strictly positive")
-    return w.to(dtype)
+
+
+def check_weight_values(name: str, w: Tensor) -> None:
+    """Finite, non-negative, a positive total per problem (one host synchronisation)."""
+    if not bool(torch.isfinite(w).all()) or not bool((w >= 0).all()):
+        raise ValueError(f"{name} must be finite and non-negative")
+    if not bool((w.sum(-1) > 0).all()):
+        raise ValueError(f"{name} must have a positive total weight (for every problem of a batch)")
 
 
 def unit_rows(x: Tensor) -> Tensor:
@@ -154,8 +197,8 @@ def unit_rows(x: Tensor) -> Tensor:
     its largest magnitude (‖x‖² of entries near 1e20 overflows float32; the direction does
     not change). The scale is a constant to autograd, and normalisation ignores it, so the
     gradient is that of ``x / ‖x‖``. Zero rows stay zero."""
-    scale = x.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    return torch.nn.functional.normalize(x / scale, dim=1)
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.nn.functional.normalize(x / scale, dim=-1)
 
 
 def check_affinity_scale(name: str, bound: float, eps: float, dtype: torch.dtype) -> None:
@@ -166,7 +209,7 @@ def check_affinity_scale(name: str, bound: float, eps: float, dtype: torch.dtype
     if not math.isfinite(bound) or bound / eps > limit:
         raise ValueError(
             f"{name}: affinities reach {bound:.3g}, so K/eps overflows {dtype} at eps = {eps:g}; "
-            "rescale the inputs, use affinity='cosine', or float64"
+            "rescale the inputs, use cost='cosine', or float64"
         )
 
 

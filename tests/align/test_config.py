@@ -75,9 +75,9 @@ def test_integers_are_accepted_where_floats_are_expected():
     assert TrainConfig(lr=1, alpha=0).lr == 1
 
 
-def test_recipe_applies_method_options():
-    recipe = TrainConfig(method="structure", method_options={"weight": 2.5}).recipe()
-    assert recipe.name == "structure" and recipe.weight == 2.5
+def test_method_applies_method_options():
+    method = TrainConfig(method="structure", method_options={"weight": 2.5}).training_method()
+    assert method.name == "structure" and method.weight == 2.5
 
 
 def test_build_configs_without_and_with_data():

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import features
 
 import sotalign
 from sotalign.align.losses import (
@@ -28,11 +28,6 @@ from sotalign.align.losses import (
     siglip_loss,
     structure_regularizer,
 )
-
-
-def unit(n, d, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=1)
 
 
 def cos_np(X, Y):
@@ -67,8 +62,8 @@ def siglip_loop(img, txt, t, b, extra_texts=(), extra_images=()):
 
 
 def test_siglip_matches_loops_with_and_without_extra_negatives():
-    img, txt = unit(5, 4, 0), unit(5, 4, 1)
-    ext, exi = unit(3, 4, 2), unit(2, 4, 3)
+    img, txt = features(5, 5, 4, seed=0, unit=True)
+    ext, exi = features(3, 2, 4, seed=2, unit=True)
     assert siglip_loss(img, txt, 20.0, -10.0).item() == pytest.approx(
         siglip_loop(img, txt, 20.0, -10.0), rel=1e-12
     )
@@ -81,11 +76,12 @@ def test_siglip_matches_loops_with_and_without_extra_negatives():
 def test_siglip_module_learns_scale_and_bias_from_paper_init():
     crit = SigLIPLoss().double()
     assert crit.scale.item() == pytest.approx(20.0) and crit.bias.item() == pytest.approx(-10.0)
-    img = unit(4, 3, 4).requires_grad_()
-    txt = unit(4, 3, 5)
-    loss = crit(img, txt, extra_texts=unit(2, 3, 6))
+    img, txt = features(4, 4, 3, seed=4, unit=True)
+    img.requires_grad_()
+    extra_texts = features(2, 2, 3, seed=6, unit=True)[0]
+    loss = crit(img, txt, extra_texts=extra_texts)
     t, b = crit.scale.item(), crit.bias.item()  # float32-initialised parameters
-    assert loss.item() == pytest.approx(siglip_loop(img.detach(), txt, t, b, unit(2, 3, 6)), rel=1e-12)
+    assert loss.item() == pytest.approx(siglip_loop(img.detach(), txt, t, b, extra_texts), rel=1e-12)
     loss.backward()
     for p in (crit.log_scale, crit.bias, img):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
@@ -103,7 +99,7 @@ def infonce_loop(img, txt, tau):
 
 
 def test_infonce_matches_loops_and_module_uses_clip_temperature():
-    img, txt = unit(6, 5, 7), unit(6, 5, 8)
+    img, txt = features(6, 6, 5, seed=7, unit=True)
     assert infonce_loss(img, txt, 0.07).item() == pytest.approx(infonce_loop(img, txt, 0.07), rel=1e-12)
     crit = InfoNCELoss().double()
     assert crit.temperature.item() == pytest.approx(0.07)
@@ -130,7 +126,8 @@ def cka_dense_reference(x, y, xt, yt):
 
 
 def test_cka_matches_dense_centring_formula_on_rectangular_affinities():
-    x, y, xt, yt = unit(7, 5, 9), unit(4, 5, 10), unit(7, 3, 11), unit(4, 3, 12)
+    x, y = features(7, 4, 5, seed=9, unit=True)
+    xt, yt = features(7, 4, 3, seed=11, unit=True)
     expected = 1.0 - cka_dense_reference(x.numpy(), y.numpy(), xt.numpy(), yt.numpy())
     assert cka_divergence(x, y, xt, yt).item() == pytest.approx(expected, rel=1e-10)
     # Unnormalised inputs: K is a cosine affinity, so the row norms do not matter.
@@ -138,11 +135,11 @@ def test_cka_matches_dense_centring_formula_on_rectangular_affinities():
 
 
 def test_cka_is_zero_for_the_same_affinity_and_invariant_to_affine_teacher():
-    x, y = unit(8, 6, 13), unit(9, 6, 14)
+    x, y = features(8, 9, 6, seed=13, unit=True)
     assert cka_divergence(x, y, x, y).item() == pytest.approx(0.0, abs=1e-12)
     Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
     assert cka_divergence(x, y, x @ Q, y @ Q).item() == pytest.approx(0.0, abs=1e-12)  # same K*
-    xt, yt = unit(8, 4, 15), unit(9, 4, 16)
+    xt, yt = features(8, 9, 4, seed=15, unit=True)
     base = cka_divergence(x, y, xt, yt).item()
     # Appending a constant coordinate maps K* to cos²θ·K* + sin²θ: a positive scale plus a
     # constant, which CKA's centring and normalisation remove.
@@ -178,7 +175,8 @@ def gen_infonce_reference(x, y, xt, yt, eps_t, tau):
 
 
 def test_generalized_infonce_matches_row_kl_reference():
-    x, y, xt, yt = unit(6, 5, 17), unit(7, 5, 18), unit(6, 3, 19), unit(7, 3, 20)
+    x, y = features(6, 7, 5, seed=17, unit=True)
+    xt, yt = features(6, 7, 3, seed=19, unit=True)
     args = [a.numpy() for a in (x, y, xt, yt)]
     value = generalized_infonce_divergence(x, y, xt, yt, eps_teacher=0.1, temperature=0.2).item()
     assert value == pytest.approx(gen_infonce_reference(*args, 0.1, 0.2), rel=1e-10)
@@ -192,7 +190,7 @@ def test_generalized_infonce_matches_row_kl_reference():
 
 def test_generalized_infonce_reduces_to_infonce_for_identity_teacher():
     n, tau = 6, 0.05
-    x, y = unit(n, 8, 21), unit(n, 8, 22)
+    x, y = features(n, n, 8, seed=21, unit=True)
     eye = torch.eye(n, dtype=torch.float64)  # cos(e_i, e_j) = δ_ij: K* = I
     value = generalized_infonce_divergence(x, y, eye, eye, eps_teacher=1e-3, temperature=tau).item()
     S = (x @ y.T).tolist()
@@ -219,8 +217,9 @@ def test_generalized_infonce_gradcheck():
 
 
 def test_klot_divergence_is_sotalign_klot():
-    x = unit(9, 5, 23).requires_grad_()
-    y, xt, yt = unit(11, 5, 24), unit(9, 3, 25), unit(11, 3, 26)
+    x, y = features(9, 11, 5, seed=23, unit=True)
+    x.requires_grad_()
+    xt, yt = features(9, 11, 3, seed=25, unit=True)
     value = klot_divergence(x, y, xt, yt, backend="reference")
     value.backward()
     x2 = x.detach().clone().requires_grad_()
@@ -233,7 +232,8 @@ def test_klot_divergence_is_sotalign_klot():
 
 
 def test_divergence_dispatch():
-    x, y, xt, yt = unit(5, 4, 27), unit(6, 4, 28), unit(5, 3, 29), unit(6, 3, 30)
+    x, y = features(5, 6, 4, seed=27, unit=True)
+    xt, yt = features(5, 6, 3, seed=29, unit=True)
     assert DIVERGENCES == ("none", "cka", "infonce", "klot")
     assert divergence("none", x, y, xt, yt).item() == 0.0
     assert divergence("cka", x, y, xt, yt).item() == cka_divergence(x, y, xt, yt).item()
@@ -250,7 +250,8 @@ def test_divergence_dispatch():
 
 
 def test_divergences_reject_bad_input():
-    x, y, xt, yt = unit(5, 4, 31), unit(6, 4, 32), unit(5, 3, 33), unit(6, 3, 34)
+    x, y = features(5, 6, 4, seed=31, unit=True)
+    xt, yt = features(5, 6, 3, seed=33, unit=True)
     bad = x.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="img contains NaN"):
@@ -329,7 +330,7 @@ def sinkhorn_numpy(K, eps, iters=2000):
 
 
 def test_s_clip_targets_are_the_row_normalised_ot_plan():
-    u, p = unit(6, 5, 36), unit(4, 5, 37)
+    u, p = features(6, 4, 5, seed=36, unit=True)
     targets = s_clip_targets(u, p, eps=0.1, n_iters=500, backend="reference")
     torch.testing.assert_close(targets.sum(1), torch.ones(6, dtype=torch.float64))
     plan = sinkhorn_numpy(cos_np(u.numpy(), p.numpy()), 0.1)
@@ -341,8 +342,9 @@ def test_s_clip_targets_are_the_row_normalised_ot_plan():
 
 
 def test_s_clip_loss_is_cross_entropy_to_fixed_targets():
-    u = unit(6, 5, 38).requires_grad_()
-    p, t = unit(4, 5, 39), unit(4, 5, 40)
+    u, p = features(6, 4, 5, seed=38, unit=True)
+    u.requires_grad_()
+    t = features(4, 4, 5, seed=40, unit=True)[0]
     loss = s_clip_loss(u, p, t, eps=0.1, scale=10.0, n_iters=500, backend="reference")
     loss.backward()
     T = torch.from_numpy(sinkhorn_numpy(cos_np(u.detach().numpy(), p.numpy()), 0.1))
@@ -363,7 +365,7 @@ def test_s_clip_loss_is_cross_entropy_to_fixed_targets():
     (-(T * torch.log_softmax(10.0 * (u2 @ t.T), 1)).sum(1).mean()).backward()
     torch.testing.assert_close(u.grad, u2.grad, rtol=1e-6, atol=1e-8)  # targets carry no gradient
     # Pseudo-labels from a separate (unimodal) space.
-    raw_u, raw_p = unit(6, 7, 41), unit(4, 7, 42)
+    raw_u, raw_p = features(6, 4, 7, seed=41, unit=True)
     loss_raw = s_clip_loss(u.detach(), p, t, eps=0.1, unpaired_img_raw=raw_u, paired_img_raw=raw_p)
     assert torch.isfinite(loss_raw)
     with pytest.raises(ValueError, match="both"):
@@ -374,7 +376,8 @@ def test_s_clip_loss_is_cross_entropy_to_fixed_targets():
 
 
 def test_nnclr_positives_match_brute_force_with_chunking():
-    q, pool = unit(23, 6, 43) * 5.0, unit(37, 6, 44)
+    q, pool = features(23, 37, 6, seed=43, unit=True)
+    q = 5.0 * q
     order = np.argsort(-cos_np(q.numpy(), pool.numpy()), axis=1, kind="stable")
     for k in (1, 4):
         for chunk in (5, 4096):

@@ -1,4 +1,4 @@
-"""Recipes: the registry, and every recipe's loss terms against independent formulas."""
+"""Methods: the registry, and every method's loss terms against independent formulas."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import features
 
 from sotalign.align import METHODS, AlignmentHeads, Batch, get_method, loss_terms
 from sotalign.align.config import ConfigError, TrainConfig
@@ -18,22 +19,26 @@ IMAGE_DIM, TEXT_DIM, TEACHER_DIM, OUT_DIM = 12, 10, 6, 8
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+#: Rows and dimension of each part of the test batch: 7 pairs, 9 unpaired images and 11
+#: unpaired texts, with their teacher features and NNCLR positives.
+BATCH_SHAPES = dict(
+    paired_images=(7, IMAGE_DIM),
+    paired_texts=(7, TEXT_DIM),
+    unpaired_images=(9, IMAGE_DIM),
+    unpaired_texts=(11, TEXT_DIM),
+    teacher_images=(9, TEACHER_DIM),
+    teacher_texts=(11, TEACHER_DIM),
+    neighbour_texts=(9, TEXT_DIM),
+    neighbour_images=(11, IMAGE_DIM),
+)
+
+
 def make_batch(requires_grad: bool = False) -> Batch:
-    g = torch.Generator().manual_seed(0)
-
-    def r(n, d):
-        return torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
-
-    return Batch(
-        paired_images=r(7, IMAGE_DIM),
-        paired_texts=r(7, TEXT_DIM),
-        unpaired_images=r(9, IMAGE_DIM),
-        unpaired_texts=r(11, TEXT_DIM),
-        teacher_images=r(9, TEACHER_DIM),
-        teacher_texts=r(11, TEACHER_DIM),
-        neighbour_texts=r(9, TEXT_DIM),
-        neighbour_images=r(11, IMAGE_DIM),
-    )
+    """Raw features of every part of a batch (``BATCH_SHAPES``), each from its own seed."""
+    parts = {}
+    for seed, (name, (n, d)) in enumerate(BATCH_SHAPES.items()):
+        parts[name] = features(n, 1, d, seed=seed)[0].requires_grad_(requires_grad)
+    return Batch(**parts)
 
 
 def heads_for_test() -> AlignmentHeads:
@@ -52,7 +57,7 @@ def siglip_oracle(img, txt, scale, bias):
     return total / len(img)
 
 
-def test_registry_has_every_recipe_and_the_table1_grid():
+def test_registry_has_every_method_and_the_table1_grid():
     expected = {"sotalign", "sail", "sail-semi", "structure", "nnclr", "s-clip"}
     expected |= {
         f"{t}+{d}" for t in ("procrustes", "cca", "contrastive") for d in ("none", "cka", "infonce", "klot")
@@ -74,15 +79,15 @@ def test_unknown_method_and_option_errors_name_them():
 
 
 @pytest.mark.parametrize("name", [n for n, r in METHODS.items() if r.trains_heads])
-def test_every_recipe_gives_finite_terms_and_gradients_only_where_expected(name):
-    recipe = get_method(name)
+def test_every_method_gives_finite_terms_and_gradients_only_where_expected(name):
+    method = get_method(name)
     batch = make_batch(requires_grad=True)
-    heads, losses = heads_for_test(), recipe.loss_modules().double()
+    heads, losses = heads_for_test(), method.loss_modules().double()
     terms = loss_terms(
-        recipe, batch, heads, losses, eps=0.1, eps_teacher=0.05, n_iters=50, backend="reference"
+        method, batch, heads, losses, eps=0.1, eps_teacher=0.05, n_iters=50, backend="reference"
     )
-    assert set(terms) == set(recipe.weights(1e-4))
-    total = sum(recipe.weights(1e-4)[k] * v for k, v in terms.items())
+    assert set(terms) == set(method.weights(1e-4))
+    total = sum(method.weights(1e-4)[k] * v for k, v in terms.items())
     assert all(torch.isfinite(v) for v in terms.values())
     total.backward()
     for module in (heads.image, heads.text):
@@ -90,16 +95,16 @@ def test_every_recipe_gives_finite_terms_and_gradients_only_where_expected(name)
     # The teacher is a constant: nothing flows back to its features.
     for t in (batch.teacher_images, batch.teacher_texts):
         assert t.grad is None or t.grad.abs().sum() == 0
-    # Unpaired rows influence the loss only for recipes that use them.
+    # Unpaired rows influence the loss only for methods that use them.
     touched = batch.unpaired_images.grad is not None and batch.unpaired_images.grad.abs().sum() > 0
-    assert touched == ("unpaired" in recipe.needs)
+    assert touched == ("unpaired" in method.needs)
 
 
 def test_sail_terms_match_the_siglip_formula():
     batch, heads = make_batch(), heads_for_test()
-    recipe = get_method("sail")
-    losses = recipe.loss_modules().double()
-    value = loss_terms(recipe, batch, heads, losses)["siglip"].detach()
+    method = get_method("sail")
+    losses = method.loss_modules().double()
+    value = loss_terms(method, batch, heads, losses)["siglip"].detach()
     img, txt = heads.embed_images(batch.paired_images), heads.embed_texts(batch.paired_texts)
     # the learned scale and bias start at 20 and −10 (stored as log-scale, float32 rounding)
     scale, bias = float(losses["siglip"].scale.detach()), float(losses["siglip"].bias.detach())
@@ -135,12 +140,12 @@ def log_sinkhorn_plan(K: np.ndarray, eps: float, iters: int = 5000) -> np.ndarra
 
 def test_sotalign_klot_term_is_kl_of_the_teacher_plan_to_the_student_plan():
     batch, heads = make_batch(), heads_for_test()
-    recipe = get_method("sotalign")
+    method = get_method("sotalign")
     terms = loss_terms(
-        recipe,
+        method,
         batch,
         heads,
-        recipe.loss_modules().double(),
+        method.loss_modules().double(),
         eps=0.1,
         eps_teacher=0.05,
         n_iters=3000,
@@ -157,10 +162,10 @@ def test_sotalign_klot_term_is_kl_of_the_teacher_plan_to_the_student_plan():
     teacher = log_sinkhorn_plan(cosine(batch.teacher_images, batch.teacher_texts), 0.05)
     expected = float((teacher * (np.log(teacher) - np.log(student))).sum())
     assert float(terms["klot"].detach()) == pytest.approx(expected, rel=1e-6)
-    assert recipe.weights(1e-3) == {"siglip": 1.0, "klot": 1e-3}
+    assert method.weights(1e-3) == {"siglip": 1.0, "klot": 1e-3}
 
 
-def test_teacher_only_recipe_refuses_to_train():
+def test_teacher_only_method_refuses_to_train():
     with pytest.raises(ValueError, match="trains no heads"):
-        recipe = get_method("cca+none")
-        loss_terms(recipe, make_batch(), heads_for_test(), recipe.loss_modules().double())
+        method = get_method("cca+none")
+        loss_terms(method, make_batch(), heads_for_test(), method.loss_modules().double())

@@ -8,23 +8,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TRAINING, toy_spec
 from safetensors.torch import load_file
 
 import sotalign
-from sotalign.align import AlignmentData, DataSpec, TrainConfig, fit
+from sotalign.align import AlignmentData, TrainConfig, fit
 from sotalign.data import load_platonic_encoder, write_platonic
 from sotalign.rundir import RunDirError
 
 SMALL = dict(
+    TINY_TRAINING,
     out_dim=12,
-    lr=1e-2,
     paired_batch_size=48,
     unpaired_batch_size=64,
     n_iters=10,
     steps=8,
     eval_every=4,
     checkpoint_every=4,
-    device="cpu",
 )
 
 
@@ -35,14 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     write_platonic(root / "data", 600, image_dim=20, text_dim=16, latent_dim=6, n_concepts=5, seed=1)
-    data = AlignmentData.from_spec(
-        DataSpec(
-            images=str(root / "data" / "images.npy"),
-            texts=str(root / "data" / "texts.npy"),
-            n_pairs=48,
-            n_val=100,
-        )
-    )
+    data = AlignmentData.from_spec(toy_spec(root / "data", n_pairs=48, n_val=100))
     models = {
         m: fit(TrainConfig(method=m, **SMALL), data, root / m, progress=False) for m in ("sail", "cca+none")
     }

@@ -1,4 +1,4 @@
-"""Run directories a user can trust (issue 10): the data a run reads is pinned by absolute path
+"""Run directories a user can trust: the data a run reads is pinned by absolute path
 and fingerprint, an incomplete run is never scored as finished, nothing is left behind by a run
 that fails before its first step, Ctrl-C checkpoints, and bad store values fail up front."""
 
@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAINING, toy_spec
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -33,16 +34,13 @@ from sotalign.data import save_store, write_platonic
 from sotalign.rundir import RunDirBusy, RunDirError
 
 TINY = dict(
+    TINY_TRAINING,
     out_dim=8,
-    lr=1e-2,
     paired_batch_size=32,
     unpaired_batch_size=48,
     n_iters=10,
-    eps_teacher=0.05,
-    alpha=1e-2,
     eval_every=4,
     checkpoint_every=4,
-    device="cpu",
 )
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
@@ -55,11 +53,6 @@ def platonic(tmp_path):
     return directory
 
 
-def spec_for(directory, **overrides) -> DataSpec:
-    values = dict(images=str(directory / "images.npy"), texts=str(directory / "texts.npy"), n_pairs=40)
-    return DataSpec(**{**values, **overrides})
-
-
 def heads_of(run) -> dict:
     return load_file(run / "heads.safetensors")
 
@@ -69,7 +62,7 @@ def test_run_reads_the_same_files_from_any_directory(platonic, tmp_path, monkeyp
     run = tmp_path / "run"
     fit(
         TrainConfig(method="sail", steps=4, **TINY),
-        AlignmentData.from_spec(spec_for(platonic.relative_to(tmp_path))),
+        AlignmentData.from_spec(toy_spec(platonic.relative_to(tmp_path))),
         run,
         progress=False,
     )
@@ -88,7 +81,7 @@ def test_a_changed_store_is_refused_and_a_moved_one_can_be_repointed(platonic, t
     run = tmp_path / "run"
     fit(
         TrainConfig(method="sail", steps=4, **TINY),
-        AlignmentData.from_spec(spec_for(platonic)),
+        AlignmentData.from_spec(toy_spec(platonic)),
         run,
         progress=False,
     )
@@ -117,11 +110,11 @@ def test_resume_refuses_changed_data(platonic, tmp_path):
     run = tmp_path / "run"
     config = TrainConfig(method="sail", steps=8, **TINY)
     with pytest.raises(RuntimeError, match="stop"):
-        fit(config, AlignmentData.from_spec(spec_for(platonic)), run, progress=False, on_step=_stop_at(4))
+        fit(config, AlignmentData.from_spec(toy_spec(platonic)), run, progress=False, on_step=_stop_at(4))
     texts = np.load(platonic / "texts.npy")
     np.save(platonic / "texts.npy", texts[::-1].copy())
     with pytest.raises(RunDirError, match="texts store differs"):
-        fit(config, AlignmentData.from_spec(spec_for(platonic)), run, resume=True, progress=False)
+        fit(config, AlignmentData.from_spec(toy_spec(platonic)), run, resume=True, progress=False)
 
 
 def _stop_at(step):
@@ -136,7 +129,7 @@ def test_an_incomplete_run_is_not_scored_as_finished(platonic, tmp_path):
     run = tmp_path / "run"
     config = TrainConfig(method="sotalign", steps=12, **TINY)
     with pytest.raises(RuntimeError, match="stop"):
-        fit(config, AlignmentData.from_spec(spec_for(platonic)), run, progress=False, on_step=_stop_at(9))
+        fit(config, AlignmentData.from_spec(toy_spec(platonic)), run, progress=False, on_step=_stop_at(9))
     with pytest.raises(RunDirError, match="not complete .*checkpoint=True"):
         sotalign.load(run)
     model = sotalign.load(run, checkpoint=True)
@@ -165,7 +158,7 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing(platonic, tmp_pat
     with pytest.raises(RuntimeError, match="teacher exploded"):
         fit(
             TrainConfig(method="sotalign", steps=4, **TINY),
-            AlignmentData.from_spec(spec_for(platonic)),
+            AlignmentData.from_spec(toy_spec(platonic)),
             run,
             progress=False,
         )
@@ -174,7 +167,7 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing(platonic, tmp_pat
 
 def test_a_run_killed_before_its_first_step_restarts_in_place(platonic, tmp_path):
     run = tmp_path / "run"
-    data = AlignmentData.from_spec(spec_for(platonic))
+    data = AlignmentData.from_spec(toy_spec(platonic))
     fit(TrainConfig(method="sail", steps=4, **TINY), data, run, progress=False)
     # What a SIGKILL during stage 1 leaves: a configuration (and maybe a teacher), no step.
     for name in ("metrics.json", "log.jsonl", "heads.safetensors", "heads.json"):
@@ -254,7 +247,7 @@ def test_a_run_directory_has_one_writer_and_a_killed_writer_leaves_no_lock(plato
     # the kernel released the killed process's lock: the run resumes and logs every step once
     fit(
         TrainConfig(method="sail", steps=8, **TINY),
-        AlignmentData.from_spec(spec_for(platonic)),
+        AlignmentData.from_spec(toy_spec(platonic)),
         run,
         resume=True,
         progress=False,
@@ -273,7 +266,7 @@ def sigint_handler():
 
 
 def test_ctrl_c_checkpoints_and_resume_is_exact(platonic, tmp_path, sigint_handler):
-    data = AlignmentData.from_spec(spec_for(platonic))
+    data = AlignmentData.from_spec(toy_spec(platonic))
     config = TrainConfig(method="sotalign", steps=10, **TINY)
     fit(config, data, tmp_path / "straight", progress=False)
 
@@ -304,7 +297,7 @@ def test_an_ignored_sigint_stays_ignored(platonic, tmp_path):
         config = TrainConfig(method="sail", steps=4, **TINY)
         fit(
             config,
-            AlignmentData.from_spec(spec_for(platonic)),
+            AlignmentData.from_spec(toy_spec(platonic)),
             tmp_path / "run",
             progress=False,
             on_step=press_ctrl_c,
@@ -322,7 +315,7 @@ def test_bad_store_values_are_caught_in_the_batch_that_reads_them(platonic, tmp_
 
     monkeypatch.setattr(scan, "SCANS", tmp_path / "scans")
     config = TrainConfig(method="sotalign", steps=6, **TINY)
-    spec = spec_for(platonic)
+    spec = toy_spec(platonic)
     # the row that the third step's unpaired image batch reads
     data = AlignmentData.from_spec(spec)
     batches = BatchSource(config.recipe(), config, data, None, torch.device("cpu"))
@@ -356,14 +349,14 @@ def test_bad_store_values_are_caught_in_the_batch_that_reads_them(platonic, tmp_
 
 def test_small_data_gets_held_out_splits_sized_from_it(tmp_path):
     write_platonic(tmp_path, 200, image_dim=6, text_dim=5, latent_dim=3, n_concepts=3, seed=0)
-    data = AlignmentData.from_spec(spec_for(tmp_path, n_pairs=50))
+    data = AlignmentData.from_spec(toy_spec(tmp_path, n_pairs=50))
     assert data.sizes()["val_images"] == 20 and data.sizes()["test_images"] == 20
     with pytest.raises(
         ValueError,
         match=r"images\.npy: --pairs 190 \+ --val 20 \+ --test 20 = 230 rows, but the store has 200; "
         r"lower --pairs or --val or --test",
     ):
-        AlignmentData.from_spec(spec_for(tmp_path, n_pairs=190))
+        AlignmentData.from_spec(toy_spec(tmp_path, n_pairs=190))
 
 
 def test_cli_says_why_there_are_no_retrieval_numbers(platonic, tmp_path):

@@ -1,4 +1,4 @@
-"""Heads that start as the stage-1 teacher (the real-data SOTAlign recipe).
+"""Heads that start as the stage-1 teacher (the real-data SOTAlign method).
 
 Oracles: the teacher's own affinity K* = cos(teacher_img(X), teacher_txt(Y)) and its retrieval
 scores, computed through `Teacher.transform_*`, independently of the heads."""
@@ -10,28 +10,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAINING, planted_pairs, toy_spec
 
-from sotalign.align import AlignmentData, DataSpec, TrainConfig, fit
+from sotalign.align import AlignmentData, TrainConfig, fit
 from sotalign.align.config import ConfigError
 from sotalign.align.heads import AlignmentHeads
 from sotalign.align.teachers import make_teacher
 from sotalign.data import write_platonic
 
 
-def _pairs(n=60, dx=12, dy=9, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    A = (
-        z @ torch.randn(4, dx, generator=g, dtype=torch.float64)
-        + 0.3 * torch.randn(n, dx, generator=g, dtype=torch.float64)
-        + 2
-    )
-    B = (
-        z @ torch.randn(4, dy, generator=g, dtype=torch.float64)
-        + 0.3 * torch.randn(n, dy, generator=g, dtype=torch.float64)
-        - 1
-    )
-    return A, B
+def _pairs(n=60, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """12-d images and 9-d texts, off-centre, with a planted linear relation."""
+    A, B = planted_pairs(n, d_x=12, d_y=9, noise=0.3, seed=seed, offset=1.0)
+    return torch.from_numpy(A), torch.from_numpy(B)
 
 
 @pytest.mark.parametrize("out_dim", [9, 32])
@@ -71,32 +62,23 @@ def test_bad_teacher_init_requests_fail_clearly():
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     write_platonic(root, 1400, image_dim=32, text_dim=24, latent_dim=8, n_concepts=10, seed=3)
-    return DataSpec(
-        images=str(root / "images.npy"),
-        texts=str(root / "texts.npy"),
-        n_pairs=60,
-        n_val=300,
-        n_test=300,
-        n_unpaired=500,
-    )
+    return toy_spec(root, n_pairs=60, n_val=300, n_test=300, n_unpaired=500)
 
 
 def test_teacher_started_run_is_never_worse_than_its_teacher_on_validation(toy, tmp_path):
     data = AlignmentData.from_spec(toy)
     settings = dict(
+        TINY_TRAINING,
         steps=20,
         out_dim=64,
         paired_batch_size=60,
         unpaired_batch_size=128,
-        n_iters=20,
-        eval_every=10,
         checkpoint_every=20,
-        device="cpu",
     )
     fit(TrainConfig(method="cca+none", **settings), data, tmp_path / "teacher", progress=False)
     teacher_val = json.loads((tmp_path / "teacher" / "metrics.json").read_text())["val"]["mean_R@1"]
     # A learning rate so large that training only hurts: the selection must fall back to step 0.
-    config = TrainConfig(method="sotalign", head_init="teacher", lr=0.5, alpha=1.0, **settings)
+    config = TrainConfig(**dict(settings, method="sotalign", head_init="teacher", lr=0.5, alpha=1.0))
     fit(config, data, tmp_path / "run", progress=False)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["val"]["mean_R@1"] >= teacher_val - 1e-9

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import planted_pairs
 
 from sotalign.align.teachers import (
     TEACHER_NAMES,
@@ -20,15 +21,6 @@ from sotalign.align.teachers import (
     Teacher,
     make_teacher,
 )
-
-
-def planted(n=400, d_x=10, d_y=7, noise=0.05, seed=0, offset=0.0):
-    """B = A M + noise, with an anisotropic A (so whitening matters)."""
-    rng = np.random.default_rng(seed)
-    A = rng.standard_normal((n, d_x)) * np.linspace(0.3, 3.0, d_x) + offset
-    M = rng.standard_normal((d_x, d_y))
-    B = A @ M + noise * rng.standard_normal((n, d_y)) + 2 * offset
-    return A, B
 
 
 def centred(X):
@@ -45,7 +37,7 @@ def cosine_top1(za: torch.Tensor, zb: torch.Tensor) -> float:
 
 
 def test_cca_correlations_match_qr_svd_without_regulariser():
-    A, B = planted(noise=0.5)
+    A, B = planted_pairs(noise=0.5)
     teacher = CCATeacher(reg=0.0).fit(A, B)
     # Björck–Golub: canonical correlations are the singular values of Q_aᵀ Q_b.
     Qa, _ = np.linalg.qr(centred(A))
@@ -57,7 +49,7 @@ def test_cca_correlations_match_qr_svd_without_regulariser():
 
 
 def test_cca_regularised_correlations_match_generalised_eigenproblem():
-    A, B = planted(noise=1.0, seed=3)
+    A, B = planted_pairs(noise=1.0, seed=3)
     lam = 0.1
     teacher = CCATeacher(reg=lam).fit(A, B)
     n = A.shape[0]
@@ -71,7 +63,7 @@ def test_cca_regularised_correlations_match_generalised_eigenproblem():
 
 
 def test_cca_features_whitened_up_to_the_regulariser():
-    A, B = planted(n=500, d_x=6, d_y=9, noise=0.3, seed=1)
+    A, B = planted_pairs(n=500, d_x=6, d_y=9, noise=0.3, seed=1)
     n = A.shape[0]
     for lam in (0.0, 0.1):
         teacher = CCATeacher(reg=lam).fit(A, B)
@@ -91,7 +83,7 @@ def test_cca_features_whitened_up_to_the_regulariser():
 
 
 def test_cca_recovers_planted_map_on_held_out_pairs():
-    A, B = planted(n=600, noise=0.05, seed=2)
+    A, B = planted_pairs(n=600, noise=0.05, seed=2)
     teacher = CCATeacher().fit(A[:400], B[:400])
     za = teacher.transform_images(A[400:])
     zb = teacher.transform_texts(B[400:])
@@ -100,7 +92,7 @@ def test_cca_recovers_planted_map_on_held_out_pairs():
 
 
 def test_cca_default_out_dim_and_explicit_out_dim():
-    A, B = planted(n=5, d_x=10, d_y=7)
+    A, B = planted_pairs(n=5, d_x=10, d_y=7)
     assert CCATeacher().fit(A, B).out_dim == 5  # min(d_x, d_y, n_p)
     assert CCATeacher(out_dim=3).fit(A, B).out_dim == 3
     with pytest.raises(ValueError, match="out_dim"):
@@ -113,7 +105,7 @@ def test_cca_default_out_dim_and_explicit_out_dim():
 
 
 def test_fit_stream_equals_fit_and_numpy_covariance():
-    A, B = planted(n=333, seed=4, offset=1e4)  # large means: the merge must stay stable
+    A, B = planted_pairs(n=333, seed=4, offset=1e4)  # large means: the merge must stay stable
     for cls in (CCATeacher, ProcrustesTeacher):
         whole = cls().fit(A, B)
         cuts = [0, 1, 50, 51, 200, 333]
@@ -138,7 +130,7 @@ def test_fit_stream_equals_fit_and_numpy_covariance():
 
 
 def test_fit_stream_rejects_bad_batches():
-    A, B = planted(n=20)
+    A, B = planted_pairs(n=20)
     with pytest.raises(ValueError, match="no pairs"):
         CCATeacher().fit_stream([])
     with pytest.raises(TypeError, match="batch 0"):
@@ -169,7 +161,7 @@ def test_procrustes_recovers_planted_rotation_like_scipy():
 
 
 def test_procrustes_rectangular_is_semi_orthogonal_and_optimal():
-    A, B = planted(n=200, d_x=9, d_y=5, noise=0.5, seed=6)
+    A, B = planted_pairs(n=200, d_x=9, d_y=5, noise=0.5, seed=6)
     teacher = ProcrustesTeacher(out_dim=4).fit(A, B)
     Wx, Wy = teacher.image_map.numpy(), teacher.text_map.numpy()
     assert Wx.shape == (4, 9) and Wy.shape == (4, 5)
@@ -191,7 +183,7 @@ def test_procrustes_rectangular_is_semi_orthogonal_and_optimal():
 
 
 def test_contrastive_teacher_learns_and_is_deterministic(one_torch_thread):
-    A, B = planted(n=160, d_x=8, d_y=6, noise=0.05, seed=7)
+    A, B = planted_pairs(n=160, d_x=8, d_y=6, noise=0.05, seed=7)
     A, B = torch.from_numpy(A).float(), torch.from_numpy(B).float()
     siglip = ContrastiveTeacher(out_dim=6, steps=300, lr=5e-2).fit(A, B)
     assert siglip.loss_history[-1] < 0.1 * siglip.loss_history[0]
@@ -207,7 +199,7 @@ def test_contrastive_teacher_learns_and_is_deterministic(one_torch_thread):
 
 @pytest.mark.parametrize("options", [dict(optimizer="lion", lr=1e-3), dict(loss="infonce", batch_size=32)])
 def test_contrastive_variants_reduce_loss(options, one_torch_thread):
-    A, B = planted(n=96, d_x=8, d_y=6, seed=8)
+    A, B = planted_pairs(n=96, d_x=8, d_y=6, seed=8)
     teacher = ContrastiveTeacher(out_dim=6, steps=60, **options).fit(A, B)
     history = teacher.loss_history
     assert len(history) == 60 and all(np.isfinite(history))
@@ -218,7 +210,7 @@ def test_contrastive_variants_reduce_loss(options, one_torch_thread):
 
 
 def fitted_teachers():
-    A, B = planted(n=64, d_x=8, d_y=6, seed=9)
+    A, B = planted_pairs(n=64, d_x=8, d_y=6, seed=9)
     return (
         A,
         B,
@@ -306,7 +298,7 @@ def test_load_errors_name_the_file(tmp_path):
 
 
 def test_bad_input_is_rejected_clearly():
-    A, B = planted(n=20)
+    A, B = planted_pairs(n=20)
     bad = A.copy()
     bad[3, 2] = np.nan
     with pytest.raises(ValueError, match="images contains NaN"):

@@ -11,27 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TRAINING, toy_spec
 from safetensors.torch import load_file
 
 from sotalign.align import AlignmentData, AlignmentHeads, DataSpec, TrainConfig, fit
 from sotalign.align.config import ConfigError
 from sotalign.align.trainer import BatchSource, cosine_schedule
 from sotalign.data import save_store, write_platonic
-
-# Tiny, fast settings (the paper's defaults are for 10k pairs and 1024-d encoders).
-TINY = dict(
-    out_dim=16,
-    lr=1e-2,
-    paired_batch_size=64,
-    unpaired_batch_size=96,
-    n_iters=20,
-    eps_teacher=0.05,
-    alpha=1e-2,
-    eval_every=10,
-    checkpoint_every=10,
-    device="cpu",
-)
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,15 +31,7 @@ def platonic(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(platonic):
-    spec = DataSpec(
-        images=str(platonic / "images.npy"),
-        texts=str(platonic / "texts.npy"),
-        n_pairs=64,
-        n_val=200,
-        n_test=300,
-        split_seed=0,
-    )
-    return AlignmentData.from_spec(spec)
+    return AlignmentData.from_spec(toy_spec(platonic, n_pairs=64, n_val=200, n_test=300, split_seed=0))
 
 
 def test_split_roles_are_disjoint_and_sized(data):
@@ -84,7 +62,7 @@ def retrieval_r1(img: torch.Tensor, txt: torch.Tensor) -> float:
 
 
 def test_teacher_alone_beats_chance(data, tmp_path):
-    fit(TrainConfig(method="cca+none", **TINY), data, tmp_path / "cca", progress=False)
+    fit(TrainConfig(method="cca+none", **TINY_TRAINING), data, tmp_path / "cca", progress=False)
     metrics = json.loads((tmp_path / "cca" / "metrics.json").read_text())
     chance = 100.0 / 300
     assert metrics["test"]["mean_R@1"] > 10 * chance
@@ -92,7 +70,7 @@ def test_teacher_alone_beats_chance(data, tmp_path):
 
 
 def test_sotalign_heads_improve_on_their_initial_state(data, tmp_path):
-    config = TrainConfig(method="sotalign", steps=30, seed=1, head_init="random", **TINY)
+    config = TrainConfig(method="sotalign", steps=30, seed=1, head_init="random", **TINY_TRAINING)
     torch.manual_seed(config.seed)  # the trainer initialises the heads right after this seed
     initial = AlignmentHeads(data.image_dim, data.text_dim, config.out_dim)
     test_images, test_texts = data.test_images.all(), data.test_texts.all()
@@ -115,7 +93,7 @@ class Killed(Exception):
 
 @pytest.mark.parametrize("method", ["sotalign", "nnclr"])
 def test_resume_after_a_kill_gives_bitwise_identical_weights(data, tmp_path, method):
-    config = TrainConfig(method=method, steps=24, **{**TINY, "checkpoint_every": 8, "eval_every": 6})
+    config = TrainConfig(method=method, steps=24, **{**TINY_TRAINING, "checkpoint_every": 8, "eval_every": 6})
     fit(config, data, tmp_path / "whole", progress=False)
 
     def kill_at_13(step):
@@ -138,7 +116,9 @@ def test_resume_after_a_kill_gives_bitwise_identical_weights(data, tmp_path, met
 def test_a_slow_loader_reads_ahead_and_the_run_stays_resume_exact(data, tmp_path, monkeypatch):
     from sotalign.align import trainer
 
-    config = TrainConfig(method="sotalign", steps=12, **{**TINY, "checkpoint_every": 4, "eval_every": 6})
+    config = TrainConfig(
+        method="sotalign", steps=12, **{**TINY_TRAINING, "checkpoint_every": 4, "eval_every": 6}
+    )
     monkeypatch.setattr(trainer, "PREFETCH_ABOVE_LOAD_SHARE", 1.0)  # never read ahead
     fit(config, data, tmp_path / "in_step", progress=False)
     timing = json.loads((tmp_path / "in_step" / "metrics.json").read_text())["timing"]
@@ -146,7 +126,7 @@ def test_a_slow_loader_reads_ahead_and_the_run_stays_resume_exact(data, tmp_path
     assert sum(timing["shares"].values()) == pytest.approx(1.0, abs=1e-3)
     assert timing["shares"]["klot_forward"] > 0 and timing["shares"]["klot_backward"] > 0
     assert timing["unpaired_rows_per_second"] == pytest.approx(
-        2 * TINY["unpaired_batch_size"] / timing["seconds_per_step"], rel=1e-3
+        2 * TINY_TRAINING["unpaired_batch_size"] / timing["seconds_per_step"], rel=1e-3
     )
 
     monkeypatch.undo()
@@ -190,7 +170,7 @@ def test_klot_marginal_errors_are_logged_and_a_lasting_miss_warns_once(data, tmp
     # steps 1-4 converge, then the student plan misses its marginals from step 5 on
     schedule = lambda i: [0.25 if i >= 5 else 1e-3, 2e-3]  # noqa: E731
     monkeypatch.setattr(sotalign.ot, "klot_marginal_errors", plan_errors(schedule), raising=False)
-    config = TrainConfig(method="sotalign", steps=20, **TINY)
+    config = TrainConfig(method="sotalign", steps=20, **TINY_TRAINING)
     with pytest.warns(RuntimeWarning, match=r"KLOT did not converge in the 10 steps up to step 14") as caught:
         fit(config, data, tmp_path / "missed", progress=False)
     assert len([w for w in caught if "KLOT did not converge" in str(w.message)]) == 1
@@ -206,12 +186,34 @@ def test_klot_marginal_errors_are_logged_and_a_lasting_miss_warns_once(data, tmp
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="KLOT did not converge")
         fit(config, data, tmp_path / "passing", progress=False)
-        fit(TrainConfig(method="sail", steps=3, **TINY), data, tmp_path / "sail", progress=False)
+        fit(TrainConfig(method="sail", steps=3, **TINY_TRAINING), data, tmp_path / "sail", progress=False)
     assert "klot_marginal_error" not in (tmp_path / "sail" / "log.jsonl").read_text()
 
 
+def test_an_unconverged_klot_warns_once_per_run_and_a_converged_one_not_at_all(data, tmp_path):
+    import sotalign.ot
+
+    starved = TrainConfig(method="sotalign", steps=12, **{**TINY_TRAINING, "n_iters": 1, "eps_teacher": 0.01})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(starved, data, tmp_path / "starved", progress=False)
+    klot_warnings = [str(w.message) for w in caught if "converge" in str(w.message)]
+    assert (
+        len(klot_warnings) == 1 and "KLOT did not converge in the 10 steps up to step 10" in klot_warnings[0]
+    )
+    log = [json.loads(line) for line in (tmp_path / "starved" / "log.jsonl").read_text().splitlines()]
+    assert all(max(r["klot_marginal_error"].values()) > sotalign.ot.NOT_CONVERGED for r in log)
+
+    converged = TrainConfig(method="sotalign", steps=12, **{**TINY_TRAINING, "n_iters": 300})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*converge")
+        fit(converged, data, tmp_path / "converged", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "converged" / "log.jsonl").read_text().splitlines()]
+    assert all(max(r["klot_marginal_error"].values()) < sotalign.ot.NOT_CONVERGED for r in log)
+
+
 def test_resume_drops_a_torn_log_line_and_matches_an_uninterrupted_run(data, tmp_path):
-    config = TrainConfig(method="sail", steps=12, **{**TINY, "checkpoint_every": 4, "eval_every": 6})
+    config = TrainConfig(method="sail", steps=12, **{**TINY_TRAINING, "checkpoint_every": 4, "eval_every": 6})
     fit(config, data, tmp_path / "whole", progress=False)
 
     def kill_at_6(step):
@@ -229,9 +231,9 @@ def test_resume_drops_a_torn_log_line_and_matches_an_uninterrupted_run(data, tmp
 
 
 def test_batches_are_independent_deterministic_and_nnclr_neighbours_are_nearest(data):
-    config = TrainConfig(method="nnclr", **TINY)
-    a = BatchSource(config.recipe(), config, data, None, torch.device("cpu"))
-    b = BatchSource(config.recipe(), config, data, None, torch.device("cpu"))
+    config = TrainConfig(method="nnclr", **TINY_TRAINING)
+    a = BatchSource(config.training_method(), config, data, None, torch.device("cpu"))
+    b = BatchSource(config.training_method(), config, data, None, torch.device("cpu"))
     first, again = a.batch(5), b.batch(5)
     for name in ("paired_images", "unpaired_images", "unpaired_texts", "neighbour_texts"):
         assert torch.equal(getattr(first, name), getattr(again, name))
@@ -271,15 +273,15 @@ def test_bad_stores_and_run_directories_give_clear_errors(platonic, data, tmp_pa
         DataSpec(paired_images=images, paired_texts=images, unpaired_images=images)
     pairs_only = AlignmentData(data.paired_images, data.paired_texts)
     with pytest.raises(ValueError, match="method 'sotalign' needs unpaired images and texts"):
-        fit(TrainConfig(**TINY), pairs_only, tmp_path / "x", progress=False)
+        fit(TrainConfig(**TINY_TRAINING), pairs_only, tmp_path / "x", progress=False)
 
-    config = TrainConfig(method="cca+none", **TINY)
+    config = TrainConfig(method="cca+none", **TINY_TRAINING)
     fit(config, data, tmp_path / "done", progress=False)
     with pytest.raises(ValueError, match="already holds a run"):
         fit(config, data, tmp_path / "done", progress=False)
     with pytest.raises(ConfigError, match="changed: lr"):
         fit(
-            TrainConfig(method="cca+none", **{**TINY, "lr": 1e-3}),
+            TrainConfig(method="cca+none", **{**TINY_TRAINING, "lr": 1e-3}),
             data,
             tmp_path / "done",
             resume=True,

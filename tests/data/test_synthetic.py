@@ -110,6 +110,22 @@ def test_write_and_reload(tmp_path, fmt):
         np.testing.assert_array_equal(encoder(prompts), data.encode_text(prompts))
 
 
+@pytest.mark.parametrize(
+    ("option", "error", "message"),
+    [
+        (dict(image_dim=0), ValueError, "image_dim must be >= 1"),
+        (dict(n_concepts=2.5), TypeError, "n_concepts must be an integer"),
+        (dict(hidden=True), TypeError, "hidden must be an integer"),
+        (dict(noise=-0.1), ValueError, "noise must be >= 0"),
+        (dict(spread=float("nan")), ValueError, "spread must be a finite number"),
+        (dict(seed=-1), ValueError, "seed must be >= 0"),
+    ],
+)
+def test_bad_generator_options_are_refused(option, error, message):
+    with pytest.raises(error, match=message):
+        make_platonic(10, **option)
+
+
 def test_bad_platonic_directories(tmp_path):
     with pytest.raises(FileNotFoundError, match="classes.json"):
         load_platonic_encoder(tmp_path)

@@ -1,5 +1,5 @@
 """`sotalign embed` under torchrun: the ranks split the missing shards, each writes its own, and
-the store is the one a single process writes (issue 9, distributed embedding)."""
+the store is the one a single process writes."""
 
 from __future__ import annotations
 

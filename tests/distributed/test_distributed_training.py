@@ -10,29 +10,18 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_TRAINING, toy_spec
 from distributed_cluster import Cluster, free_port
 from safetensors.torch import load_file
 
-from sotalign.align import AlignmentData, AlignmentHeads, DataSpec, TrainConfig, fit
+from sotalign.align import AlignmentData, AlignmentHeads, TrainConfig, fit
 from sotalign.align.ddp import Ranks, data_parallel
 from sotalign.align.losses import klot_divergence
 from sotalign.align.teachers import make_teacher
 from sotalign.align.trainer import BatchSource, _Step
 from sotalign.data import write_platonic
 
-TINY = dict(
-    out_dim=16,
-    lr=1e-3,
-    paired_batch_size=64,
-    unpaired_batch_size=96,
-    n_iters=20,
-    eps_teacher=0.05,
-    alpha=1e-2,
-    steps=6,
-    eval_every=3,
-    checkpoint_every=3,
-    device="cpu",
-)
+TINY = dict(TINY_TRAINING, lr=1e-3, steps=6, eval_every=3, checkpoint_every=3)
 TINY_EPS = TrainConfig().eps
 
 
@@ -47,13 +36,7 @@ def cluster():
 def spec(tmp_path_factory):
     directory = tmp_path_factory.mktemp("platonic")
     write_platonic(directory, 900, image_dim=24, text_dim=20, latent_dim=8, n_concepts=10, seed=3)
-    return DataSpec(
-        images=str(directory / "images.npy"),
-        texts=str(directory / "texts.npy"),
-        n_pairs=64,
-        n_val=100,
-        split_seed=0,
-    )
+    return toy_spec(directory, n_pairs=64, n_val=100, split_seed=0)
 
 
 class Stop(Exception):
@@ -78,20 +61,20 @@ def first_step(rank, world, spec, options):
     """The loss terms and the parameter gradients (after DDP) of step 0, as `fit` computes them."""
     torch.set_num_threads(1)
     config, data, device = TrainConfig(**options), AlignmentData.from_spec(spec), torch.device("cpu")
-    recipe = config.recipe()
+    method = config.training_method()
     ranks = Ranks.from_environment(device, config.klot_scope)
     teacher = None
-    if recipe.teacher is not None:
-        teacher = make_teacher(recipe.teacher)
+    if method.teacher is not None:
+        teacher = make_teacher(method.teacher)
         teacher.fit(data.paired_images.all(), data.paired_texts.all())
     torch.manual_seed(config.seed)
     heads = AlignmentHeads(
         data.image_dim, data.text_dim, config.out_dim, config.head_kind, config.head_hidden_dim
     )
-    losses = recipe.loss_modules()
+    losses = method.loss_modules()
     step = data_parallel(
         _Step(
-            recipe,
+            method,
             heads,
             losses,
             ranks,
@@ -102,9 +85,9 @@ def first_step(rank, world, spec, options):
         ranks,
         device,
     )
-    batch = BatchSource(recipe, config, data, teacher, device, ranks).batch(0)
+    batch = BatchSource(method, config, data, teacher, device, ranks).batch(0)
     terms = step(batch)
-    weights = recipe.weights(config.alpha)
+    weights = method.weights(config.alpha)
     sum(weights[name] * value for name, value in terms.items()).backward()
     grads = {name: p.grad for name, p in [*heads.named_parameters(), *losses.named_parameters()]}
     return {name: value.item() for name, value in terms.items()}, grads, (heads, batch)

@@ -61,6 +61,16 @@ def test_retrieval_matches_brute_force(dtype, chunk_size):
     assert torch_got == got
 
 
+def test_retrieval_of_float32_rows_whose_squared_norm_overflows():
+    rng = np.random.default_rng(2)
+    images = rng.standard_normal((30, 8))
+    texts = images + rng.standard_normal((30, 8))
+    want = _retrieval_numpy(images, texts, (1, 5))
+    huge = retrieval_metrics((images * 1e20).astype(np.float32), (texts * 1e25).astype(np.float32), ks=(1, 5))
+    assert huge == pytest.approx(want)
+    assert 0 < want["mean_R@1"] < 100  # a non-trivial case
+
+
 def test_retrieval_hand_made_ties():
     s2 = np.sqrt(0.5)
     images = np.array([[1.0, 0.0], [0.0, 1.0], [s2, s2]])

@@ -25,9 +25,7 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
 
 
 def plan_problem(n, m, d, dtype=torch.float64, seed=0):
-    x, y = features(n, m, d, seed=seed)
-    x = torch.nn.functional.normalize(x, dim=1)
-    y = torch.nn.functional.normalize(y, dim=1)
+    x, y = features(n, m, d, seed=seed, unit=True)
     generator = torch.Generator().manual_seed(seed + 1)
     # potentials of the size Sinkhorn produces (the products never assume a solved plan)
     f = -0.6 - 0.05 * torch.rand(n, generator=generator, dtype=torch.float64)

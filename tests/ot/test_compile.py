@@ -116,43 +116,35 @@ def test_backward_scales_by_grad_output(problem, scale):
     torch.testing.assert_close(K.grad, scale * expected, rtol=1e-12, atol=0)
 
 
-def feature_args(problem):
+def weights(n, m, dtype):
+    return torch.full((n,), 1.0 / n, dtype=dtype), torch.full((m,), 1.0 / m, dtype=dtype)
+
+
+@pytest.mark.parametrize("cost", ["cosine", "sqeuclidean"])
+def test_opcheck_feature_ops(problem, cost):
     x, y, x_teacher, y_teacher = [t[:, :4].contiguous() for t in problem]
-    options = [0.05, 0.01, *SolverOptions(n_iters=20).op_args()]
-    return [x.requires_grad_(), y.requires_grad_(), x_teacher, y_teacher, *options]
-
-
-def test_opcheck_feature_ops(problem):
-    torch.library.opcheck(torch.ops.sotalign.klot_features.default, feature_args(problem))
-    x, y, x_teacher, y_teacher, *options = feature_args(problem)
-    value, f, g, f_t, g_t = torch.ops.sotalign.klot_features(
-        x.detach(), y.detach(), x_teacher, y_teacher, *options
+    a, b = weights(x.shape[0], y.shape[0], x.dtype)
+    scalars = [0.05, 0.01, cost, SolverOptions(n_iters=20).encode()]
+    args = [x.requires_grad_(), y.requires_grad_(), x_teacher, y_teacher, a, b, *scalars]
+    torch.library.opcheck(torch.ops.sotalign.klot_features.default, args)
+    value, f, g, f_t, g_t, errors = torch.ops.sotalign.klot_features(
+        x.detach(), y.detach(), x_teacher, y_teacher, a, b, *scalars
     )
-    backward_args = [
-        torch.tensor(2.0, dtype=x.dtype),
-        x.detach(),
-        y.detach(),
-        x_teacher,
-        y_teacher,
-        f,
-        g,
-        f_t,
-        g_t,
-        0.05,
-        0.01,
-        *SolverOptions(n_iters=20).op_args(),
-    ]
-    torch.library.opcheck(torch.ops.sotalign.klot_features_backward.default, backward_args)
+    assert errors.shape == (2,)
+    backward_args = [torch.tensor(2.0, dtype=x.dtype), x.detach(), y.detach(), x_teacher, y_teacher]
+    torch.library.opcheck(
+        torch.ops.sotalign.klot_features_backward.default, [*backward_args, f, g, f_t, g_t, *scalars]
+    )
 
 
 def test_opcheck_dense_ops(problem):
     x, y, x_teacher, y_teacher = problem
     K = (x @ y.T / 10).requires_grad_()
     K_teacher = x_teacher @ y_teacher.T / 10
-    solver = SolverOptions(n_iters=20, tol=1e-6, check_every=5, eps_scaling=0.5)
-    options = [0.05, 0.01, *solver.op_args()]
-    torch.library.opcheck(torch.ops.sotalign.klot_dense.default, [K, K_teacher, *options])
-    value, f, g, f_t, g_t = torch.ops.sotalign.klot_dense(K.detach(), K_teacher, *options)
+    a, b = weights(*K.shape, K.dtype)
+    solver = SolverOptions(n_iters=20, tol=1e-6, check_every=5, eps_scaling=0.5).encode()
+    torch.library.opcheck(torch.ops.sotalign.klot_dense.default, [K, K_teacher, a, b, 0.05, 0.01, solver])
+    value, f, g, f_t, g_t, _ = torch.ops.sotalign.klot_dense(K.detach(), K_teacher, a, b, 0.05, 0.01, solver)
     backward_args = [
         torch.tensor(-1.5, dtype=K.dtype),
         K.detach(),
@@ -163,6 +155,56 @@ def test_opcheck_dense_ops(problem):
         g_t,
         0.05,
         0.01,
-        *solver.op_args(),
+        solver,
     ]
     torch.library.opcheck(torch.ops.sotalign.klot_dense_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_opcheck_ot_value_ops(batched):
+    generator = torch.Generator().manual_seed(4)
+    shape = (3,) if batched else ()
+    x = torch.randn(*shape, 9, 3, dtype=torch.float64, generator=generator)
+    y = torch.randn(*shape, 7, 3, dtype=torch.float64, generator=generator)
+    a = torch.rand(*shape, 9, dtype=torch.float64, generator=generator)
+    b = torch.rand(*shape, 7, dtype=torch.float64, generator=generator)
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    scalars = [
+        0.5,
+        "sqeuclidean",
+        2.0,
+        float("inf"),
+        SolverOptions(n_iters=30, backend="reference").encode(),
+        False,
+    ]
+    args = [x.requires_grad_(), y.requires_grad_(), a.requires_grad_(), b.requires_grad_(), *scalars]
+    torch.library.opcheck(torch.ops.sotalign.ot_value.default, args)
+    value, f, g = torch.ops.sotalign.ot_value(x.detach(), y.detach(), a.detach(), b.detach(), *scalars)
+    assert value.shape == shape
+    grad = torch.ones(shape, dtype=x.dtype)
+    backward_args = [grad, x.detach(), y.detach(), a.detach(), b.detach(), f, g, *scalars[:-2]]
+    torch.library.opcheck(
+        torch.ops.sotalign.ot_value_backward.default, [*backward_args, scalars[-2], scalars[-1]]
+    )
+
+
+def test_sinkhorn_divergence_traces_fullgraph():
+    """The divergence is three custom ops: compiled value and gradients equal the eager ones."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 3, dtype=torch.float64, generator=generator)
+    y = torch.randn(10, 3, dtype=torch.float64, generator=generator) + 1
+
+    def loss(p):
+        return sotalign.sinkhorn_divergence(p, y, 0.5, n_iters=50)
+
+    def value_and_grad(fn):
+        p = x.clone().requires_grad_()
+        value = fn(p)
+        value.backward()
+        return value.detach(), p.grad
+
+    eager = value_and_grad(loss)
+    compiled = value_and_grad(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+    assert relative_error(compiled[0], eager[0]) < 1e-12
+    assert relative_error(compiled[1], eager[1]) < 1e-12

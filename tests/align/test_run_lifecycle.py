@@ -318,7 +318,7 @@ def test_bad_store_values_are_caught_in_the_batch_that_reads_them(platonic, tmp_
     spec = toy_spec(platonic)
     # the row that the third step's unpaired image batch reads
     data = AlignmentData.from_spec(spec)
-    batches = BatchSource(config.recipe(), config, data, None, torch.device("cpu"))
+    batches = BatchSource(config.training_method(), config, data, None, torch.device("cpu"))
     row = int(data.unpaired_images.indices[batches.images.batch(2)[5]])
     images = np.load(platonic / "images.npy")
     images[row, 3] = np.nan

@@ -63,27 +63,33 @@ demo-full: $(STAMP) data
 # benchmarks/results/<machine>-<suite>.{json,md,png}. Run it on an otherwise idle machine.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet "$(TORCH)" -e ".[test,bench]"
-	machine=$$($(PY) benchmarks/report.py --machine) && \
+	machine=$$($(PY) -m benchmarks.machine) && \
 	for suite in crossover klot sinkhorn; do \
 	  $(PY) -m pytest -q benchmarks/bench_$$suite.py \
 	    --benchmark-json=benchmarks/results/$$machine-$$suite.json || exit 1; \
 	done && \
-	$(PY) benchmarks/report.py benchmarks/results/$$machine-*.json
+	$(PY) -m benchmarks.report benchmarks/results/$$machine-crossover.json \
+	  benchmarks/results/$$machine-klot.json benchmarks/results/$$machine-sinkhorn.json
 
-# The GPU harness (Triton, the paper's algorithm eager and compiled, POT, GeomLoss/KeOps,
-# FlashSinkhorn) on a CUDA machine; ~20 min on an H100. Suites one by one:
-# `bash benchmarks/run_gpu.sh sinkhorn|klot|scale`.
+# The GPU sweep (every shape and peer: the paper's algorithm eager and compiled, POT,
+# GeomLoss/KeOps, FlashSinkhorn, each sotalign backend and precision) on a CUDA machine, in
+# this venv; what does not fit the budget is skipped with the reason. Same code and output
+# layout as gpu-check: benchmarks/results/<gpu>-gpu-sweep.{json,md}.
 bench-gpu: $(STAMP)
-	VENV=$(VENV) INSTALL=1 bash benchmarks/run_gpu.sh
+	$(PY) -m pip install --quiet -e ".[bench]"
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh --sweep --budget 3000
 
 # Weak scaling and bytes per iteration of the global KLOT on 1-4 gloo processes (~5 min on 2 cores):
 # benchmarks/results/<machine>-distributed.{md,json}; see docs/distributed.md.
 bench-distributed: $(STAMP)
-	$(PY) benchmarks/distributed_scaling.py --rows 2048
+	$(PY) -m benchmarks.distributed_scaling --rows 2048
 
 # The device check in one command, on a GPU machine with no network: its own python3, torch
 # and triton, sotalign from this tree; peer wheels from .whl/ (`make gpu-wheels` fetches them
-# where pip works). < 6 min on one H100/H200; JSON + Markdown under $$OUT or benchmarks/results.
+# where pip works). < 6 min on one H100/H200. Output under $$OUT when set (else this tree),
+# laid out like the repository: benchmarks/results/<gpu>-gpu-check.{json,md} and the measured
+# sotalign/ot/dispatch.json. Next step, from the repository root: `cp -r <that folder>/. .`
+# (then review `git diff sotalign/ot/dispatch.json`).
 # `bash benchmarks/gpu_check.sh --smoke` runs it on CPU (Triton interpreter, tiny shapes).
 gpu-check:
 	bash benchmarks/gpu_check.sh
@@ -98,7 +104,7 @@ gpu-wheels:
 # Registers and stack (spill) bytes of every Triton kernel and config, compiled for sm_90
 # under both tritons (no GPU): benchmarks/results/sm90-kernel-resources.{md,json}.
 kernel-resources: $(STAMP) $(TRITON36)/.installed
-	$(PY) benchmarks/kernel_resources.py
+	$(PY) -m benchmarks.kernel_resources
 
 # SAIL, its semi-supervised baselines and SOTAlign on the synthetic platonic data, 3 seeds
 # (~10 min on 2 idle cores): benchmarks/results/<machine>-alignment.{md,json}.

@@ -27,6 +27,8 @@ import textwrap
 
 import pytest
 
+from benchmarks.cpu import SMOKE
+
 N, D, D_TEACHER = 256, 64, 32
 CASES = {
     "sotalign first": ("import sotalign, torch", {}),
@@ -96,11 +98,11 @@ class CompetingLoad:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_klot_step_under_load(benchmark, smoke, case):
+def test_klot_step_under_load(benchmark, case):
     """Median step time idle and under load, in one fresh interpreter each."""
-    if smoke and case != "sotalign first":
+    if SMOKE and case != "sotalign first":
         pytest.skip("smoke run: only the default case (each case costs two fresh interpreters)")
-    steps = 3 if smoke else 15
+    steps = 3 if SMOKE else 15
     idle = _median_step(case, steps)
     with CompetingLoad():
         loaded = benchmark.pedantic(_median_step, args=(case, steps), rounds=1, iterations=1)

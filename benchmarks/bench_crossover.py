@@ -3,8 +3,8 @@
 At n = m = 2048, one 20-iteration Sinkhorn solve from the raw features with ``path="dense"``
 (K = x̂ŷᵀ computed once by BLAS — inside the timed call — then read each half-step) and with
 ``path="online"`` (K recomputed tile by tile each half-step), for d from 4 to 256. The
-terminal summary (and ``report.py``) name the crossover: the smallest d from which dense is
-never slower. ``DENSE_MIN_DIM["cpu"]`` in ``sotalign/ot/dispatch.py`` should match it.
+terminal summary (and the report) name the crossover: the smallest d from which dense is
+never slower. ``dense_min_dim.cpu`` in ``sotalign/ot/dispatch.json`` should match it.
 """
 
 from __future__ import annotations
@@ -13,21 +13,20 @@ import pytest
 import torch
 
 import sotalign
+from benchmarks.cpu import CROSSOVER_N, CROSSOVER_RESULTS, run_benchmark
 
 EPS = 0.05
 N_ITERS = 20
 
 
 @pytest.mark.parametrize("path", ["dense", "online"])
-def test_cpu_path(
-    benchmark, bench, problem, cpu_backend, crossover_n, crossover_dim, crossover_results, path
-):
+def test_cpu_path(benchmark, problem, cpu_backend, crossover_dim, path):
     """One cpu-backend solve on one path at feature dimension ``crossover_dim``."""
-    n = crossover_n
+    n = CROSSOVER_N
     data = problem(n, crossover_dim)
-    result = bench(
+    result = run_benchmark(
         benchmark,
-        lambda: sotalign.sinkhorn(data.x, data.y, EPS, N_ITERS, backend="cpu", path=path),
+        lambda: sotalign.sinkhorn(data.x, data.y, EPS, n_iters=N_ITERS, backend="cpu", path=path),
         suite="crossover",
         provider=f"sotalign-cpu-{path}",
         group=f"crossover n={n} d={crossover_dim}",
@@ -36,10 +35,9 @@ def test_cpu_path(
         d=crossover_dim,
         eps=EPS,
         n_iters=N_ITERS,
-        dtype="float32",
         requested_backend="cpu",
         requested_path=path,
     )
     assert result.path == path and torch.isfinite(result.f).all()
     if benchmark.stats is not None:  # None under --benchmark-disable
-        crossover_results[(crossover_dim, path)] = benchmark.stats.stats.median
+        CROSSOVER_RESULTS[(crossover_dim, path)] = benchmark.stats.stats.median

@@ -27,14 +27,13 @@ images and texts are independent draws (no row correspondence), n = m ∈ {1024,
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 import sotalign
+from benchmarks.cpu import SMOKE
 
-SMOKE = os.environ.get("SOTALIGN_BENCH_SMOKE") == "1"
 EPS_TEACHER = 0.01
 TOL = 1e-4
 FIXED_ITERS = 100
@@ -94,8 +93,8 @@ def test_iterations(benchmark, n, eps, eps_scaling):
     options = dict(tol=TOL, check_every=1, n_iters=MAX_ITERS, eps_scaling=eps_scaling)
     student = sotalign.sinkhorn(x, y, eps, **options)
     teacher = sotalign.sinkhorn(x_t, y_t, EPS_TEACHER, **options)
-    fixed_student = sotalign.sinkhorn(x, y, eps, FIXED_ITERS)
-    fixed_teacher = sotalign.sinkhorn(x_t, y_t, EPS_TEACHER, FIXED_ITERS)
+    fixed_student = sotalign.sinkhorn(x, y, eps, n_iters=FIXED_ITERS)
+    fixed_teacher = sotalign.sinkhorn(x_t, y_t, EPS_TEACHER, n_iters=FIXED_ITERS)
     fixed_value, fixed_grad = fixed_step(features, n, eps)
 
     benchmark.group = f"iterations n={n}"

@@ -1,6 +1,6 @@
 """Weak scaling and traffic of the global KLOT (sotalign.distributed) on CPU processes.
 
-    python benchmarks/distributed_scaling.py [--worlds 1 2 3 4] [--rows 512] [--dim 64]
+    python -m benchmarks.distributed_scaling [--worlds 1 2 3 4] [--rows 512] [--dim 64]
 
 launches ``torchrun --nproc-per-node W`` for each W (gloo, one torch thread per rank, rank r
 pinned to core r mod #cores) with every rank's shard fixed (n_r = m_r = ``--rows``), and
@@ -145,12 +145,10 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    machine = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "report.py"), "--machine"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    # Imported here: the workers run this file as a script, outside the package.
+    from benchmarks.machine import local_machine, machine_slug
+
+    machine = machine_slug(local_machine())
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.jsonl"
         for world in args.worlds:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# `make gpu-check`: the one-command device check (benchmarks/gpu_check.py) with the machine's
-# own python3/torch/triton and sotalign from this source tree. Peer wheels in .whl/ (POT,
-# GeomLoss, pykeops + keopscore, flash-sinkhorn, lion-pytorch), when present, are installed
-# with no network into a folder put on PYTHONPATH; missing peers are skipped with the reason.
-#   bash benchmarks/gpu_check.sh [--smoke] [--budget SECONDS] [--out DIR]
+# `make gpu-check` / `make bench-gpu`: the GPU benchmark (python -m benchmarks.gpu) with the
+# machine's own python3, torch and triton, and sotalign from this source tree; no network.
+# Peer wheels in .whl/ (`make gpu-wheels`: POT, GeomLoss, pykeops + keopscore, flash-sinkhorn,
+# lion-pytorch), when present, are installed with no index into a folder put on PYTHONPATH;
+# a missing peer is skipped with the reason.
+#   bash benchmarks/gpu_check.sh [--smoke] [--sweep] [--budget SECONDS] [--out DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,4 +20,4 @@ if ! why=$("$PY" -c "import sotalign" 2>&1); then
     echo "  (a missing dependency can travel as a wheel: make gpu-wheels, then carry .whl)" >&2
     exit 2
 fi
-exec "$PY" benchmarks/gpu_check.py "$@"
+exec "$PY" -m benchmarks.gpu "$@"

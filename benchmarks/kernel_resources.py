@@ -1,8 +1,8 @@
 r"""Compile every Triton kernel of sotalign for sm_90 (H100/H200) without a GPU, and report the
 registers and stack (spill) bytes of each kernel, variant and config.
 
-    .venv/bin/python benchmarks/kernel_resources.py                 # every config, both tritons
-    .venv/bin/python benchmarks/kernel_resources.py --configs first # the first config of each
+    .venv/bin/python -m benchmarks.kernel_resources                 # every config, both tritons
+    .venv/bin/python -m benchmarks.kernel_resources --configs first # the first config of each
 
 Each triton version compiles in its own process, with TRITON_INTERPRET unset and that
 triton first on PYTHONPATH: the venv's (pinned in the test extra) and, when installed,
@@ -42,6 +42,19 @@ FAMILIES = [
 ]
 
 
+#: The plan-sum kernels' flags on features and on stored matrices.
+PLAN_SUMS = {
+    "features": [
+        ("plan_sum_kernel", dict(DENSE=False, D_CEIL=128, DENSE_B=False, D_CEIL_B=256)),
+        ("plan_difference_kernel", dict(DENSE=False, D_CEIL=256, DENSE_T=False, D_CEIL_T=128)),
+    ],
+    "stored": [
+        ("plan_sum_kernel", dict(DENSE=True, D_CEIL=64, DENSE_B=True, D_CEIL_B=64)),
+        ("plan_difference_kernel", dict(DENSE=True, D_CEIL=64, DENSE_T=True, D_CEIL_T=64)),
+    ],
+}
+
+
 def variants():
     """(kernel name, variant label, operand dtype, potentials dtype, constexprs, configs kind)."""
     for label, op, acc, dot, product in FAMILIES:
@@ -56,22 +69,8 @@ def variants():
                 dict(D_CEIL=d_ceil, DOT_PRECISION=dot, RESIDENT=resident, EPILOGUE=True),
                 "online",
             )
-        yield (
-            "plan_sum_kernel",
-            f"{label} features",
-            op,
-            acc,
-            dict(DENSE=False, D_CEIL=128, DENSE_B=False, D_CEIL_B=256, DOT_PRECISION=dot),
-            "online",
-        )
-        yield (
-            "plan_difference_kernel",
-            f"{label} features",
-            op,
-            acc,
-            dict(DENSE=False, D_CEIL=256, DENSE_T=False, D_CEIL_T=128, DOT_PRECISION=dot),
-            "online",
-        )
+        for name, flags in PLAN_SUMS["features"]:
+            yield (name, f"{label} features", op, acc, dict(flags, DOT_PRECISION=dot), "online")
         yield (
             "plan_product_kernel",
             f"{label} KLOT backward, 256 wide",
@@ -91,22 +90,8 @@ def variants():
         )
     for acc in ("fp32", "fp64"):
         yield ("lse_dense_kernel", acc, acc, acc, dict(EPILOGUE=True), "dense")
-        yield (
-            "plan_sum_kernel",
-            f"{acc} stored",
-            acc,
-            acc,
-            dict(DENSE=True, D_CEIL=64, DENSE_B=True, D_CEIL_B=64, DOT_PRECISION="ieee"),
-            "online",
-        )
-        yield (
-            "plan_difference_kernel",
-            f"{acc} stored",
-            acc,
-            acc,
-            dict(DENSE=True, D_CEIL=64, DENSE_T=True, D_CEIL_T=64, DOT_PRECISION="ieee"),
-            "online",
-        )
+        for name, flags in PLAN_SUMS["stored"]:
+            yield (name, f"{acc} stored", acc, acc, dict(flags, DOT_PRECISION="ieee"), "online")
         yield (
             "plan_product_kernel",
             f"{acc} stored, plan product",
@@ -148,17 +133,7 @@ def child(first_only: bool) -> None:
         "product": tiles.product_configs(),
         None: [triton.Config({}, num_warps=4, num_stages=1)],
     }
-    kernels = {
-        name: getattr(lse, name, None) or getattr(plan, name)
-        for name in (
-            "lse_kernel",
-            "lse_dense_kernel",
-            "update_kernel",
-            "plan_sum_kernel",
-            "plan_difference_kernel",
-            "plan_product_kernel",
-        )
-    }
+    kernels = {name: getattr(lse, name, None) or getattr(plan, name) for name, *_ in variants()}
     for name, label, op, acc, flags, kind in variants():
         fn = kernels[name]
         while not isinstance(fn, JITFunction):

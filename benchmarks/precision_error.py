@@ -1,6 +1,6 @@
 r"""Error of the Triton backend's precision flags (fp32, tf32x3, fp16x3, tf32, fp16) against float64.
 
-    .venv/bin/python benchmarks/precision_error.py [--n 512] [--d 256] [--iters 100]
+    .venv/bin/python -m benchmarks.precision_error [--n 512] [--d 256] [--iters 100]
 
 For cosine features (n = m, student d, teacher d/2, clustered so the plans are far from
 uniform) and each ε in {0.05, 0.01} this measures, against the float64 reference:
@@ -25,16 +25,14 @@ How each flag is reproduced:
   (fp32, fp16 and fp16x3; it computes tf32 dots exactly) on a smaller problem next to the
   emulation.
 
-Writes ``benchmarks/results/<machine>-precision.md`` (machine as in ``report.py``).
+Writes ``benchmarks/results/<machine>-precision.md`` (:mod:`benchmarks.machine`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -42,13 +40,14 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (cross-check)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS, local_machine, machine_slug  # noqa: E402
-
+from benchmarks.machine import local_machine, machine_slug  # noqa: E402
+from benchmarks.report import RESULTS  # noqa: E402
 from sotalign.kernels.base import Affinity  # noqa: E402
 from sotalign.kernels.reference import ReferenceBackend  # noqa: E402
 from sotalign.kernels.triton.backend import fp16_split  # noqa: E402
-from sotalign.ot.sinkhorn import solve, uniform_log_weights  # noqa: E402
+from sotalign.ot.options import SolverOptions  # noqa: E402
+from sotalign.ot.problem import uniform_problem  # noqa: E402
+from sotalign.ot.sinkhorn import solve  # noqa: E402
 
 REFERENCE = ReferenceBackend()
 EPS_TEACHER = 0.01
@@ -120,16 +119,15 @@ def run(features, eps: float, iters: int, backend, mode: str | None):
     formulas in fp32 on round(x̂) round(ŷ)ᵀ; ``mode`` None: ``backend`` on the features as
     given (the float64 reference, or the Triton kernels)."""
     x, y, x_t, y_t = features
-    n, m = x.shape[0], y.shape[0]
     if mode is None:
         K, K_t = Affinity.from_features(x, y), Affinity.from_features(x_t, y_t)
     else:
         backend = REFERENCE
         K, K_t = (Affinity.from_dense(dot_as_computed(a, b, mode)) for a, b in ((x, y), (x_t, y_t)))
-    log_a = uniform_log_weights(n, x.dtype, x.device)
-    log_b = uniform_log_weights(m, x.dtype, x.device)
-    f, g, _ = solve(backend, K, eps, iters, log_a, log_b)
-    f_t, g_t, _ = solve(backend, K_t, EPS_TEACHER, iters, log_a, log_b)
+    options = SolverOptions(n_iters=iters)
+    student = solve(uniform_problem(backend, K), eps, options)
+    teacher = solve(uniform_problem(backend, K_t), EPS_TEACHER, options)
+    f, g, f_t, g_t = student.f, student.g, teacher.f, teacher.g
     args = (K, f, g, eps, K_t, f_t, g_t, EPS_TEACHER)
     value = backend.klot_value(*args)
     if mode is None:

@@ -1,6 +1,8 @@
-"""Turn pytest-benchmark JSON from the sotalign suites into a Markdown table and a plot.
+"""The report writer of the benchmarks: Markdown tables and plots of the CPU suites, and the
+Markdown of a GPU run (:mod:`benchmarks.gpu`).
 
-    .venv/bin/python benchmarks/report.py benchmarks/results/cpu-amd-epyc-2core-sinkhorn.json
+    python -m benchmarks.report benchmarks/results/cpu-amd-epyc-2core-sinkhorn.json
+    python -m benchmarks.report benchmarks/results/<gpu>-gpu-check.json   # rewrites its .md
 
 For each suite found in the JSON (``extra_info["suite"]``: sinkhorn, klot, crossover) writes
 ``<machine>-<suite>.md`` and ``<machine>-<suite>.png`` into ``--out`` (default: the folder
@@ -11,43 +13,39 @@ and core count recorded by the suite's conftest, else read from this machine).
   paper's dense algorithm and over POT (where timed), memory and the backend/path used;
   the plot is median time against n (log-log), one line per provider, one panel per d.
 * crossover: dense vs online time per d and the crossover d; the plot is time against d.
+* iterations (bench_iterations.py): the table of iteration counts, no plot.
+
+A GPU run's JSON (``"format": GPU_FORMAT``) gives ``<name>.md`` next to it
+(:func:`gpu_markdown`: a table per case with roofline bounds, and the targets of
+``targets.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
-import re
+import math
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
+from . import roofline
+from .machine import local_machine, machine_slug
+
 RESULTS = Path(__file__).resolve().parent / "results"
+#: The "format" of the JSON report of benchmarks.gpu.
+GPU_FORMAT = "sotalign benchmarks.gpu report"
+#: The GPU targets, kept as data next to this file.
+TARGETS = json.loads((Path(__file__).resolve().parent / "targets.json").read_text())
 BASELINES = {"paper-dense": "paper", "pot-sinkhorn_log": "POT"}
 #: The CPU suites this report handles.
-SUITES = ("sinkhorn", "klot", "crossover")
+SUITES = ("sinkhorn", "klot", "crossover", "iterations")
 HEADLINE = {"sinkhorn": (4096, 64), "klot": (2048, 256)}
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def local_machine() -> dict:
-    model = "unknown-cpu"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu_model": model, "cores": os.cpu_count()}
-
-
-def machine_slug(machine: dict) -> str:
-    """``cpu-amd-epyc-2core`` from the CPU model name and the core count."""
-    model = re.sub(r"\((r|tm)\)|cpu|processor|\d+-core", " ", machine["cpu_model"].lower())
-    model = re.sub(r"@.*", "", model)
-    words = re.findall(r"[a-z0-9]+", model)
-    return "-".join(["cpu", *words, f"{machine['cores']}core"])
 
 
 def load(path: Path) -> tuple[dict, dict[str, list[dict]]]:
@@ -59,7 +57,7 @@ def load(path: Path) -> tuple[dict, dict[str, list[dict]]]:
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         if info.get("suite") not in SUITES or not bench.get("stats"):
-            continue  # the GPU and iteration suites have their own report, gpu_report.py
+            continue
         stats = bench["stats"]
         suites[info["suite"]].append(
             {
@@ -77,7 +75,12 @@ def load(path: Path) -> tuple[dict, dict[str, list[dict]]]:
 
 
 def fmt_time(seconds: float) -> str:
-    return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+    """Three significant digits in s, ms or µs."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale or unit == "µs":
+            value = seconds / scale
+            return f"{value:.{max(0, 2 - int(math.floor(math.log10(max(value, 1e-12)))))}f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def shape_key(row: dict) -> tuple:
@@ -156,28 +159,81 @@ def headline(suite: str, rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def crossover_table(rows: list[dict]) -> tuple[list[str], int | None]:
-    times = {(r["d"], r["path"]): r["median"] for r in rows}
-    dims = sorted({d for d, _ in times})
+def crossover_dim(times: dict[tuple[int, str], float]) -> int | None:
+    """Smallest d from which the dense path is at least as fast as online for every larger d
+    (``times[(d, path)]``: seconds; the d timed on one path only are left out)."""
+    dims = sorted(d for d, path in times if path == "dense" and (d, "online") in times)
+    answer = None
+    for d in reversed(dims):
+        if times[(d, "dense")] > times[(d, "online")]:
+            break
+        answer = d
+    return answer
+
+
+def crossover_table(times: dict[tuple[int, str], float]) -> list[str]:
+    """Dense against online per d (``times[(d, path)]``: seconds), and the crossover."""
     lines = [
         "| d | dense (K once + reads) | online (K recomputed) | online / dense | faster |",
         "|---:|---:|---:|---:|---|",
     ]
-    for d in dims:
+    for d in sorted({d for d, _ in times}):
         dense, online = times.get((d, "dense")), times.get((d, "online"))
-        if dense is None or online is None:
-            continue
-        lines.append(
-            f"| {d} | {fmt_time(dense)} | {fmt_time(online)} | {online / dense:.2f} | "
-            f"{'dense' if dense <= online else 'online'} |"
+        cells = [fmt_time(t) if t else "–" for t in (dense, online)]
+        ratio, faster = (
+            (f"{online / dense:.2f}", "dense" if dense <= online else "online")
+            if dense and online
+            else ("–", "–")
         )
-    crossover = None  # smallest d from which dense is never slower
-    for d in reversed(dims):
-        dense, online = times.get((d, "dense")), times.get((d, "online"))
-        if dense is None or online is None or dense > online:
-            break
-        crossover = d
-    return lines + [""], crossover
+        lines.append(f"| {d} | {cells[0]} | {cells[1]} | {ratio} | {faster} |")
+    return lines + [
+        "",
+        f"**Crossover d = {crossover_dim(times)}** (dense is never slower from this d on).",
+        "",
+    ]
+
+
+def iteration_count(row: dict, key: str) -> str:
+    """An iteration count of the table, marked when the solve hit the iteration cap."""
+    reached = row[key] < row["max_iters"]
+    return f"{row[key]}" if reached else f"≥ {row[key]} (not reached)"
+
+
+def iterations_markdown(machine: dict, rows: list[dict], source: str) -> str:
+    r0 = rows[0]
+    lines = [
+        f"# Sinkhorn iterations a KLOT step needs — {machine.get('cpu_model', '?')}, "
+        f"backend {r0['backend']} ({r0['path']})",
+        "",
+        f"Source: `{source}` ({machine.get('datetime', '')}). Features: n = m unpaired rows "
+        f"from 32 clusters in a rank-16 latent space, mapped to d = {r0['d']} (student) and "
+        f"d* = {r0['d_teacher']} (teacher) plus noise (bench_iterations.py). Teacher "
+        f"ε* = {r0['eps_teacher']}. Tolerance {r0['tol']:g} on the L1 marginal error, checked "
+        f"every iteration, at most {r0['max_iters']} iterations; ε-scaling iterations count. "
+        f"The baseline is the default step of {r0['fixed_iters']} fixed iterations per solve. "
+        "Iteration counts do not depend on the device.",
+        "",
+        "| n = m | student ε | ε-scaling | student iters | teacher iters | KLOT step iters "
+        "| marginal error after 100 fixed (student / teacher) | KLOT value change | "
+        "gradient change | step time (tol; median of 5) |",
+        "|---:|---:|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["n"], -r["eps"], r["eps_scaling"] or 0)):
+        count = functools.partial(iteration_count, r)
+        scaling = "off" if r["eps_scaling"] is None else f"×{r['eps_scaling']}"
+        lines.append(
+            f"| {r['n']} | {r['eps']} | {scaling} | {count('student_iters')} | "
+            f"{count('teacher_iters')} | {r['total_iters']} | {r['fixed_error']:.1e} / "
+            f"{r['fixed_error_teacher']:.1e} | {r['value_change']:.1e} | "
+            f"{r['grad_change']:.1e} | {fmt_time(r['median'])} |"
+        )
+    lines += [
+        "",
+        "*KLOT value change* = |KLOT(tol) − KLOT(100 fixed)| / |KLOT(tol)|; *gradient "
+        "change* = ‖∇(tol) − ∇(100 fixed)‖ / ‖∇(tol)‖ over both feature gradients.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- plots
@@ -272,6 +328,11 @@ def report(json_path: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for suite, rows in suites.items():
+        if suite == "iterations":  # a table only
+            md = out / f"{slug}-{suite}.md"
+            md.write_text(iterations_markdown(machine, rows, json_path.name))
+            written.append(md)
+            continue
         threads = rows[0].get("threads")
         title = (
             f"sotalign {suite} benchmark — {machine['cpu_model']}, {machine['cores']} cores "
@@ -288,17 +349,14 @@ def report(json_path: Path, out: Path) -> list[Path]:
             "",
         ]
         if suite == "crossover":
-            table, crossover = crossover_table(rows)
-            n = rows[0]["n"]
+            times = {(r["d"], r["path"]): r["median"] for r in rows}
             lines += [
-                f"One {rows[0]['n_iters']}-iteration Sinkhorn solve at n = m = {n} on the "
+                f"One {rows[0]['n_iters']}-iteration Sinkhorn solve at n = m = {rows[0]['n']} on the "
                 "cpu backend; the dense time includes computing K once.",
                 "",
-                *table,
-                f"**Crossover d = {crossover}** (dense is never slower from this d on).",
-                "",
+                *crossover_table(times),
             ]
-            print(f"{suite}: crossover d = {crossover}")
+            print(f"{suite}: crossover d = {crossover_dim(times)}")
         else:
             lines += [
                 "## sotalign-auto against the baselines",
@@ -320,20 +378,246 @@ def report(json_path: Path, out: Path) -> list[Path]:
     return written
 
 
+# --------------------------------------------------------------------------- GPU runs
+
+
+def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖value − expected‖ / ‖expected‖ in float64."""
+    expected = expected.double()
+    return float((value.double() - expected).norm() / expected.norm().clamp_min(1e-300))
+
+
+def fmt_bytes(size) -> str:
+    return "–" if size is None else f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+def fmt_error(value) -> str:
+    return "–" if value is None else f"{value:.1e}"
+
+
+def case_table(rows: list[dict], n_iters: int | None) -> list[str]:
+    """One row per provider of a GPU case; ``n_iters`` adds the per-iteration time."""
+    head = ["provider", "s / call"] + (["ms / iter"] if n_iters else [])
+    head += [
+        "× first row",
+        "warm-up s",
+        "peak extra",
+        "bound",
+        "× bound",
+        "value err",
+        "grad / potential err",
+    ]
+    lines = ["| " + " | ".join(head + ["route"]) + " |", "|---|" + "---:|" * (len(head) - 1) + "---|"]
+    first = rows[0].get("seconds") if rows else None
+    for row in rows:
+        if "seconds" not in row:
+            reason = row.get("error") or row.get("skipped")
+            cells = [f"*{reason}*"] + [""] * (len(head) - 1)
+        else:
+            seconds, bound = row["seconds"], row.get("bound_seconds")
+            cells = [fmt_time(seconds)]
+            cells += [f"{1e3 * seconds / n_iters:.3g}"] if n_iters else []
+            cells += [
+                f"{first / seconds:.2f}" if first else "–",
+                f"{row['warmup_seconds']:.3g}",
+                fmt_bytes(row.get("peak_extra_bytes")),
+                fmt_time(bound) if bound else "–",
+                f"{seconds / bound:.3g}" if bound else "–",
+                fmt_error(row.get("value_error")),
+                fmt_error(row.get("grad_error", row.get("potential_error"))),
+            ]
+        route = row.get("route")
+        cells.append(
+            f"{route['backend']} {route['path']} {route['precision']}" if route else row.get("note", "")
+        )
+        lines.append("| " + " | ".join([row["provider"], *cells]) + " |")
+    return lines + [""]
+
+
+def _row(report: dict, section: str, case: list, provider: str) -> dict | None:
+    for entry in report.get(section, {}).get("cases", []):
+        if entry["case"] == case:
+            return next((r for r in entry["rows"] if r["provider"] == provider and "seconds" in r), None)
+    return None
+
+
+def targets(report: dict) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met or None when not measured) for each target of targets.json."""
+    out = []
+    gpu = report["roofline_gpu"].split()[0]
+    n, d = TARGETS["sinkhorn"]["headline"]
+    case = next((c for c in report.get("sinkhorn", {}).get("cases", []) if c["case"][:2] == [n, d]), None)
+    rows = [
+        r for r in (case["rows"] if case else []) if r["provider"].startswith("sotalign") and "seconds" in r
+    ]
+    limit = TARGETS["sinkhorn"]["max_x_best_bound"]
+    best = min(rows, key=lambda r: r["seconds"], default=None)
+    where = f"Sinkhorn n = m = {n}, d = {d}"
+    if best:
+        ratio = best["seconds"] / (case["case"][2] * roofline.best_iteration_bound(n, n, d, gpu))
+        out.append(
+            (
+                f"{where}: fastest sotalign ≤ {limit}× the best roofline bound",
+                f"{best['provider']}: {ratio:.2f}×",
+                ratio <= limit,
+            )
+        )
+    else:
+        out.append((f"{where}: fastest sotalign ≤ {limit}× the best roofline bound", "–", None))
+    for precision in ("fp32", "tf32"):
+        flash = next(
+            (
+                r
+                for r in rows + (case["rows"] if case else [])
+                if r["provider"] == f"flashsinkhorn-{precision}" and "seconds" in r
+            ),
+            None,
+        )
+        mine = [r for r in rows if r["provider"].endswith(f"online-{precision}")]
+        label = f"{where}: sotalign online faster than FlashSinkhorn ({precision} dots)"
+        if flash and mine:
+            ratio = flash["seconds"] / mine[0]["seconds"]
+            out.append((label, f"{ratio:.2f}× FlashSinkhorn", ratio > 1))
+        else:
+            out.append((label, "–", None))
+    for headline in TARGETS["klot"]["headlines"]:
+        shape, minimum = headline["shape"], headline["min_x_paper"]
+        label = f"KLOT n = m = {shape[0]}, d = {shape[1]}, d* = {shape[2]}"
+        case = next(
+            (c["case"] for c in report.get("klot", {}).get("cases", []) if c["case"][:3] == shape), None
+        )
+        auto, paper = (_row(report, "klot", case, p) for p in ("sotalign-auto", "paper-dense"))
+        speedup = paper["seconds"] / auto["seconds"] if auto and paper else None
+        out.append(
+            (
+                f"{label}: sotalign-auto ≥ {minimum:g}× the paper's step",
+                "–" if speedup is None else f"{speedup:.2f}×",
+                None if speedup is None else speedup >= minimum,
+            )
+        )
+        limit = TARGETS["klot"]["max_x_bound"]
+        ratio = auto["seconds"] / auto["bound_seconds"] if auto and auto.get("bound_seconds") else None
+        out.append(
+            (
+                f"{label}: sotalign-auto ≤ {limit}× the bound of its path",
+                "–" if ratio is None else f"{ratio:.2f}×",
+                None if ratio is None else ratio <= limit,
+            )
+        )
+    peaks = [
+        (r["peak_extra_bytes"] / 2**20, r["provider"])
+        for c in report.get("klot", {}).get("cases", [])
+        for r in c["rows"]
+        if r.get("route", {}).get("path") == "online" and r.get("peak_extra_bytes") is not None
+    ]
+    limit = TARGETS["online_max_extra_mib"]
+    worst = max(peaks, default=None)
+    out.append(
+        (
+            f"KLOT online paths: peak ≤ {limit} MiB beyond the inputs",
+            "–" if worst is None else f"{worst[0]:.0f} MiB ({worst[1]})",
+            None if worst is None else worst[0] <= limit,
+        )
+    )
+    return out
+
+
+def gpu_markdown(report: dict) -> str:
+    """The Markdown of a GPU run's report (:mod:`benchmarks.gpu`)."""
+    machine = report["machine"]
+    kind = "sweep" if report["sweep"] else "check"
+    device = machine.get("gpu_name") or f"CPU ({machine['cpu_model']}, {machine['cores']} cores)"
+    lines = [f"# GPU {kind}: {device} ({report['date']})", ""]
+    if report["smoke"]:
+        lines += [
+            "> **SMOKE RUN on CPU**: Triton in its interpreter, tiny shapes. No number here measures",
+            "> anything; it shows that every section runs and what the report holds.",
+            "",
+        ]
+    lines += [
+        f"torch {machine['torch']}, triton {machine['triton']}, python {machine['python']}. Backends: "
+        + ", ".join(f"{name} {state}" for name, state in machine["backends"].items())
+        + ". Peers: "
+        + ", ".join(f"{name} {version}" for name, version in machine["peers"].items())
+        + ".",
+        "",
+        f"{report.get('seconds', 0):.0f} s of a {report['budget_seconds']:.0f} s budget. Times: the median "
+        "of up to 3 calls after a warm-up call (compilation, autotuning); *peak extra*: CUDA "
+        "max_memory_allocated beyond what was allocated before; *bound*: the roofline lower bound "
+        f"(benchmarks/roofline.py, {report['roofline_gpu']}) of the row's path and dot precision. "
+        "Errors are relative to the first row of each table (the paper's algorithm; none in the "
+        "scale tables); potentials are compared centred.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+    ]
+    verdict = {None: "not measured", True: "**met**", False: "**missed**"}
+    lines += [f"| {target} | {measured} | {verdict[met]} |" for target, measured, met in targets(report)]
+    lines.append("")
+    if "tests" in report:
+        tests = report["tests"]
+        lines += [
+            f"## {tests['file']}: {tests['status']} in {tests['seconds']:.0f} s "
+            f"(target ≤ {tests['target_seconds']} s)",
+            "",
+            "```",
+            *tests["summary"],
+            "```",
+            "",
+        ]
+    for section, title in (("sinkhorn", "Sinkhorn"), ("klot", "KLOT step, forward + backward")):
+        for case in report.get(section, {}).get("cases", []):
+            lines += [f"## {title}, {case_label(section, case['case'])}", ""]
+            lines += case_table(case["rows"], case["case"][-1] if section == "sinkhorn" else None)
+    if "crossover" in report:
+        crossover = report["crossover"]
+        times = {
+            (row["d"], path): row[path]["seconds"]
+            for row in crossover["rows"]
+            for path in ("dense", "online")
+            if "seconds" in row[path]
+        }
+        lines += [
+            f"## Dense/online crossover: Sinkhorn n = m = {crossover['n']}, "
+            f"{crossover['n_iters']} iterations, online at {crossover['online_precision']}",
+            "",
+            *crossover_table(times),
+            f"Written to dispatch.json: d = {crossover['crossover_d']} "
+            f"(d timed on both paths: {crossover['timed_d']}).",
+            "",
+        ]
+    for case in report.get("scale", {}).get("cases", []):
+        section = case["section"]
+        what = "Sinkhorn" if section == "sinkhorn" else "KLOT step"
+        lines += [f"## Scale: {what}, {case_label(section, case['case'])}, online", ""]
+        lines += case_table(case["rows"], case["case"][-1] if section == "sinkhorn" else None)
+    return "\n".join(lines)
+
+
+def case_label(section: str, case: list) -> str:
+    if section == "klot":
+        n, d, d_teacher, n_iters = case
+        return f"n = m = {n}, d = {d}, teacher {d_teacher}, {n_iters} + {n_iters} iterations"
+    n, d, n_iters = case
+    return f"n = m = {n}, d = {d}, {n_iters} iterations"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", nargs="*", type=Path, help="pytest-benchmark --benchmark-json files")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
-    parser.add_argument(
-        "--machine",
-        action="store_true",
-        help="print this machine's name for result files (e.g. cpu-amd-epyc-2core) and exit",
-    )
+    parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark or GPU-run JSON files")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder of the CPU reports")
     args = parser.parse_args()
-    if args.machine:
-        print(machine_slug(local_machine()))
-        return
     for path in args.json:
+        data = json.loads(path.read_text())
+        if data.get("format") == GPU_FORMAT:
+            markdown = path.with_suffix(".md")
+            markdown.write_text(gpu_markdown(data))
+            print(f"wrote {markdown}")
+            continue
+        if "benchmarks" not in data:
+            parser.error(f"{path} is neither pytest-benchmark JSON nor a report of benchmarks.gpu")
         for written in report(path, args.out):
             print(f"wrote {written}")
 

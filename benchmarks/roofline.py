@@ -23,10 +23,10 @@ fp16       dense FP16/BF16 tensor-core peak with fp32 accumulation (no sparsity)
 
 docs/design.md's two H100 figures at n = m = 16384, d = 512 are this model with fp16 tensor cores
 (online: 5.50e11 flop / 989.4 TFLOP/s = 0.556 ms) and a stored fp32 K read at 3.0 TB/s
-(dense: 2.15 GB / 3.0 TB/s = 0.716 ms); ``python benchmarks/roofline.py`` prints them and
-``test_roofline_reproduces_design`` in bench_gpu_sinkhorn.py checks them. The best bound of a shape,
+(dense: 2.15 GB / 3.0 TB/s = 0.716 ms); ``python -m benchmarks.roofline`` prints them and
+``test_roofline_reproduces_design`` in tests/test_benchmarks.py checks them. The best bound of a shape,
 :func:`best_iteration_bound`, is the smaller of the two (what a perfect library choosing its
-path would reach); it is the bound the harness's speed targets are stated against.
+path would reach); it is the bound the GPU targets (targets.json) are stated against.
 
 Spec numbers (NVIDIA H100 Tensor Core GPU datasheet, and the H200 product brief; the
 datasheets quote tensor-core throughput *with* 2:4 sparsity, which is halved here):

@@ -115,7 +115,7 @@ class Ranks:
         if not self.distributed:
             return klot_divergence(img, txt, teacher_img, teacher_txt, **options)
         if self.klot_scope == "global":
-            return sd.klot(img, txt, teacher_img, teacher_txt, group=self.group, affinity="cosine", **options)
+            return sd.klot(img, txt, teacher_img, teacher_txt, group=self.group, cost="cosine", **options)
         own = klot_divergence(img, txt, teacher_img, teacher_txt, **options) / self.world
         # the value is the mean over ranks; the gradient is this rank's own share of it
         mean = own.detach().clone()

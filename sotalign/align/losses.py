@@ -174,11 +174,11 @@ class InfoNCELoss(nn.Module):
 def klot_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor, **options) -> Tensor:
     r"""KLOT(K ‖ K*) = KL(OT_ε*(K*) ‖ OT_ε(K)) (paper Eq. 12) with cosine affinities.
 
-    Exactly :func:`sotalign.klot` with ``affinity="cosine"`` and its defaults; gradient
+    Exactly :func:`sotalign.klot` with ``cost="cosine"`` and its defaults; gradient
     (P − P*)/ε (Theorem 5.1/C.4). Keyword ``options`` (``eps``, ``eps_teacher``, ``n_iters``,
     ``backend``, ``path``, ``tol``, ...) go to it.
     """
-    return klot(img, txt, teacher_img, teacher_txt, affinity="cosine", **options)
+    return klot(img, txt, teacher_img, teacher_txt, cost="cosine", **options)
 
 
 def cka_divergence(img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor) -> Tensor:
@@ -327,7 +327,7 @@ def s_clip_targets(
     _check_matrices(unpaired=unpaired, paired=paired)
     _same_dim("unpaired", unpaired, "paired", paired)
     plan = sinkhorn(
-        unpaired.detach(), paired.detach(), eps=eps, n_iters=n_iters, affinity="cosine", backend=backend
+        unpaired.detach(), paired.detach(), eps=eps, n_iters=n_iters, cost="cosine", backend=backend
     ).plan()
     if hard:
         return F.one_hot(plan.argmax(1), paired.shape[0]).to(plan.dtype)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from .base import Affinity, Backend
 
 BACKEND_NAMES = ("reference", "torch", "cpu", "triton", "keops")
-#: Dot-product precisions; anything but fp32 is a Triton-only flag (see DESIGN.md §3).
+#: Dot-product precisions; anything but fp32 is a Triton-only flag (see docs/design.md §3).
 PRECISIONS = ("fp32", "tf32x3", "fp16x3", "tf32", "fp16")
 
 

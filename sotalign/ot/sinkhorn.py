@@ -165,7 +165,9 @@ def solve(
     from g and g' the column update from f. Since g was itself just computed from f, g' = g,
     so only f moves: f ← (f + f') / 2.
     """
-    state = LoopState(f=None, g=torch.zeros_like(problem.cols.weights) if g_init is None else g_init)
+    if g_init is None:  # zero, and −inf where a column has no weight (padding)
+        g_init = torch.where(problem.cols.weights > 0, 0.0, -torch.inf).to(problem.cols.weights.dtype)
+    state = LoopState(f=None, g=g_init)
     if options.eps_scaling is not None and eps_start is None:
         eps_start = spread
     schedule = eps_schedule(eps, options.n_iters, options.eps_scaling, eps_start)

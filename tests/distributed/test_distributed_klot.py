@@ -152,7 +152,7 @@ def test_klot_options_dot_affinity_and_float32(cluster, problem):
         eps=0.2,
         eps_teacher=0.1,
         n_iters=20,
-        affinity="dot",
+        cost="dot",
         backend="torch",
         path="online",
         tol=1e-4,

@@ -197,3 +197,76 @@ def test_plan_products(backend, path, dtype, shape):
     )
     if stored is not None:
         assert torch.equal(p.K.dense, stored), "a plan product modified the stored K"
+
+
+# --------------------------------------------------------------- batches and zero weights
+
+
+def padded_batch(dtype, path: str):
+    """Three problems of unequal sizes padded to one (B, n, m) batch: padding rows and
+    columns get −inf biases (weight zero). Returns the batch and the problems alone."""
+    sizes = [(13, 17), (5, 9), (11, 4)]
+    n, m = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    x, y = torch.zeros(3, n, D, dtype=torch.float64), torch.zeros(3, m, D, dtype=torch.float64)
+    row_bias = torch.full((3, n), -math.inf, dtype=torch.float64)
+    col_bias = torch.full((3, m), -math.inf, dtype=torch.float64)
+    alone = []
+    for k, (n_k, m_k) in enumerate(sizes):
+        x_k, y_k = unit_features(n_k, m_k, D, seed=31 + k)
+        x[k, :n_k], y[k, :m_k] = x_k, y_k
+        generator = torch.Generator().manual_seed(k)
+        row_bias[k, :n_k] = 0.1 * torch.randn(n_k, generator=generator, dtype=torch.float64)
+        col_bias[k, :m_k] = 0.1 * torch.randn(m_k, generator=generator, dtype=torch.float64)
+        alone.append((n_k, m_k, affinity(x_k, y_k, path)))
+    batch = (
+        affinity(x.to(dtype), y.to(dtype), path)
+        if path == "online"
+        else Affinity.from_dense((x @ y.mT).to(dtype))
+    )
+    return batch, row_bias.to(dtype), col_bias.to(dtype), alone
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.05])
+def test_batched_half_steps_equal_each_problem_alone(backend, path, dtype, eps):
+    K, row_bias, col_bias, alone = padded_batch(dtype, path)
+    rows = backend.lse_rows(K, col_bias, eps)
+    cols = backend.lse_cols(K, row_bias, eps)
+    tau = 0.7
+    f = backend.row_update(K, col_bias, eps, row_bias, tau)
+    assert rows.shape == row_bias.shape and cols.shape == col_bias.shape and f.shape == row_bias.shape
+    for k, (n_k, m_k, K_k) in enumerate(alone):
+        expected_rows = REFERENCE.lse_rows(K_k, col_bias[k, :m_k].double(), eps)
+        assert_close(rows[k, :n_k], expected_rows, dtype, scale=max(1.0, float(expected_rows.abs().max())))
+        expected_cols = REFERENCE.lse_cols(K_k, row_bias[k, :n_k].double(), eps)
+        assert_close(cols[k, :m_k], expected_cols, dtype, scale=max(1.0, float(expected_cols.abs().max())))
+        expected_f = tau * eps * (row_bias[k, :n_k].double() - expected_rows)
+        assert_close(f[k, :n_k], expected_f, dtype, scale=max(1.0, float(expected_f.abs().max())))
+    # padding rows see real columns (a finite LSE), padding columns see real rows
+    assert bool(torch.isfinite(rows).all()) and bool(torch.isfinite(cols).all())
+    assert bool((f[row_bias == -math.inf] == -math.inf).all())
+
+
+def test_an_lse_over_only_zero_weights_is_minus_inf_not_nan(backend, path, dtype):
+    x, y = unit_features(6, 9, D, seed=3)
+    K = affinity(x.to(dtype), y.to(dtype), path)
+    assert bool((backend.lse_rows(K, torch.full((9,), -math.inf, dtype=dtype), 0.05) == -math.inf).all())
+    assert bool((backend.lse_cols(K, torch.full((6,), -math.inf, dtype=dtype), 0.05) == -math.inf).all())
+
+
+def test_batched_plan_products_equal_each_problem_alone(backend, path, dtype):
+    K, f, g, alone = padded_batch(dtype, path)
+    generator = torch.Generator().manual_seed(9)
+    V = torch.randn(*g.shape, 2, generator=generator, dtype=torch.float64).to(dtype)
+    U = torch.randn(*f.shape, 2, generator=generator, dtype=torch.float64).to(dtype)
+    products = backend.plan_matmul(K, f, g, 0.5, V), backend.plan_t_matmul(K, f, g, 0.5, U)
+    inner = backend.plan_inner(K, f, g, 0.5, K)
+    assert inner.shape == (3,)
+    for k, (n_k, m_k, K_k) in enumerate(alone):
+        f_k, g_k = f[k, :n_k].double(), g[k, :m_k].double()
+        assert_close(
+            products[0][k, :n_k], REFERENCE.plan_matmul(K_k, f_k, g_k, 0.5, V[k, :m_k].double()), dtype
+        )
+        assert_close(
+            products[1][k, :m_k], REFERENCE.plan_t_matmul(K_k, f_k, g_k, 0.5, U[k, :n_k].double()), dtype
+        )
+        assert_close(inner[k], REFERENCE.plan_inner(K_k, f_k, g_k, 0.5, K_k), dtype)

@@ -24,7 +24,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     )
 # Correctness, not speed: the first config of each kernel, so that no test autotunes (tuning
 # each new shape bucket took most of the 170 s of an earlier run). Effective only when the
-# kernels are first imported here; benchmarks/gpu_check.py sets it for its pytest run.
+# kernels are first imported here; benchmarks/gpu.py sets it for its pytest run.
 os.environ.setdefault("SOTALIGN_TRITON_CONFIGS", "first")
 pytest.importorskip("triton")
 
@@ -132,7 +132,7 @@ def test_split_reduction_on_gpu():
 @pytest.mark.parametrize("precision", ["fp32", "tf32x3", "fp16x3", "tf32", "fp16"])
 def test_precision_flags_are_finite_and_bounded(precision):
     """One half-step per flag against fp64 (the KLOT step at each flag is timed and checked
-    against the paper by benchmarks/gpu_check.py)."""
+    against the paper by benchmarks/gpu.py)."""
     n, m, d = 2048, 2048, 512
     x, y = clustered(n, m, d, seed=4)
     g = torch.zeros(m, device=CUDA, dtype=torch.float64)

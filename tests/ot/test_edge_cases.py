@@ -1,4 +1,4 @@
-"""Numerical edge cases of the front (issue 10, items 3, 4 and 14): huge inputs, overflowing
+"""Numerical edge cases of the front: huge inputs, overflowing
 affinities, solves that did not converge, double backward, and tensors that are not plain
 dense matrices. Every check is against the unscaled problem or a clear error, never a number
 hard-coded from a previous run."""
@@ -39,14 +39,14 @@ def test_cosine_klot_ignores_the_scale_of_each_row(any_route, scale):
 def test_dot_affinities_that_overflow_are_refused():
     x, y, x_t, y_t = (t.float() for t in klot_problem(10, 12, 4, 2))
     with pytest.raises(ValueError, match=r"x, y: affinities reach .* overflows torch\.float32"):
-        sotalign.klot(x * 1e20, y * 1e20, x_t, y_t, affinity="dot")
+        sotalign.klot(x * 1e20, y * 1e20, x_t, y_t, cost="dot")
     with pytest.raises(ValueError, match=r"x_teacher, y_teacher: affinities reach"):
-        sotalign.klot(x, y, x_t * 1e20, y_t * 1e20, affinity="dot")
+        sotalign.klot(x, y, x_t * 1e20, y_t * 1e20, cost="dot")
     with pytest.raises(ValueError, match=r"x, y: affinities reach"):
-        sotalign.sinkhorn(x * 1e20, y * 1e20, affinity="dot")
+        sotalign.sinkhorn(x * 1e20, y * 1e20, cost="dot")
     # the same inputs in float64 are representable: a finite loss
     assert torch.isfinite(
-        sotalign.klot(x.double() * 1e20, y.double() * 1e20, x_t.double(), y_t.double(), affinity="dot")
+        sotalign.klot(x.double() * 1e20, y.double() * 1e20, x_t.double(), y_t.double(), cost="dot")
     )
 
 

@@ -3,6 +3,7 @@ and the backend choice."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import features, relative_error
 
 import sotalign
+from sotalign import SolverOptions
 from sotalign.ot import dispatch
 
 
@@ -153,18 +155,35 @@ def count_host_reads(monkeypatch):
 
 def test_the_loop_reads_the_device_only_at_checks(monkeypatch):
     from sotalign.kernels import load_backend
-    from sotalign.ot.sinkhorn import solve, uniform_log_weights
+    from sotalign.ot.problem import uniform_problem
+    from sotalign.ot.sinkhorn import solve
 
     x, y = features(20, 30, 4)
-    K = sotalign.kernels.Affinity.from_features(x / 3, y / 3)
-    log_a, log_b = uniform_log_weights(20, x.dtype, x.device), uniform_log_weights(30, x.dtype, x.device)
+    problem = uniform_problem(load_backend("torch"), sotalign.kernels.Affinity.from_features(x / 3, y / 3))
     reads = count_host_reads(monkeypatch)
-    _, _, done = solve(load_backend("torch"), K, 0.001, 60, log_a, log_b, tol=1e-30, check_every=7)
-    assert done == 60
+    state = solve(problem, 0.001, SolverOptions(n_iters=60, tol=1e-30, check_every=7))
+    assert state.done == 60
     assert len(reads) == 8  # iterations 7, 14, ..., 56
     reads.clear()
-    solve(load_backend("torch"), K, 0.001, 60, log_a, log_b)
+    solve(problem, 0.001, SolverOptions(n_iters=60))
     assert reads == []
+
+
+@pytest.mark.parametrize(
+    "device, n_iters, check_every, flag, expected",
+    [
+        ("cuda", 100, 10, None, True),
+        ("cuda", 19, 10, None, False),
+        ("cuda", 100, 10, False, False),
+        ("cpu", 100, 10, None, False),
+        ("cpu", 100, 10, True, True),
+    ],
+)
+def test_cuda_graphs_are_on_by_default_on_cuda_from_two_chunks(device, n_iters, check_every, flag, expected):
+    from sotalign.ot.sinkhorn import use_cuda_graph
+
+    options = SolverOptions(n_iters=n_iters, check_every=check_every, cuda_graph=flag)
+    assert use_cuda_graph(options, torch.device(device)) is expected
 
 
 class FakeGraph:
@@ -196,6 +215,7 @@ class FakeGraph:
 )
 def test_graphed_loop_equals_the_eager_loop(monkeypatch, n_iters, check_every, tol, eps_scaling, captures):
     from sotalign.kernels import load_backend
+    from sotalign.ot.problem import uniform_problem
 
     sinkhorn_module = importlib.import_module("sotalign.ot.sinkhorn")  # the function shadows it
 
@@ -203,20 +223,20 @@ def test_graphed_loop_equals_the_eager_loop(monkeypatch, n_iters, check_every, t
     FakeGraph.captures = 0
     x, y = features(25, 18, 4)
     K = sotalign.kernels.Affinity.from_features(x / 2, y / 2)
-    log_a = sinkhorn_module.uniform_log_weights(25, x.dtype, x.device)
-    log_b = sinkhorn_module.uniform_log_weights(18, x.dtype, x.device)
-    options = dict(tol=tol, check_every=check_every, eps_scaling=eps_scaling)
-    backend = load_backend("torch")
-    f, g, done = sinkhorn_module.solve(backend, K, 0.05, n_iters, log_a, log_b, **options)
-    f_graph, g_graph, done_graph = sinkhorn_module.solve(
-        backend, K, 0.05, n_iters, log_a, log_b, cuda_graph=True, **options
+    problem = uniform_problem(load_backend("torch"), K)
+    options = SolverOptions(n_iters=n_iters, tol=tol, check_every=check_every, eps_scaling=eps_scaling)
+    spread = sinkhorn_module.affinity_spread(K)
+    eager = sinkhorn_module.solve(problem, 0.05, options, spread=spread)
+    graphed = sinkhorn_module.solve(
+        problem, 0.05, dataclasses.replace(options, cuda_graph=True), spread=spread
     )
-    assert done_graph == done
-    torch.testing.assert_close(f_graph, f, rtol=1e-13, atol=1e-15)
-    torch.testing.assert_close(g_graph, g, rtol=1e-13, atol=1e-15)
+    assert graphed.done == eager.done
+    torch.testing.assert_close(graphed.f, eager.f, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(graphed.g, eager.g, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(graphed.row_error, eager.row_error, rtol=1e-12, atol=1e-15)
     assert FakeGraph.captures == captures
     if tol is not None:
-        assert done < n_iters  # it stopped on the tolerance, at a chunk start
+        assert eager.done < n_iters  # it stopped on the tolerance, at a chunk start
 
 
 def test_cuda_graph_needs_cuda_tensors():
@@ -282,7 +302,10 @@ def test_solver_options_are_frozen_and_normalised():
     assert options.tol == 1.0 and isinstance(options.tol, float)
     with pytest.raises(AttributeError):
         options.n_iters = 5
-    assert options.op_args()[:3] == (100, 1.0, 10)
+    assert sotalign.SolverOptions.decode(options.encode()) == options
+    with pytest.raises(TypeError, match=r"unknown solver option\(s\) \['tolerance'\]"):
+        sotalign.SolverOptions.resolve(options, tolerance=1e-3)
+    assert sotalign.SolverOptions.resolve(options, n_iters=7) == dataclasses.replace(options, n_iters=7)
 
 
 def test_klot_loss_validates_at_construction():
@@ -290,10 +313,10 @@ def test_klot_loss_validates_at_construction():
         sotalign.KLOTLoss(backend="nope")
     with pytest.raises(TypeError, match="symmetric must be a bool"):
         sotalign.KLOTLoss(symmetric="no")
-    with pytest.raises(TypeError, match="unexpected keyword argument 'tolerance'"):
+    with pytest.raises(TypeError, match=r"unknown solver option\(s\) \['tolerance'\]"):
         sotalign.KLOTLoss(tolerance=1e-3)
     loss = sotalign.KLOTLoss(n_iters=30, backend="torch", tol=1e-6, path="online")
-    assert (loss.n_iters, loss.backend, loss.options.path) == (30, "torch", "online")
+    assert (loss.options.n_iters, loss.options.backend, loss.options.path) == (30, "torch", "online")
     x, y = features(12, 9, 4)
     expected = sotalign.klot(x, y, x, y, n_iters=30, backend="torch", tol=1e-6, path="online")
     assert torch.equal(loss(x, y, x, y), expected)

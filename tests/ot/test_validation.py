@@ -129,8 +129,8 @@ def test_unknown_backend(problem, backend):
 
 
 def test_unknown_affinity_and_path(problem):
-    with pytest.raises(ValueError, match="unknown affinity 'euclid'"):
-        call_klot(problem, affinity="euclid")
+    with pytest.raises(ValueError, match="unknown cost 'euclid'"):
+        call_klot(problem, cost="euclid")
     with pytest.raises(ValueError, match="unknown path 'sparse'"):
         call_klot(problem, path="sparse")
 

@@ -1,5 +1,5 @@
-"""The CPU harness: allocator tuning, the suites' shapes and sotalign variants, timing with
-peak resident memory, and the dense-versus-online crossover summary.
+"""The CPU harness of the pytest-benchmark suites: smoke mode, allocator tuning, the suites'
+shapes and sotalign variants, timing with peak resident memory, and the crossover summary.
 
 Each benchmark is grouped per problem shape, timed with ``benchmark.pedantic`` (one untimed
 warm-up call, then 2–7 rounds of one call, fewer for slow providers so the full suites stay
@@ -17,10 +17,14 @@ import warnings
 
 import torch
 
+from sotalign import DEFAULT_MEMORY_BUDGET, SinkhornResult
 from sotalign.memory import peak_memory
+from sotalign.ot.dispatch import choose_route
 
-from .common import SMOKE, route_info
+from .report import crossover_table
 
+#: ``SOTALIGN_BENCH_SMOKE=1`` shrinks every shape so a suite runs in seconds (CI smoke test).
+SMOKE = os.environ.get("SOTALIGN_BENCH_SMOKE") == "1"
 #: Keep glibc's default malloc (see :func:`_tune_malloc`) when set to 1.
 SYSTEM_MALLOC = os.environ.get("SOTALIGN_BENCH_SYSTEM_MALLOC") == "1"
 
@@ -100,6 +104,26 @@ def rounds_for(probe_seconds: float) -> int:
     return max(MIN_ROUNDS, min(MAX_ROUNDS, int(TARGET_SECONDS / max(probe_seconds, 1e-9))))
 
 
+def klot_route(x: torch.Tensor, x_teacher: torch.Tensor, n_columns: int, backend: str, path: str) -> dict:
+    """The backend and path :func:`sotalign.klot` takes for these features: both solves run on
+    one route, sized for two stored n×m matrices and the smaller of the two feature dimensions."""
+    feature_dim = min(x.shape[1], x_teacher.shape[1])
+    route = choose_route(
+        backend, path, x.device, x.shape[0], n_columns, feature_dim, x.dtype, 2, DEFAULT_MEMORY_BUDGET
+    )
+    return {"backend": route.backend.name, "path": route.path}
+
+
+def route_info(result, route: dict | None) -> dict:
+    """``backend``/``path`` of the sotalign route of a call: as given (``route``), else read off
+    a :class:`~sotalign.SinkhornResult`; empty for the peers."""
+    if route is not None:
+        return route
+    if isinstance(result, SinkhornResult):
+        return {"backend": result.backend, "path": result.path}
+    return {}
+
+
 def run_benchmark(
     benchmark,
     fn,
@@ -148,27 +172,7 @@ def run_benchmark(
 CROSSOVER_RESULTS: dict[tuple[int, str], float] = {}
 
 
-def crossover_dim(results: dict[tuple[int, str], float]) -> int | None:
-    """Smallest d from which the dense path is at least as fast as online for every larger d."""
-    dims = sorted({d for d, _ in results})
-    answer = None
-    for d in reversed(dims):
-        dense, online = results.get((d, "dense")), results.get((d, "online"))
-        if dense is None or online is None or dense > online:
-            break
-        answer = d
-    return answer
-
-
 def crossover_summary(write) -> None:
     """The terminal summary of the crossover suite, one ``write(line)`` per line."""
-    if not CROSSOVER_RESULTS:
-        return
-    for d in sorted({d for d, _ in CROSSOVER_RESULTS}):
-        dense, online = CROSSOVER_RESULTS.get((d, "dense")), CROSSOVER_RESULTS.get((d, "online"))
-        if dense and online:
-            write(
-                f"d={d:4d}  dense {dense * 1e3:9.1f} ms  online {online * 1e3:9.1f} ms  "
-                f"online/dense {online / dense:5.2f}  -> {'dense' if dense <= online else 'online'}"
-            )
-    write(f"crossover d (dense wins from here on): {crossover_dim(CROSSOVER_RESULTS)}")
+    for line in crossover_table(CROSSOVER_RESULTS):
+        write(line)

@@ -1,6 +1,6 @@
 """The trainer at corpus scale: set-up time, seconds per step and memory against the pool size.
 
-    python benchmarks/trainer_scaling.py [--pools 200000 1000000] [--steps 8]
+    python -m benchmarks.trainer_scaling [--pools 200000 1000000] [--steps 8]
 
 writes sharded unpaired pools (768-d image and 512-d text float16 ``.npy`` shards of 100k rows;
 the smaller pool is the first shards of the larger) beside a small paired and validation set,
@@ -14,8 +14,9 @@ then runs ``sotalign.fit`` (method sotalign, CPU) in a fresh ``torchrun`` proces
 
 Every rank has one torch thread.
 
-It also times the whole-store scan (``sotalign check-store``) of each pool: what every ``fit``
-and ``--resume`` used to pay before its first step. Writes
+It also times the whole-store scan (``sotalign check-store``) of each pool, which now only that
+command runs: ``fit`` and ``--resume`` used to scan every store before their first step (with a
+row-wise test, slower than the scan's sum test). Writes
 benchmarks/results/<machine>-trainer-scaling.{json,md}.
 """
 
@@ -197,8 +198,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    sys.path.insert(0, str(Path(__file__).parent))
-    from report import local_machine, machine_slug
+    # Imported here: the workers run this file as a script, outside the package.
+    from benchmarks.machine import local_machine, machine_slug
 
     machine = machine_slug(local_machine())
     rows, scans = [], {}
@@ -256,8 +257,8 @@ def markdown(result: dict) -> str:
         "Set-up: from opening the data to the first batch read (stage 1, run directory, checks). "
         "Peak anonymous memory: the largest `RssAnon` of a rank, sampled every 10 ms (memory-mapped "
         "store pages are the page cache's, not the process's). Whole-pool scan: `sotalign check-store` "
-        "of both unpaired pools (page cache warm: the pools were just written), which every `fit` and "
-        "`--resume` ran before its first step until now.",
+        "of both unpaired pools (page cache warm: the pools were just written). Before, every `fit` and "
+        "`--resume` scanned the stores before its first step, with a slower row-wise test.",
         "",
         "| pool rows | ranks | set-up (s) | s/step | unpaired rows/s | load | teacher "
         "| KLOT fwd | KLOT bwd | update | prefetch | peak anon MiB/rank | whole-pool scan (s) |",

@@ -24,7 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ..rundir import read_json, write_json
+from ..rundir import RunDirError, read_json, write_json
 from .encoders import CACHE
 from .stores import EmbeddingStore
 
@@ -47,9 +47,10 @@ def cached_scan(store: EmbeddingStore) -> dict | None:
     """The outcome of an earlier scan of this very store (see :func:`scan_store`), or None."""
     identity = _identity(store)
     path = _record_path(identity)
-    if not path.exists():
+    try:
+        record = read_json(path)
+    except RunDirError:  # none, or damaged: a cache never stops a run, the scan is redone
         return None
-    record = read_json(path)
     return record if record.get("identity") == identity else None
 
 

@@ -235,6 +235,10 @@ def test_a_whole_store_scan_is_remembered_for_that_very_store(tmp_path, monkeypa
     second = scan.scan_store(open_store(path))
     assert (second["first_nonfinite"], second["cached"]) == (None, False)
     assert scan.scan_store(open_store(path), rescan=True)["cached"] is False
+    for record in (tmp_path / "scans").iterdir():  # a damaged cache is no cache
+        record.write_text("{not json")
+    assert scan.cached_scan(open_store(path)) is None
+    scan.refuse_known_bad(open_store(path))
 
 
 def test_save_store_is_atomic_and_validates(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The `sotalign` command: fit, eval, compare, distance, info.
+"""The `sotalign` command: fit, eval, compare, distance, check-store, info.
 
     sotalign fit runs/a --images data/images.npy --texts data/texts.npy --pairs 1000 --method sotalign
     sotalign fit runs/a --resume
@@ -7,6 +7,7 @@
     sotalign compare runs/cmp --images ... --texts ... --pairs 300 --methods sail,sotalign --seeds 0,1,2
     sotalign distance --paired-images a.npy --paired-texts b.npy \\
         --unpaired-images x.npy --unpaired-texts y.npy
+    sotalign check-store data/unpaired_images/
     sotalign info
 
 Errors print one line on stderr (no traceback) and exit with status 1.
@@ -617,6 +618,32 @@ def repoint(
 
         moved = repoint_run(run_dir, old, new)
         console.print(f"{run_dir}: re-pointed {', '.join(moved)} to {new}", markup=False, soft_wrap=True)
+
+
+@app.command("check-store")
+def check_store(
+    path: Annotated[str, typer.Argument(help="A store: a file, a directory of shards or a glob.")],
+    key: KeyOpt = None,
+    rescan: Annotated[
+        bool, Opt("--rescan", help="Scan again even if this very store was scanned before.")
+    ] = False,
+):
+    """Scan every row of a store for NaN and Inf, and remember the outcome.
+
+    `fit` checks each batch as it reads it; this checks the whole store first. A later `fit`
+    refuses at once a store this found bad."""
+    with _one_line_errors():
+        from .data import open_store
+        from .data.scan import scan_store
+
+        store = open_store(path, key=key)
+        outcome = scan_store(store, rescan=rescan)
+        how = "as an earlier scan found" if outcome["cached"] else f"scanned in {outcome['seconds']:.3g} s"
+        if outcome["problem"] is not None:
+            raise ValueError(f"{outcome['problem']} ({how})")
+        console.print(
+            f"{store.path}: {len(store)} rows × {store.dim}, all finite ({how})", markup=False, soft_wrap=True
+        )
 
 
 @app.command()

@@ -11,6 +11,7 @@ A run directory, written by :func:`sotalign.align.fit` and read by :func:`sotali
                          so a run is complete exactly when it exists
     log.jsonl            one JSON record per finished step
     checkpoints/last.pt  everything ``resume=True`` needs
+    .lock                held (``flock``) by the one process writing the run: :func:`hold_run_dir`
 
 Every file sotalign writes goes through :func:`atomic_output`: the data goes to a temporary
 file with a unique name next to the target, is flushed to disk (``fsync``), then renamed over
@@ -24,13 +25,14 @@ can read a run. A full disk is reported as "no space left on <mount point> while
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import os
 import secrets
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -43,6 +45,7 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 HEADS_FILE = "heads.safetensors"
 HEADS_CONFIG = "heads.json"
 TEACHER_DIR = "teacher"
+LOCK_FILE = ".lock"
 
 #: errno values that mean the file system is full (for the user).
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -50,6 +53,59 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 class RunDirError(ValueError):
     """A run directory is missing, incomplete or corrupt (the message names the file)."""
+
+
+class RunDirBusy(RunDirError):
+    """Another process is writing the run directory (the message names it and its PID)."""
+
+
+def _open_locked(lock_path: Path) -> int | None:
+    """A descriptor of ``lock_path`` holding its exclusive ``flock``, or None when another
+    process holds it. The lock must be on the file the path names now: a holder that removed
+    it (a run that failed before its first step) leaves a lock on a deleted file behind."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was replaced or removed while we waited: lock the new one
+
+
+@contextmanager
+def hold_run_dir(run_dir) -> Iterator[Path]:
+    """``with hold_run_dir(run_dir):`` write the run directory (created if missing), alone.
+
+    The lock is an exclusive ``flock`` on ``run_dir/.lock``, which holds the holder's PID. The
+    kernel releases it when the process ends however it ends, so a killed run never leaves a
+    stale lock; a second writer is refused at once with :class:`RunDirBusy`. Readers
+    (evaluation, :func:`sotalign.load`) never take it: every file is replaced atomically.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / LOCK_FILE
+    fd = _open_locked(lock_path)
+    if fd is None:
+        holder = lock_path.read_text().strip() if lock_path.exists() else ""
+        raise RunDirBusy(
+            f"{run_dir} is in use by "
+            + (f"process {holder}" if holder else "another process")
+            + f" (it holds {lock_path}); wait for it to finish or stop it"
+        )
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield run_dir
+    finally:
+        with suppress(OSError):  # the lock file may be gone (a run that removed its directory)
+            os.ftruncate(fd, 0)
+        os.close(fd)
 
 
 def _mount_point(path: Path) -> Path:

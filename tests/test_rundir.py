@@ -157,3 +157,15 @@ def test_read_log_refuses_a_corrupt_line_in_the_middle(tmp_path):
     log.write_text(json.dumps({"no_step": 1}) + "\n" + json.dumps({"step": 2}) + "\n")
     with pytest.raises(RunDirError, match=r"log\.jsonl: line 1"):
         rundir.read_log(log, 3)
+
+
+def test_a_run_directory_is_held_by_one_writer_at_a_time(tmp_path):
+    run = tmp_path / "new" / "run"
+    with rundir.hold_run_dir(run):
+        assert (run / rundir.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        # flock belongs to the open file, so a second holder in this process is refused too
+        with pytest.raises(rundir.RunDirBusy, match=rf"run is in use by process {os.getpid()}"):
+            with rundir.hold_run_dir(run):
+                pass
+    with rundir.hold_run_dir(run):  # released on exit
+        pass

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 import sotalign.distributed as sd
 
 from .losses import klot_divergence
+from .timing import StepClock
 
 KLOT_SCOPES = ("local", "global")
 #: The losses' process group, created once per process (groups are never freed).
@@ -59,12 +60,14 @@ class _ScaleGrad(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place in the run: rank, world size, the losses' process group."""
+    """This process's place in the run: rank, world size, the losses' process group (and the
+    clock that times KLOT, :class:`~sotalign.align.timing.StepClock`, when the trainer gives one)."""
 
     rank: int = 0
     world: int = 1
     group: Any = None
     klot_scope: str = "global"
+    clock: StepClock | None = None
 
     @classmethod
     def from_environment(cls, device: torch.device, klot_scope: str = "global") -> Ranks:
@@ -104,6 +107,11 @@ class Ranks:
 
     def klot(self, img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor, **options) -> Tensor:
         """KLOT of the global batch (scope ``global``) or of this rank's shard (``local``)."""
+        if self.clock is None:
+            return self._klot(img, txt, teacher_img, teacher_txt, **options)
+        return self.clock.timed("klot", self._klot, img, txt, teacher_img, teacher_txt, **options)
+
+    def _klot(self, img: Tensor, txt: Tensor, teacher_img: Tensor, teacher_txt: Tensor, **options) -> Tensor:
         if not self.distributed:
             return klot_divergence(img, txt, teacher_img, teacher_txt, **options)
         if self.klot_scope == "global":

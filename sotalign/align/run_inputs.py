@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..data import AlignmentData, DataSpec, EmbeddingStore, role_names
-from ..rundir import CONFIG_FILE, DATA_FILE, RunDirError, read_json, write_json
+from ..rundir import CONFIG_FILE, DATA_FILE, RunDirError, hold_run_dir, read_json, write_json
 from .config import TrainConfig, build_configs, config_dict
 
 
@@ -112,6 +112,7 @@ def repoint(run_dir, old: str, new: str) -> list[str]:
                 f"{stores[name].path}: not the {name} store {run_dir} was trained on (fingerprint differs)"
             )
         recorded[name]["path"] = os.path.abspath(stores[name].path)
-    write_json(run_dir / CONFIG_FILE, config_dict(config, new_spec))
-    write_json(run_dir / DATA_FILE, recorded)
+    with hold_run_dir(run_dir):  # not while a fit writes the run
+        write_json(run_dir / CONFIG_FILE, config_dict(config, new_spec))
+        write_json(run_dir / DATA_FILE, recorded)
     return sorted(moved)

@@ -15,12 +15,15 @@ are written atomically, so `resume=True` continues a killed run to bitwise the s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import signal
 import threading
 import time
-from contextlib import contextmanager, suppress
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +33,21 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from .. import ot
 from ..data import AlignmentData, BatchSampler, Rows
+from ..data.scan import refuse_known_bad
 from ..data.views import READ_ROWS
 from ..eval import retrieval_metrics
 from ..rundir import (
     CHECKPOINT,
     CONFIG_FILE,
     DATA_FILE,
+    LOCK_FILE,
     LOG_FILE,
     METRICS_FILE,
     TEACHER_DIR,
     append_line,
+    hold_run_dir,
     load_checkpoint,
     read_json,
     read_log,
@@ -57,6 +64,14 @@ from .model import AlignedModel
 from .run_inputs import record_data, verify_data
 from .teachers import JSON_FILE as TEACHER_JSON
 from .teachers import Teacher, make_teacher
+from .timing import StepClock
+
+#: Read the next batch while a step runs once reading has taken more than this share of the
+#: timed steps (checked after each step, from PREFETCH_PROBE_STEPS timed steps on).
+PREFETCH_ABOVE_LOAD_SHARE = 0.10
+PREFETCH_PROBE_STEPS = 2
+#: fit warns when KLOT's plans stay unconverged this many steps in a row.
+NOT_CONVERGED_STEPS = 10
 
 # ----------------------------------------------------------------------------- batches
 
@@ -110,10 +125,10 @@ class BatchSource:
             ]
         )
 
-    def _to(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.device, non_blocking=True)
-
-    def batch(self, step: int) -> Batch:
+    def read(self, step: int) -> dict[str, torch.Tensor]:
+        """The rows of step ``step`` from the stores, in host memory (pinned for a CUDA device),
+        each checked for NaN and Inf as it is read. A function of the step alone, so it may
+        run ahead in another thread (:class:`Prefetcher`)."""
         data, parts = self.data, {}
         ranks = self.ranks  # this rank's slice of the global batch
         pairs = self.paired.shard(step, ranks.rank, ranks.world)
@@ -128,9 +143,6 @@ class BatchSource:
                 data.unpaired_images.get(images),
                 data.unpaired_texts.get(texts),
             )
-        if "teacher" in self.method.needs:
-            parts["teacher_images"] = self.teacher.transform_images(parts["unpaired_images"])
-            parts["teacher_texts"] = self.teacher.transform_texts(parts["unpaired_texts"])
         if "neighbours" in self.method.needs:
             # One of the k neighbours, drawn from a generator seeded by (seed, step): stateless.
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
@@ -138,7 +150,52 @@ class BatchSource:
             near_texts = sample_neighbors(self.text_neighbours[torch.from_numpy(texts)], generator)
             parts["neighbour_texts"] = data.paired_texts.get(near_images.numpy())
             parts["neighbour_images"] = data.paired_images.get(near_texts.numpy())
-        return Batch(**{name: self._to(value) for name, value in parts.items()})
+        if self.device.type == "cuda":
+            parts = {name: value.pin_memory() for name, value in parts.items()}
+        return parts
+
+    def to_device(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: value.to(self.device, non_blocking=True) for name, value in parts.items()}
+
+    def with_teacher(self, parts: dict[str, torch.Tensor]) -> Batch:
+        """The batch, with the teacher's features of the unpaired rows if the method needs them."""
+        if "teacher" in self.method.needs:
+            parts["teacher_images"] = self.teacher.transform_images(parts["unpaired_images"])
+            parts["teacher_texts"] = self.teacher.transform_texts(parts["unpaired_texts"])
+        return Batch(**parts)
+
+    def batch(self, step: int) -> Batch:
+        """The inputs of step ``step`` on the device."""
+        return self.with_teacher(self.to_device(self.read(step)))
+
+
+class Prefetcher:
+    """``take(step)``: the rows of ``step``, read while the previous step ran once
+    :meth:`start` was called. Reads stay in step order, one ahead at most; a read's error is
+    raised by the ``take`` of its step, as if read then."""
+
+    def __init__(self, read, steps: int):
+        self.read, self.steps = read, steps
+        self.pool: ThreadPoolExecutor | None = None
+        self.ahead: tuple[int, Future] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.pool is not None
+
+    def start(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sotalign-prefetch")
+
+    def take(self, step: int) -> dict[str, torch.Tensor]:
+        ahead, self.ahead = self.ahead, None
+        parts = ahead[1].result() if ahead is not None and ahead[0] == step else self.read(step)
+        if self.pool is not None and step + 1 < self.steps:
+            self.ahead = (step + 1, self.pool.submit(self.read, step + 1))
+        return parts
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -199,6 +256,13 @@ def _clear_unstarted(run_dir: Path) -> None:
     shutil.rmtree(run_dir / TEACHER_DIR, ignore_errors=True)
 
 
+def _remove_if_empty(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but its lock file (its holder is this process)."""
+    if [path.name for path in run_dir.iterdir()] == [LOCK_FILE]:
+        (run_dir / LOCK_FILE).unlink()
+        run_dir.rmdir()
+
+
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, data: AlignmentData, resume: bool) -> bool:
     """Create the run directory and record its configuration and data; on resume, insist they
     are the same. Returns True when this call started the run (its files are new)."""
@@ -222,17 +286,17 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, data: AlignmentData, re
                 "to continue it, or choose a new directory"
             )
         _clear_unstarted(run_dir)  # it stopped before its first step: start again in place
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_json(config_path, stored)
     record_data(run_dir, data)
     return True
 
 
-def _check_values(data: AlignmentData) -> None:
-    """Every store the run reads holds finite values (streamed; the error names file and row)."""
+def _refuse_known_bad_stores(data: AlignmentData) -> None:
+    """Refuse a store that ``sotalign check-store`` found NaN or Inf in. Nothing is scanned
+    here: every batch is checked as it is read, so set-up does not grow with the pools."""
     stores = {rows.store.path: rows.store for rows in data.views().values()}
     for store in stores.values():
-        store.check_finite()
+        refuse_known_bad(store)
 
 
 @contextmanager
@@ -283,7 +347,14 @@ def _check_data(method: Method, data: AlignmentData) -> None:
         )
 
 
-def _finish(run_dir: Path, model: AlignedModel, data: AlignmentData, best_step: int | None, seconds: float):
+def _finish(
+    run_dir: Path,
+    model: AlignedModel,
+    data: AlignmentData,
+    best_step: int | None,
+    seconds: float,
+    timing: dict | None = None,
+):
     model.save_heads(run_dir)
     metrics = {
         "method": model.method,
@@ -291,8 +362,73 @@ def _finish(run_dir: Path, model: AlignedModel, data: AlignmentData, best_step: 
         "seconds": round(seconds, 3),
         "val": evaluate(model, data.val_images, data.val_texts),
         "test": evaluate(model, data.test_images, data.test_texts),
+        "timing": timing,
     }
     write_json(run_dir / METRICS_FILE, metrics)
+
+
+class _KlotConvergence:
+    """One warning when the marginal errors of KLOT's plans stay above
+    :data:`sotalign.ot.NOT_CONVERGED` for :data:`NOT_CONVERGED_STEPS` steps in a row (or every
+    step of a shorter run)."""
+
+    def __init__(self, config: TrainConfig, steps: int, warn: bool):
+        self.config, self.patience, self.warn = config, min(NOT_CONVERGED_STEPS, steps), warn
+        self.run = 0  # steps in a row above the threshold
+
+    def observe(self, done: int, student: float, teacher: float) -> None:
+        self.run = self.run + 1 if max(student, teacher) > ot.NOT_CONVERGED else 0
+        if self.warn and self.run == self.patience:
+            self.warn = False
+            config = self.config
+            warnings.warn(
+                f"KLOT did not converge in the {self.run} steps up to step {done}: the marginal error "
+                f"is {student:.3g} of the student plan's mass and {teacher:.3g} of the teacher plan's "
+                f"(above {ot.NOT_CONVERGED:g}); raise --n-iters (now {config.n_iters}), or --eps (now "
+                f"{config.eps:g}) for the student plan and --eps-teacher (now {config.eps_teacher:g}) "
+                "for the teacher's",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+@contextmanager
+def _klot_warns_through_fit():
+    """KLOT warns after each forward whose plans miss their marginals: in training, at every
+    step. fit silences those warnings and warns once itself (:class:`_KlotConvergence`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"klot's (student|teacher) plan did not converge", category=RuntimeWarning
+        )
+        yield
+
+
+def _timing(clock: StepClock, unpaired_rows: int, prefetch: bool) -> dict | None:
+    """The timed steps of this process (all but its first): what ``metrics.json`` records."""
+    if not clock.steps:
+        return None
+    per_step = clock.seconds["step"] / clock.steps
+    return {
+        "steps_timed": clock.steps,
+        "seconds_per_step": round(per_step, 6),
+        "unpaired_rows_per_second": round(unpaired_rows / per_step, 1),
+        "shares": {name: round(share, 4) for name, share in clock.shares().items()},
+        "prefetch": prefetch,
+    }
+
+
+def _progress_text(record: dict, clock: StepClock, unpaired_rows: int) -> str:
+    """The progress bar's description: the logged values, then where the steps' time goes."""
+    text = " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+    shares = clock.shares()
+    if not shares:
+        return text
+    per_step = clock.seconds["step"] / clock.steps
+    return (
+        f"{text} | {unpaired_rows / per_step:.3g} unpaired rows/s, load {shares['load']:.0%} "
+        f"teacher {shares['teacher']:.0%} klot fwd {shares['klot_forward']:.0%} "
+        f"bwd {shares['klot_backward']:.0%} update {shares['update']:.0%}"
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -319,10 +455,14 @@ def fit(
     ends with the same weights as an uninterrupted run. `on_step(step)` is called after every
     finished step (and its checkpoint), e.g. to stop a run.
 
-    Everything is checked before anything is written (the configuration when it was built, the
-    stores' values here). A run that fails before its first step leaves nothing behind, and one
-    killed then is started again in place. Ctrl-C stops after the step in progress, writes a
-    checkpoint there and raises :class:`TrainingInterrupted`; ``resume=True`` continues it.
+    The run directory is held for the whole call (:func:`sotalign.rundir.hold_run_dir`; under
+    torchrun by rank 0): a second writer is refused at once. The configuration is checked
+    when it was built and a store that ``sotalign check-store`` found bad is refused here,
+    before anything is written; every batch is checked for NaN and Inf as it is read (the
+    error names the file and the row). A run that fails before its first step leaves nothing
+    behind, and one killed then is started again in place. Ctrl-C stops after the step in
+    progress, writes a checkpoint there and raises :class:`TrainingInterrupted`;
+    ``resume=True`` continues it.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -331,20 +471,25 @@ def fit(
     device = resolve_device(config.device)
     ranks = Ranks.from_environment(device, config.klot_scope)
     prepared = {"started_here": False}
+    with ExitStack() as held:
 
-    def prepare() -> None:
-        _check_values(data)
-        prepared["started_here"] = _prepare_run_dir(run_dir, config, data, resume)
+        def prepare() -> None:
+            _refuse_known_bad_stores(data)
+            held.enter_context(hold_run_dir(run_dir))  # rank 0 holds it until fit returns
+            try:
+                prepared["started_here"] = _prepare_run_dir(run_dir, config, data, resume)
+            except BaseException:
+                _remove_if_empty(run_dir)
+                raise
 
-    ranks.on_main(prepare)
-    try:
-        return _train(method, config, data, run_dir, device, ranks, resume, progress, on_step, started)
-    except BaseException:
-        if prepared["started_here"] and not _has_progress(run_dir):
-            _clear_unstarted(run_dir)
-            with suppress(OSError):
-                run_dir.rmdir()  # only if nothing else is in it
-        raise
+        ranks.on_main(prepare)
+        try:
+            return _train(method, config, data, run_dir, device, ranks, resume, progress, on_step, started)
+        except BaseException:
+            if prepared["started_here"] and not _has_progress(run_dir):
+                _clear_unstarted(run_dir)
+                _remove_if_empty(run_dir)
+            raise
 
 
 class _Step(nn.Module):
@@ -392,7 +537,8 @@ def _train(method, config, data, run_dir, device, ranks, resume, progress, on_st
     divergence_options = dict(
         eps=config.eps, eps_teacher=config.eps_teacher, n_iters=config.n_iters, backend=config.backend
     )
-    step_terms = _Step(method, heads, losses, ranks, divergence_options)
+    clock = StepClock(device)
+    step_terms = _Step(method, heads, losses, dataclasses.replace(ranks, clock=clock), divergence_options)
 
     start, best = 0, {"step": None, "metric": -math.inf, "heads": None, "losses": None}
     checkpoint_path, log_path = run_dir / CHECKPOINT, run_dir / LOG_FILE
@@ -448,24 +594,48 @@ def _train(method, config, data, run_dir, device, ranks, resume, progress, on_st
             },
         )
 
-    with bar, _deferred_interrupt() as interrupt:
+    unpaired_rows = batches.images.batch_size + batches.texts.batch_size if "unpaired" in method.needs else 0
+    prefetcher = Prefetcher(batches.read, config.steps)
+    convergence = _KlotConvergence(config, config.steps - start, warn=ranks.is_main)
+    with bar, _deferred_interrupt() as interrupt, closing(prefetcher), _klot_warns_through_fit():
         task = bar.add_task("", total=config.steps, completed=start)
         first_step_done = None
         for step in range(start, config.steps):
-            terms = step_terms(batches.batch(step))
-            loss = sum(weights[name] * value for name, value in terms.items())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            clock.enabled = step > start  # the first step pays for warm-ups
+            step_started = clock.now()
+            with clock.phase("load"):
+                parts = batches.to_device(prefetcher.take(step))
+            with clock.phase("teacher"):
+                batch = batches.with_teacher(parts)
+            with clock.phase("forward"):
+                terms = step_terms(batch)
+                loss = sum(weights[name] * value for name, value in terms.items())
+                plan_errors = ot.klot_marginal_errors() if "klot" in terms else None
+            with clock.phase("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with clock.phase("update"):
+                optimizer.step()
+                scheduler.step()
 
             done = step + 1
+            # every logged value in one read of the device: the step's one host sync
+            logged = [t.detach().double().reshape(1) for t in (loss, *terms.values())]
+            if plan_errors is not None:
+                logged.append(plan_errors.detach().double().reshape(2))
+            values = torch.cat(logged).tolist()
             record = {
                 "step": done,
                 "lr": scheduler.get_last_lr()[0],
-                "loss": float(loss.detach()),
-                **{name: float(value.detach()) for name, value in terms.items()},
+                **dict(zip(["loss", *terms], values[: 1 + len(terms)], strict=True)),
             }
+            if plan_errors is not None:
+                record["klot_marginal_error"] = {"student": values[-2], "teacher": values[-1]}
+                convergence.observe(done, *values[-2:])
+            clock.settle()
+            if not prefetcher.active and clock.steps >= PREFETCH_PROBE_STEPS:
+                if clock.shares()["load"] > PREFETCH_ABOVE_LOAD_SHARE:
+                    prefetcher.start()
             if data.val_images is not None and (done % config.eval_every == 0 or done == config.steps):
                 record["val"] = evaluate(model, data.val_images, data.val_texts)
                 if record["val"]["mean_R@1"] > best["metric"]:
@@ -481,20 +651,17 @@ def _train(method, config, data, run_dir, device, ranks, resume, progress, on_st
                 append_line(log_path, record, durable=checkpoint)
                 if checkpoint:
                     save(done, best)
-            bar.update(
-                task,
-                completed=done,
-                description=" ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "val")),
-            )
+            bar.update(task, completed=done, description=_progress_text(record, clock, unpaired_rows))
             if on_step is not None:
                 on_step(done)
             if done == start + 1:
                 first_step_done = time.perf_counter()
             elif done == start + 2 and progress:  # the first step pays for warm-ups
                 per_step = time.perf_counter() - first_step_done
+                left = _duration(per_step * (config.steps - done))
                 bar.console.print(
                     f"{config.steps} steps planned (--steps), {config.out_dim}-d heads (--out-dim): "
-                    f"about {_duration(per_step * (config.steps - done))} left at {per_step:.3g} s per step",
+                    f"about {left} left at {per_step:.3g} s per step",
                     markup=False,
                 )
             if ranks.any(interrupt["stop"]) and done < config.steps:
@@ -502,10 +669,13 @@ def _train(method, config, data, run_dir, device, ranks, resume, progress, on_st
                     save(done, best)
                 ranks.barrier()
                 raise TrainingInterrupted(run_dir, done, config.steps)
+            clock.add("step", step_started)
+    clock.settle(wait=True)
+    timing = _timing(clock, unpaired_rows, prefetcher.active)
 
     if best["heads"] is not None:  # model selection on the validation split
         heads.load_state_dict(best["heads"])
         losses.load_state_dict(best["losses"])
     best_step = best["step"] if best["heads"] is not None else config.steps
-    ranks.on_main(lambda: _finish(run_dir, model, data, best_step, time.perf_counter() - started))
+    ranks.on_main(lambda: _finish(run_dir, model, data, best_step, time.perf_counter() - started, timing))
     return model

@@ -35,7 +35,9 @@ class Rows:
         return self.store.dim
 
     def get(self, positions) -> torch.Tensor:
-        return self.store.rows(self.indices[np.asarray(positions)])
+        """The rows at ``positions``, checked as they are read: a NaN or Inf is a ValueError
+        naming the file and the row (so a run needs no scan of the whole store first)."""
+        return self.store.finite_rows(self.indices[np.asarray(positions)])
 
     def all(self) -> torch.Tensor:
         return torch.cat(

@@ -4,9 +4,13 @@ that fails before its first step, Ctrl-C checkpoints, and bad store values fail 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,7 +31,7 @@ from sotalign.align import (
 )
 from sotalign.cli import app
 from sotalign.data import save_store, write_platonic
-from sotalign.rundir import RunDirError
+from sotalign.rundir import RunDirBusy, RunDirError
 
 TINY = dict(
     TINY_TRAINING,
@@ -180,6 +184,78 @@ def test_a_run_killed_before_its_first_step_restarts_in_place(platonic, tmp_path
         fit(TrainConfig(method="sail", steps=4, **TINY), data, run, progress=False)
 
 
+TRAIN_UNTIL_KILLED = """
+import sys, time
+from pathlib import Path
+from sotalign.align import AlignmentData, DataSpec, TrainConfig, fit
+data_dir, run = Path(sys.argv[1]), Path(sys.argv[2])
+spec = DataSpec(images=str(data_dir / "images.npy"), texts=str(data_dir / "texts.npy"), n_pairs=40)
+
+def wait_at_step_4(done):
+    if done == 4:  # after its checkpoint
+        (run.parent / "training").touch()
+        time.sleep(300)  # until the test kills this process
+
+config = TrainConfig(method="sail", steps=8, **{tiny})
+fit(config, AlignmentData.from_spec(spec), run, progress=False, on_step=wait_at_step_4)
+"""
+
+
+def test_a_run_directory_has_one_writer_and_a_killed_writer_leaves_no_lock(platonic, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = TRAIN_UNTIL_KILLED.format(tiny=TINY)
+    first = subprocess.Popen([sys.executable, "-c", script, str(platonic), str(run)], env=env)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "training").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first fit ended before it could be raced"
+        busy = f"{run} is in use by process {first.pid}"
+        # a second `fit --resume`, in a second real process, is refused at once
+        second = subprocess.run(
+            [sys.executable, "-m", "sotalign.cli", "fit", str(run), "--resume", "--quiet"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 1 and busy in second.stderr, second.stderr
+        # and so is a fresh `fit` of the same directory, and `repoint`
+        fresh = runner.invoke(
+            app,
+            [
+                "fit",
+                str(run),
+                "--images",
+                str(platonic / "images.npy"),
+                "--texts",
+                str(platonic / "texts.npy"),
+                "--pairs",
+                "40",
+                "--quiet",
+            ],
+        )
+        assert fresh.exit_code == 1 and busy in fresh.output.replace("\n", ""), fresh.output
+        with pytest.raises(RunDirBusy, match=f"in use by process {first.pid}"):
+            repoint(run, str(platonic), str(platonic))
+        # readers need no lock
+        assert sotalign.load(run, checkpoint=True).method.startswith("sail")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the kernel released the killed process's lock: the run resumes and logs every step once
+    fit(
+        TrainConfig(method="sail", steps=8, **TINY),
+        AlignmentData.from_spec(toy_spec(platonic)),
+        run,
+        resume=True,
+        progress=False,
+    )
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
 @pytest.fixture
 def sigint_handler():
     """SIGINT as an interactive Python has it (a background shell may start pytest with it
@@ -233,21 +309,42 @@ def test_an_ignored_sigint_stays_ignored(platonic, tmp_path):
     assert sotalign.load(tmp_path / "run").method == "sail"  # ran to the end
 
 
-def test_bad_store_values_fail_before_anything_is_written(platonic, tmp_path):
+def test_bad_store_values_are_caught_in_the_batch_that_reads_them(platonic, tmp_path, monkeypatch):
+    from sotalign.align.trainer import BatchSource
+    from sotalign.data import scan
+
+    monkeypatch.setattr(scan, "SCANS", tmp_path / "scans")
+    config = TrainConfig(method="sotalign", steps=6, **TINY)
+    spec = toy_spec(platonic)
+    # the row that the third step's unpaired image batch reads
+    data = AlignmentData.from_spec(spec)
+    batches = BatchSource(config.training_method(), config, data, None, torch.device("cpu"))
+    row = int(data.unpaired_images.indices[batches.images.batch(2)[5]])
     images = np.load(platonic / "images.npy")
-    images[137, 3] = np.nan
+    images[row, 3] = np.nan
     bad = tmp_path / "bad.npy"
     save_store(bad, images)
-    spec = DataSpec(images=str(bad), texts=str(platonic / "texts.npy"), n_pairs=40)
+    bad_spec = DataSpec(images=str(bad), texts=str(platonic / "texts.npy"), n_pairs=40)
     run = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"bad\.npy: row 137 contains NaN or Inf"):
-        fit(
-            TrainConfig(method="sotalign", steps=4, **TINY),
-            AlignmentData.from_spec(spec),
-            run,
-            progress=False,
-        )
-    assert not run.exists()
+    with pytest.raises(ValueError, match=rf"bad\.npy: row {row} contains NaN or Inf"):
+        fit(config, AlignmentData.from_spec(bad_spec), run, progress=False)
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+    # `check-store` scans the whole store once; fit then refuses it before writing anything
+    scanned = runner.invoke(app, ["check-store", str(bad)])
+    assert scanned.exit_code == 1 and f"row {row} contains NaN or Inf (scanned in" in scanned.output
+    again = runner.invoke(app, ["check-store", str(bad)])
+    assert again.exit_code == 1 and "as an earlier scan found" in again.output
+    with pytest.raises(
+        ValueError, match=rf"bad\.npy: row {row} contains NaN or Inf \(found by sotalign check-store\)"
+    ):
+        fit(config, AlignmentData.from_spec(bad_spec), tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    # a repaired store is a different store: scanned again, and accepted
+    save_store(bad, np.load(platonic / "images.npy"))
+    repaired = runner.invoke(app, ["check-store", str(bad)])
+    assert repaired.exit_code == 0 and "300 rows × 12, all finite (scanned in" in repaired.output
+    fit(config, AlignmentData.from_spec(bad_spec), tmp_path / "refused", progress=False)
 
 
 def test_small_data_gets_held_out_splits_sized_from_it(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+import warnings
 
 import numpy as np
 import pytest
@@ -109,6 +111,105 @@ def test_resume_after_a_kill_gives_bitwise_identical_weights(data, tmp_path, met
     assert (tmp_path / "whole" / "log.jsonl").read_text() == (tmp_path / "resumed" / "log.jsonl").read_text()
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["step"] == 24
+
+
+def test_a_slow_loader_reads_ahead_and_the_run_stays_resume_exact(data, tmp_path, monkeypatch):
+    from sotalign.align import trainer
+
+    config = TrainConfig(
+        method="sotalign", steps=12, **{**TINY_TRAINING, "checkpoint_every": 4, "eval_every": 6}
+    )
+    monkeypatch.setattr(trainer, "PREFETCH_ABOVE_LOAD_SHARE", 1.0)  # never read ahead
+    fit(config, data, tmp_path / "in_step", progress=False)
+    timing = json.loads((tmp_path / "in_step" / "metrics.json").read_text())["timing"]
+    assert timing["prefetch"] is False and timing["steps_timed"] == 11
+    assert sum(timing["shares"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert timing["shares"]["klot_forward"] > 0 and timing["shares"]["klot_backward"] > 0
+    assert timing["unpaired_rows_per_second"] == pytest.approx(
+        2 * TINY_TRAINING["unpaired_batch_size"] / timing["seconds_per_step"], rel=1e-3
+    )
+
+    monkeypatch.undo()
+    read = BatchSource.read
+
+    def slow_read(self, step):
+        time.sleep(0.05)  # a slow disk: far more than 10 % of these tiny steps
+        return read(self, step)
+
+    monkeypatch.setattr(BatchSource, "read", slow_read)
+
+    def kill_at_7(step):
+        if step == 7:  # with step 8 being read ahead
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(config, data, tmp_path / "ahead", progress=False, on_step=kill_at_7)
+    fit(config, data, tmp_path / "ahead", resume=True, progress=False)
+    timing = json.loads((tmp_path / "ahead" / "metrics.json").read_text())["timing"]
+    assert timing["prefetch"] is True
+    in_step, ahead = (load_file(tmp_path / d / "heads.safetensors") for d in ("in_step", "ahead"))
+    for name in in_step:
+        assert torch.equal(in_step[name], ahead[name]), name
+    assert (tmp_path / "in_step" / "log.jsonl").read_text() == (tmp_path / "ahead" / "log.jsonl").read_text()
+
+
+def test_klot_marginal_errors_are_logged_and_a_lasting_miss_warns_once(data, tmp_path, monkeypatch):
+    import sotalign.ot
+
+    def plan_errors(schedule):
+        """Stands for sotalign.ot.klot_marginal_errors: call i (one per step) returns schedule(i)."""
+        calls = []
+
+        def errors():
+            calls.append(None)
+            return torch.tensor(schedule(len(calls)), dtype=torch.float32)
+
+        return errors
+
+    monkeypatch.setattr(sotalign.ot, "NOT_CONVERGED", 1e-2, raising=False)
+    # steps 1-4 converge, then the student plan misses its marginals from step 5 on
+    schedule = lambda i: [0.25 if i >= 5 else 1e-3, 2e-3]  # noqa: E731
+    monkeypatch.setattr(sotalign.ot, "klot_marginal_errors", plan_errors(schedule), raising=False)
+    config = TrainConfig(method="sotalign", steps=20, **TINY_TRAINING)
+    with pytest.warns(RuntimeWarning, match=r"KLOT did not converge in the 10 steps up to step 14") as caught:
+        fit(config, data, tmp_path / "missed", progress=False)
+    assert len([w for w in caught if "KLOT did not converge" in str(w.message)]) == 1
+    log = [json.loads(line) for line in (tmp_path / "missed" / "log.jsonl").read_text().splitlines()]
+    expected = [torch.tensor(schedule(i), dtype=torch.float32).double().tolist() for i in range(1, 21)]
+    assert [
+        [r["klot_marginal_error"]["student"], r["klot_marginal_error"]["teacher"]] for r in log
+    ] == expected
+
+    # misses that do not last (every other step) say nothing; recipes without KLOT log none
+    schedule = lambda i: [0.25 if i % 2 else 1e-3, 2e-3]  # noqa: E731
+    monkeypatch.setattr(sotalign.ot, "klot_marginal_errors", plan_errors(schedule), raising=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="KLOT did not converge")
+        fit(config, data, tmp_path / "passing", progress=False)
+        fit(TrainConfig(method="sail", steps=3, **TINY_TRAINING), data, tmp_path / "sail", progress=False)
+    assert "klot_marginal_error" not in (tmp_path / "sail" / "log.jsonl").read_text()
+
+
+def test_an_unconverged_klot_warns_once_per_run_and_a_converged_one_not_at_all(data, tmp_path):
+    import sotalign.ot
+
+    starved = TrainConfig(method="sotalign", steps=12, **{**TINY_TRAINING, "n_iters": 1, "eps_teacher": 0.01})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(starved, data, tmp_path / "starved", progress=False)
+    klot_warnings = [str(w.message) for w in caught if "converge" in str(w.message)]
+    assert (
+        len(klot_warnings) == 1 and "KLOT did not converge in the 10 steps up to step 10" in klot_warnings[0]
+    )
+    log = [json.loads(line) for line in (tmp_path / "starved" / "log.jsonl").read_text().splitlines()]
+    assert all(max(r["klot_marginal_error"].values()) > sotalign.ot.NOT_CONVERGED for r in log)
+
+    converged = TrainConfig(method="sotalign", steps=12, **{**TINY_TRAINING, "n_iters": 300})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*converge")
+        fit(converged, data, tmp_path / "converged", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "converged" / "log.jsonl").read_text().splitlines()]
+    assert all(max(r["klot_marginal_error"].values()) < sotalign.ot.NOT_CONVERGED for r in log)
 
 
 def test_resume_drops_a_torn_log_line_and_matches_an_uninterrupted_run(data, tmp_path):

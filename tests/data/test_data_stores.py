@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sotalign.data import EmbeddingStore, ShardedStore, check_aligned, open_store, save_store
+from sotalign.data import EmbeddingStore, Rows, ShardedStore, check_aligned, open_store, save_store, scan
 
 h5py = pytest.importorskip("h5py")
 from safetensors.torch import save_file  # noqa: E402
@@ -192,6 +192,53 @@ def test_sharded_check_finite_names_the_shard(tmp_path):
     save_store(tmp_path / "s1.h5", b)
     with pytest.raises(ValueError, match=r"s1\.h5: row 7 .*row 27 "):
         open_store(tmp_path).check_finite(chunk_rows=4)
+
+
+def test_rows_are_checked_as_they_are_read_naming_the_shard_and_the_row(tmp_path):
+    a, b = _data(n=20, d=3), _data(n=30, d=3, seed=1)
+    b[7, 2] = np.inf
+    save_store(tmp_path / "s0.npy", a)
+    save_store(tmp_path / "s1.safetensors", b)
+    view = Rows.whole(open_store(tmp_path))
+    np.testing.assert_array_equal(view.get([26, 3, 28]).numpy(), np.stack([b[6], a[3], b[8]]))
+    with pytest.raises(
+        ValueError, match=r"s1\.safetensors: row 7 \(row 27 of the sharded store .*\) contains NaN or Inf"
+    ):
+        view.get([3, 26, 27, 28])
+
+
+def test_finite_values_whose_sum_overflows_are_accepted(tmp_path):
+    huge = np.full((6, 4), 3e38, dtype=np.float32)  # finite, but their float32 sum is inf
+    save_store(tmp_path / "huge.npy", huge)
+    store = open_store(tmp_path / "huge.npy")
+    np.testing.assert_array_equal(Rows.whole(store).get(np.arange(6)).numpy(), huge)
+    assert store.first_nonfinite() is None
+
+
+def test_a_whole_store_scan_is_remembered_for_that_very_store(tmp_path, monkeypatch):
+    monkeypatch.setattr(scan, "SCANS", tmp_path / "scans")
+    data = _data(n=200, d=4)
+    data[150, 1] = np.nan
+    path = tmp_path / "x.npy"
+    save_store(path, data)
+    first = scan.scan_store(open_store(path))
+    assert (first["first_nonfinite"], first["cached"]) == (150, False)
+    assert first["problem"] == f"{path}: row 150 contains NaN or Inf"
+    assert scan.scan_store(open_store(path))["cached"]
+    with pytest.raises(ValueError, match=r"x\.npy: row 150 contains NaN or Inf \(found by"):
+        scan.refuse_known_bad(open_store(path))
+    # the same size and the same sampled rows, but rewritten: another store, scanned again
+    data[150, 1] = 0.0
+    save_store(path, data)
+    assert scan.cached_scan(open_store(path)) is None
+    scan.refuse_known_bad(open_store(path))
+    second = scan.scan_store(open_store(path))
+    assert (second["first_nonfinite"], second["cached"]) == (None, False)
+    assert scan.scan_store(open_store(path), rescan=True)["cached"] is False
+    for record in (tmp_path / "scans").iterdir():  # a damaged cache is no cache
+        record.write_text("{not json")
+    assert scan.cached_scan(open_store(path)) is None
+    scan.refuse_known_bad(open_store(path))
 
 
 def test_save_store_is_atomic_and_validates(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from sotalign.align.losses import klot_divergence
 from sotalign.align.teachers import make_teacher
 from sotalign.align.trainer import BatchSource, _Step
 from sotalign.data import write_platonic
+from sotalign.rundir import hold_run_dir
 
 TINY = dict(TINY_TRAINING, lr=1e-3, steps=6, eval_every=3, checkpoint_every=3)
 TINY_EPS = TrainConfig().eps
@@ -208,9 +209,14 @@ def test_sotalign_fit_under_torchrun(spec, tmp_path):
         "global",
         "--quiet",
     ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # rank 0 takes the run directory's lock: held by this process, every rank is refused
+    with hold_run_dir(tmp_path / "run"):
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0
+    assert f"is in use by process {os.getpid()}" in refused.stderr, refused.stderr[-3000:]
+    assert "rank 0: " in refused.stderr and not (tmp_path / "run" / "config.json").exists()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "metrics.json").exists()
     assert [r["step"] for r in log(tmp_path / "run")] == [1, 2, 3, 4]

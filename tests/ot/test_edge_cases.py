@@ -90,12 +90,18 @@ def test_double_backward_is_a_clear_error():
     x, y, x_t, y_t = klot_problem(12, 14, 4, 2)
     x.requires_grad_()
     (grad,) = torch.autograd.grad(sotalign.klot(x, y, x_t, y_t), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="sotalign.klot has no second derivative"):
+    with pytest.raises(RuntimeError, match="sotalign's OT losses have no second derivative"):
         grad.sum().backward()
     K = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
     (grad_K,) = torch.autograd.grad(sotalign.klot_dense(K, torch.randn(6, 7)), K, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         grad_K.sum().backward()
+    p = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    (grad_p,) = torch.autograd.grad(
+        sotalign.sinkhorn_divergence(p, torch.randn(4, 2, dtype=torch.float64)), p, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        grad_p.sum().backward()
 
 
 def test_plan_products_check_their_operand():

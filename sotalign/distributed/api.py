@@ -103,9 +103,13 @@ def all_gather_rows(t: Tensor, group=None) -> Tensor:
     return _GatherRows.apply(t, comm, tuple(comm.sizes(t.shape[0], t.device)))
 
 
-def _validated(eps, options: SolverOptions, **tensors) -> tuple[float, SolverOptions]:
-    """The checks of the single-process front (the solver options were checked by
-    :class:`~sotalign.ot.options.SolverOptions`); returns ε and the options of the loop."""
+def _validated(
+    eps, cost, affinity, options, solver_options: dict, **tensors
+) -> tuple[float, str, SolverOptions]:
+    """The checks of the single-process front (the solver options by
+    :class:`~sotalign.ot.options.SolverOptions`); returns ε, the cost and the loop's options."""
+    cost = _cost(cost, affinity)
+    options = SolverOptions.resolve(options, **solver_options)
     device = validation.check_structure(**tensors)
     validation.check_finite(**tensors)
     for first, second in (("x", "y"), ("x_teacher", "y_teacher")):
@@ -130,7 +134,7 @@ def _validated(eps, options: SolverOptions, **tensors) -> tuple[float, SolverOpt
         )
     if options.cuda_graph:
         raise ValueError("cuda_graph=True is not supported by sotalign.distributed (each step communicates)")
-    return validation.check_positive("eps", eps), dataclasses.replace(options, cuda_graph=False)
+    return validation.check_positive("eps", eps), cost, dataclasses.replace(options, cuda_graph=False)
 
 
 def _agree(comm: Comm, what: str, tensors: dict, validate) -> tuple[dict, tuple, tuple]:
@@ -144,7 +148,6 @@ def _agree(comm: Comm, what: str, tensors: dict, validate) -> tuple[dict, tuple,
         shared = {
             "function": what,
             **options,
-            "cost": tensors["cost"],
             "weights": [name for name in ("a", "b") if tensors.get(name) is not None],
             **dims,
             "dtype": str(validation.compute_dtype(*(t for t in tensors.values() if isinstance(t, Tensor)))),
@@ -250,13 +253,12 @@ def sinkhorn(
     ``path="dense"`` stores this rank's block row of K once (n_r×m) and exchanges only O(n+m)
     numbers per iteration. Collective: every rank calls it."""
     comm = Comm(group)
-    cost = _cost(cost, affinity)
-    options = SolverOptions.resolve(options, **solver_options)
-    tensors = {"x": x, "y": y, "a": a, "b": b, "cost": cost}
-    agreed, row_sizes, col_sizes = _agree(
-        comm, "sinkhorn", tensors, lambda: _shared(*_validated(eps, options, x=x, y=y))
+    checks = (eps, cost, affinity, options, solver_options)
+    tensors = {"x": x, "y": y, "a": a, "b": b}
+    _, row_sizes, col_sizes = _agree(
+        comm, "sinkhorn", tensors, lambda: _shared(*_validated(*checks, x=x, y=y))
     )
-    eps, options = _validated(eps, options, x=x, y=y)
+    eps, cost, options = _validated(*checks, x=x, y=y)
     dtype = validation.compute_dtype(x, y)
     x, y = ot_problem.cost_features(cost, x.detach().to(dtype), y.detach().to(dtype))
     setup = _setup(comm, options, x, row_sizes, col_sizes, x.shape[1], dtype, 1)
@@ -283,9 +285,9 @@ def sinkhorn(
     )
 
 
-def _shared(eps: float, options: SolverOptions) -> dict:
+def _shared(eps: float, cost: str, options: SolverOptions) -> dict:
     """What the ranks must agree on."""
-    return {"eps": eps, **dataclasses.asdict(options)}
+    return {"eps": eps, "cost": cost, **dataclasses.asdict(options)}
 
 
 def _setup(
@@ -381,19 +383,15 @@ def klot(
     gradient of the global value is their sum. Warns, like :func:`sotalign.klot`, when a plan
     did not converge. Collective, forward and backward."""
     comm = Comm(group)
-    cost = _cost(cost, affinity)
-    options = SolverOptions.resolve(options, **solver_options)
-    tensors = {"x": x, "y": y, "x_teacher": x_teacher, "y_teacher": y_teacher, "a": a, "b": b, "cost": cost}
+    checks = (eps, cost, affinity, options, solver_options)
+    tensors = {"x": x, "y": y, "x_teacher": x_teacher, "y_teacher": y_teacher, "a": a, "b": b}
 
     def validate():
-        eps_checked, loop = _validated(eps, options, x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
-        return {
-            **_shared(eps_checked, loop),
-            "eps_teacher": validation.check_positive("eps_teacher", eps_teacher),
-        }
+        checked = _validated(*checks, x=x, y=y, x_teacher=x_teacher, y_teacher=y_teacher)
+        return {**_shared(*checked), "eps_teacher": validation.check_positive("eps_teacher", eps_teacher)}
 
     agreed, row_sizes, col_sizes = _agree(comm, "klot", tensors, validate)
-    eps, options = _validated(eps, options, x=x, y=y)
+    eps, cost, options = _validated(*checks, x=x, y=y)
     dtype = validation.compute_dtype(x, y, x_teacher, y_teacher)
     x, y = (t.contiguous() for t in ot_problem.cost_features(cost, x.to(dtype), y.to(dtype)))
     x_teacher, y_teacher = (

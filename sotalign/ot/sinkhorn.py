@@ -165,8 +165,8 @@ def solve(
     synchronises only there, and the loop stops once every problem is below tol.
 
     ε-scaling (``eps_scaling`` in (0, 1)) anneals: iteration k runs at ε_k = max(ε, ε₀·factor^k),
-    from ``eps_start`` = ε₀ (by default ``spread``, an upper bound on max K − min K, where the
-    plan is close to a·bᵀ) down to ε, then stays there. The potentials carry across levels;
+    from ``eps_start`` = ε₀ (by default ``spread``, an upper bound on max K − min K where the
+    plan is close to a·bᵀ, computed from K when not given) down to ε, then stays there. The potentials carry across levels;
     every iteration counts in ``n_iters``; the tolerance is checked only at the target ε.
 
     With CUDA graphs (:func:`use_cuda_graph`) the iterations at the target ε run in chunks of
@@ -180,7 +180,7 @@ def solve(
         g_init = torch.where(problem.cols.weights > 0, 0.0, -torch.inf).to(problem.cols.weights.dtype)
     state = LoopState(f=None, g=g_init)
     if options.eps_scaling is not None and eps_start is None:
-        eps_start = spread
+        eps_start = affinity_spread(problem.K) if spread is None else spread
     schedule = eps_schedule(eps, options.n_iters, options.eps_scaling, eps_start)
     annealed = next((k for k, level in enumerate(schedule) if level == eps), options.n_iters)
     for level in schedule[:annealed]:

@@ -70,7 +70,9 @@ def _operand(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -
     raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _half_step(K: Affinity, bias: Tensor, eps: float, rows: bool, log_w: Tensor | None, coef: float) -> Tensor:
+def _half_step(
+    K: Affinity, bias: Tensor, eps: float, rows: bool, log_w: Tensor | None, coef: float
+) -> Tensor:
     """LSE over j (``rows``) or over i of (K + bias)/ε for every problem of K, or
     coef · (log_w − LSE) when log weights are given: one C++ call for the whole batch."""
     dtype, batch = K.dtype, K.batch

@@ -1,4 +1,5 @@
-"""Batches and zero weights, the checks every backend's own test file runs on that backend.
+"""Batches and zero weights: the checks every backend's own test file runs on that backend,
+by subclassing :class:`BatchChecks` (this module is not collected itself).
 
 The oracle is the float64 ``reference`` backend on each problem *alone*: a batch pads uneven
 problems to a common (n, m) with zero weights (−inf log weights, zero feature rows), and the
@@ -10,17 +11,19 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from sotalign.kernels import Affinity, load_backend
+from sotalign.kernels import Affinity, Backend, load_backend
 
 REFERENCE = load_backend("reference")
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 #: Real (n, m) of the problems of one batch: one larger than a cpu tile (24 rows × 256
 #: columns), one small, one single entry.
 SIZES = [(30, 270), (7, 41), (1, 1)]
-#: Feature dimension (fixed: KeOps compiles one kernel per dimension).
-D = 7
+#: Feature dimensions of the student and the teacher (fixed: KeOps compiles one kernel per
+#: dimension; the same as in the conformance suite).
+D, D_TEACHER = 7, 4
 
 
 def padded_batch(sizes, d: int, dtype: torch.dtype, seed: int = 0):
@@ -125,7 +128,7 @@ def check_klot_value_zero_weights(backend, path: str, dtype: torch.dtype) -> Non
     not NaN."""
     eps, eps_t = 0.05, 0.01
     x, y, log_a, log_b = padded_batch([(30, 270), (20, 200)], D, dtype, seed=3)
-    x_t, y_t, _, _ = padded_batch([(30, 270), (20, 200)], D + 2, dtype, seed=4)
+    x_t, y_t, _, _ = padded_batch([(30, 270), (20, 200)], D_TEACHER, dtype, seed=4)
     K, K_t = affinity(x[1], y[1], path), affinity(x_t[1], y_t[1], path)
     K64, K_t64 = (
         affinity(x[1].double(), y[1].double(), path),
@@ -144,3 +147,60 @@ def check_klot_value_zero_weights(backend, path: str, dtype: torch.dtype) -> Non
     value = backend.klot_value(K, f.to(dtype), g.to(dtype), eps, K_t, f_t.to(dtype), g_t.to(dtype), eps_t)
     assert torch.isfinite(expected)
     assert_close(value.reshape(1), expected.reshape(1), dtype)
+
+
+def check_plan_products_batch(backend, path: str, dtype: torch.dtype) -> None:
+    """P V, Pᵀ U and Σ P K2 on a padded batch with −inf potentials on the padding equal the
+    reference's on each problem alone (zero rows and columns of P there)."""
+    x, y, log_a, log_b = padded_batch(SIZES, D, dtype, seed=5)
+    K, K2 = affinity(x, y, path), affinity(y[:, :1].expand(x.shape).contiguous(), y, path)
+    f, g = iterate(REFERENCE, affinity(x.double(), y.double(), path), log_a.double(), log_b.double(), 1.0)
+    generator = torch.Generator().manual_seed(6)
+    V = torch.randn(*y.shape[:2], 3, generator=generator, dtype=torch.float64)
+    U = torch.randn(*x.shape[:2], 3, generator=generator, dtype=torch.float64)
+    f, g, V, U = (t.to(dtype) for t in (f, g, V, U))
+    PV, PtU = backend.plan_matmul(K, f, g, 0.05, V), backend.plan_t_matmul(K, f, g, 0.05, U)
+    inner = backend.plan_inner(K, f, g, 0.05, K2)
+    for p, (rows, cols) in enumerate(SIZES):
+        alone = affinity(x[p, :rows].double(), y[p, :cols].double(), path)
+        alone2 = affinity(y[p, :1].expand(rows, D).double(), y[p, :cols].double(), path)
+        f_p, g_p = f[p, :rows].double(), g[p, :cols].double()
+        assert_close(PV[p, :rows], REFERENCE.plan_matmul(alone, f_p, g_p, 0.05, V[p, :cols].double()), dtype)
+        assert_close(
+            PtU[p, :cols], REFERENCE.plan_t_matmul(alone, f_p, g_p, 0.05, U[p, :rows].double()), dtype
+        )
+        assert_close(
+            inner[p].reshape(1), REFERENCE.plan_inner(alone, f_p, g_p, 0.05, alone2).reshape(1), dtype
+        )
+        assert (PV[p, rows:] == 0).all() and (PtU[p, cols:] == 0).all()
+
+
+class BatchChecks:
+    """The checks above as tests, on both paths in float64 and float32. A subclass sets
+    ``backend`` (and ``paths``, the paths it computes itself)."""
+
+    backend: Backend
+    paths: tuple[str, ...] = ("online", "dense")
+
+    @pytest.fixture(params=["online", "dense"])
+    def path(self, request):
+        if request.param not in self.paths:
+            pytest.skip(f"the {self.backend.name} backend hands the {request.param} path to another one")
+        return request.param
+
+    @pytest.fixture(params=[torch.float64, torch.float32], ids=["fp64", "fp32"])
+    def dtype(self, request):
+        return request.param
+
+    def test_padded_batch_equals_each_problem_alone(self, path, dtype):
+        check_padded_batch(self.backend, path, dtype)
+
+    @pytest.mark.parametrize("batched", [False, True], ids=["single", "batch"])
+    def test_neg_inf_biases(self, path, dtype, batched):
+        check_neg_inf_biases(self.backend, path, dtype, batched)
+
+    def test_klot_value_zero_weights(self, path, dtype):
+        check_klot_value_zero_weights(self.backend, path, dtype)
+
+    def test_plan_products_batch(self, path, dtype):
+        check_plan_products_batch(self.backend, path, dtype)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from batch_cases import check_klot_value_zero_weights, check_neg_inf_biases, check_padded_batch
+from batch_cases import BatchChecks
 
 cpu = pytest.importorskip("sotalign.kernels.cpu")
 if not cpu.AVAILABLE:
@@ -252,37 +252,16 @@ def test_fast_exp2_matches_numpy(dtype):
     assert (out[huge] >= info.max / 4).all()
 
 
-PATHS = pytest.mark.parametrize("path", ["online", "dense"])
-DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+class TestBatches(BatchChecks):
+    backend = CPU
 
 
-@DTYPES
-@PATHS
-def test_padded_batch_equals_each_problem_alone(path, dtype):
-    check_padded_batch(CPU, path, dtype)
-
-
-@DTYPES
-@PATHS
-@pytest.mark.parametrize("batched", [False, True], ids=["single", "batch"])
-def test_neg_inf_biases(path, dtype, batched):
-    check_neg_inf_biases(CPU, path, dtype, batched)
-
-
-@DTYPES
-@PATHS
-def test_klot_value_zero_weights(path, dtype):
-    check_klot_value_zero_weights(CPU, path, dtype)
-
-
-@PATHS
-def test_batched_results_do_not_depend_on_thread_count(path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_results_do_not_depend_on_thread_count(kind):
     """8 problems of 150 × 180: enough entries (≥ 2^16 per thread) for three threads."""
     B, n, m = 8, 150, 180
     x, y = features(B * n, B * m, 20, seed=5)
-    K = affinity(
-        x.reshape(B, n, 20), y.reshape(B, m, 20), "features" if path == "online" else "dense", torch.float64
-    )
+    K = affinity(x.reshape(B, n, 20), y.reshape(B, m, 20), kind, torch.float64)
     gen = torch.Generator().manual_seed(6)
     bias_cols = torch.randn(B, m, generator=gen, dtype=torch.float64)
     bias_rows = torch.randn(B, n, generator=gen, dtype=torch.float64)

@@ -6,14 +6,9 @@ rows here."""
 from __future__ import annotations
 
 import pytest
-import torch
-from batch_cases import check_klot_value_zero_weights, check_neg_inf_biases, check_padded_batch
+from batch_cases import BatchChecks
 
 from sotalign.kernels import base, load_backend
-
-TORCH = load_backend("torch")
-PATHS = pytest.mark.parametrize("path", ["online", "dense"])
-DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 
 
 @pytest.fixture(autouse=True)
@@ -22,20 +17,5 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(base, "BLOCK_BYTES", 7 * 3 * 270 * 8)
 
 
-@DTYPES
-@PATHS
-def test_padded_batch_equals_each_problem_alone(path, dtype):
-    check_padded_batch(TORCH, path, dtype)
-
-
-@DTYPES
-@PATHS
-@pytest.mark.parametrize("batched", [False, True], ids=["single", "batch"])
-def test_neg_inf_biases(path, dtype, batched):
-    check_neg_inf_biases(TORCH, path, dtype, batched)
-
-
-@DTYPES
-@PATHS
-def test_klot_value_zero_weights(path, dtype):
-    check_klot_value_zero_weights(TORCH, path, dtype)
+class TestBatches(BatchChecks):
+    backend = load_backend("torch")

@@ -65,7 +65,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         )
 
 
-def iterate(backend, K: Affinity, log_a: torch.Tensor, log_b: torch.Tensor, scale: float, steps: int = 3):
+def iterate(
+    backend, K: Affinity, log_a: torch.Tensor, log_b: torch.Tensor, scale: float, steps: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(f, g) after ``steps`` scaled Sinkhorn iterations (row then column update, τ = ``scale``,
     ε = 0.05) from g = 0 on the real columns and −inf on the padding (which must not count)."""
     f, g = log_a, torch.zeros_like(log_b).masked_fill_(log_b == -math.inf, -math.inf)
@@ -123,30 +125,32 @@ def check_neg_inf_biases(backend, path: str, dtype: torch.dtype, batched: bool) 
         assert_close(backend.lse_cols(K, rows, eps), REFERENCE.lse_cols(K64, rows.double(), eps), dtype)
 
 
-def check_klot_value_zero_weights(backend, path: str, dtype: torch.dtype) -> None:
-    """Rows and columns of weight zero (−inf potentials in both plans) add 0 to the KLOT value,
-    not NaN."""
+def check_klot_zero_weights(backend, path: str, dtype: torch.dtype) -> None:
+    """Rows and columns of weight zero (−inf potentials in both plans) add 0 to the KLOT value
+    and its gradients, not NaN. The teacher is on ``path``; the gradient wrt features takes the
+    student as features, the dense one as a stored K."""
     eps, eps_t = 0.05, 0.01
     x, y, log_a, log_b = padded_batch([(30, 270), (20, 200)], D, dtype, seed=3)
     x_t, y_t, _, _ = padded_batch([(30, 270), (20, 200)], D_TEACHER, dtype, seed=4)
-    K, K_t = affinity(x[1], y[1], path), affinity(x_t[1], y_t[1], path)
-    K64, K_t64 = (
-        affinity(x[1].double(), y[1].double(), path),
-        affinity(x_t[1].double(), y_t[1].double(), path),
-    )
-    log_a, log_b = log_a[1].double(), log_b[1].double()
-    potentials = []
-    for affinity_64, level in ((K64, eps), (K_t64, eps_t)):
-        g = torch.zeros_like(log_b)
-        for _ in range(20):
-            f = REFERENCE.row_update(affinity_64, g, level, log_a)
-            g = REFERENCE.column_update(affinity_64, f, level, log_b)
-        potentials.append((f, g))
-    (f, g), (f_t, g_t) = potentials
-    expected = REFERENCE.klot_value(K64, f, g, eps, K_t64, f_t, g_t, eps_t)
-    value = backend.klot_value(K, f.to(dtype), g.to(dtype), eps, K_t, f_t.to(dtype), g_t.to(dtype), eps_t)
+    x, y, x_t, y_t, log_a, log_b = x[1], y[1], x_t[1], y_t[1], log_a[1].double(), log_b[1].double()
+    K, K_t = affinity(x, y, path), affinity(x_t, y_t, path)
+    K64, K_t64 = affinity(x.double(), y.double(), path), affinity(x_t.double(), y_t.double(), path)
+    potentials = [iterate(REFERENCE, K64, log_a, log_b, 1.0, steps=20)]
+    potentials.append(iterate(REFERENCE, K_t64, log_a, log_b, 1.0, steps=20))
+    student, teacher = [(f, g, level) for (f, g), level in zip(potentials, (eps, eps_t), strict=True)]
+    student_in, teacher_in = [(f.to(dtype), g.to(dtype), level) for f, g, level in (student, teacher)]
+
+    expected = REFERENCE.klot_value(K64, *student, K_t64, *teacher)
     assert torch.isfinite(expected)
-    assert_close(value.reshape(1), expected.reshape(1), dtype)
+    assert_close(backend.klot_value(K, *student_in, K_t, *teacher_in).reshape(1), expected.reshape(1), dtype)
+    features, features64 = affinity(x, y, "online"), affinity(x.double(), y.double(), "online")
+    grads = backend.klot_grad_features(features, *student_in, K_t, *teacher_in)
+    expected = REFERENCE.klot_grad_features(features64, *student, K_t64, *teacher)
+    for grad, grad_expected in zip(grads, expected, strict=True):
+        assert_close(grad, grad_expected, dtype)
+    dense, dense64 = affinity(x, y, "dense"), affinity(x.double(), y.double(), "dense")
+    G = backend.klot_grad_dense(dense, *student_in, K_t, *teacher_in)
+    assert_close(G, REFERENCE.klot_grad_dense(dense64, *student, K_t64, *teacher), dtype)
 
 
 def check_plan_products_batch(backend, path: str, dtype: torch.dtype) -> None:
@@ -199,8 +203,8 @@ class BatchChecks:
     def test_neg_inf_biases(self, path, dtype, batched):
         check_neg_inf_biases(self.backend, path, dtype, batched)
 
-    def test_klot_value_zero_weights(self, path, dtype):
-        check_klot_value_zero_weights(self.backend, path, dtype)
+    def test_klot_zero_weights(self, path, dtype):
+        check_klot_zero_weights(self.backend, path, dtype)
 
     def test_plan_products_batch(self, path, dtype):
         check_plan_products_batch(self.backend, path, dtype)

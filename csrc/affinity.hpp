@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 namespace sotalign {
 
@@ -98,34 +98,56 @@ inline void gemm_accumulate(int rows, ptrdiff_t width, ptrdiff_t L, const T* A, 
     }
 }
 
-// An n×m affinity: either stored row-major (`dense`) or K = x yᵀ with y packed once into
-// zero-padded panels of kNR columns, panel[k][jj] = y[p·kNR + jj][k], so that the micro-kernel
-// reads each k-row of a panel contiguously.
+// A batch of `batch` n×m affinities (one problem when batch = 1), problem p either stored
+// row-major at dense + p·n·m, or K = x_p y_pᵀ with x_p = x + p·n·d, y_p = y + p·m·d. For features,
+// y is packed (pack()) into zero-padded panels of kNR columns, panel[k][jj] = y[q·kNR + jj][k],
+// so that the micro-kernel reads each k-row of a panel contiguously.
 template <class T>
 struct AffinitySource {
-    ptrdiff_t n = 0, m = 0, d = 0;
+    ptrdiff_t batch = 1, n = 0, m = 0, d = 0;
     const T* dense = nullptr;
     const T* x = nullptr;
-    std::vector<T> panels;
+    const T* y = nullptr;
+    std::unique_ptr<T[]> panels;  // not value-initialised: pack() writes every entry
 
-    static AffinitySource stored(const T* K, ptrdiff_t n, ptrdiff_t m) {
+    static AffinitySource stored(const T* K, ptrdiff_t n, ptrdiff_t m, ptrdiff_t batch = 1) {
         AffinitySource s;
-        s.n = n; s.m = m; s.dense = K;
+        s.batch = batch; s.n = n; s.m = m; s.dense = K;
         return s;
     }
 
-    static AffinitySource features(const T* x, const T* y, ptrdiff_t n, ptrdiff_t m, ptrdiff_t d) {
-        constexpr int NR = kNR<T>;
+    // Call pack() before the first tile().
+    static AffinitySource features(const T* x, const T* y, ptrdiff_t n, ptrdiff_t m, ptrdiff_t d,
+                                   ptrdiff_t batch = 1) {
         AffinitySource s;
-        s.n = n; s.m = m; s.d = d; s.x = x;
-        s.panels.assign(size_t(round_up(m, NR) * d), T(0));
-        for (ptrdiff_t j = 0; j < m; ++j)
-            for (ptrdiff_t k = 0; k < d; ++k)
-                s.panels[((j / NR) * d + k) * NR + j % NR] = y[j * d + k];
+        s.batch = batch; s.n = n; s.m = m; s.d = d; s.x = x; s.y = y;
+        s.panels.reset(new T[size_t(batch * s.panel_stride())]);
         return s;
     }
 
     bool is_dense() const { return dense != nullptr; }
+
+    ptrdiff_t panels_per_problem() const { return (m + kNR<T> - 1) / kNR<T>; }
+    ptrdiff_t panel_stride() const { return panels_per_problem() * d * kNR<T>; }
+
+    // Packs y into panels (nothing to do for a stored K). Its loop is an orphaned `omp for`
+    // without a barrier: inside a parallel region the threads share it (and must meet a barrier
+    // before reading the panels); outside one it runs serially.
+    void pack() {
+        if (is_dense()) return;
+        constexpr int NR = kNR<T>;
+        const ptrdiff_t per_problem = panels_per_problem(), total = batch * per_problem;
+#pragma omp for schedule(static) nowait
+        for (ptrdiff_t q = 0; q < total; ++q) {
+            const ptrdiff_t j0 = (q % per_problem) * NR, cols = std::min<ptrdiff_t>(NR, m - j0);
+            const T* yp = y + (q / per_problem) * m * d;
+            T* panel = panels.get() + q * d * NR;
+            for (ptrdiff_t k = 0; k < d; ++k) {
+                for (ptrdiff_t jj = 0; jj < cols; ++jj) panel[k * NR + jj] = yp[(j0 + jj) * d + k];
+                for (ptrdiff_t jj = cols; jj < NR; ++jj) panel[k * NR + jj] = T(0);
+            }
+        }
+    }
 
     // Width of the column tiles to stream: whole rows of a stored K, cache-sized tiles otherwise.
     ptrdiff_t tile_cols() const { return is_dense() ? m : kTileCols; }
@@ -133,20 +155,23 @@ struct AffinitySource {
     // Scratch a thread needs for tile() with up to max_rows rows (none when stored).
     size_t scratch_size(int max_rows = kTileRows) const { return is_dense() ? 0 : size_t(max_rows) * kTileCols; }
 
-    // K[r0 : r0+rows, c0 : c0+cols] (for features c0 is a multiple of kTileCols and
-    // cols ≤ kTileCols). Returns the tile and sets its leading dimension.
-    const T* tile(ptrdiff_t r0, int rows, ptrdiff_t c0, ptrdiff_t cols, T* scratch, ptrdiff_t& ld) const {
+    // K_p[r0 : r0+rows, c0 : c0+cols] of problem p (for features c0 is a multiple of kTileCols
+    // and cols ≤ kTileCols). Returns the tile and sets its leading dimension.
+    const T* tile(ptrdiff_t p, ptrdiff_t r0, int rows, ptrdiff_t c0, ptrdiff_t cols, T* scratch,
+                  ptrdiff_t& ld) const {
         if (is_dense()) {
             ld = m;
-            return dense + r0 * m + c0;
+            return dense + (p * n + r0) * m + c0;
         }
         constexpr int NR = kNR<T>;
         ld = kTileCols;
-        for (ptrdiff_t p = c0 / NR; p * NR < c0 + cols; ++p) {
-            const T* panel = panels.data() + p * d * NR;
+        const T* xp = x + (p * n + r0) * d;
+        const T* problem_panels = panels.get() + p * panel_stride();
+        for (ptrdiff_t q = c0 / NR; q * NR < c0 + cols; ++q) {
+            const T* panel = problem_panels + q * d * NR;
             for (int r = 0; r < rows; r += kMR)
-                micro_kernel<T, kMaxNV>(d, x + (r0 + r) * d, d, 1, std::min(kMR, rows - r),
-                                        panel, NR, scratch + r * ld + (p * NR - c0), ld, false);
+                micro_kernel<T, kMaxNV>(d, xp + r * d, d, 1, std::min(kMR, rows - r),
+                                        panel, NR, scratch + r * ld + (q * NR - c0), ld, false);
         }
         return scratch;
     }

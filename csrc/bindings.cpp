@@ -1,9 +1,15 @@
 // Python bindings of the CPU kernels (module sotalign._C). Every kernel exists for float32 and
-// float64 (pybind11 picks the overload whose dtype matches exactly), releases the GIL while it
-// computes, and takes the OpenMP thread count explicitly.
+// float64, releases the GIL while it computes, and takes the OpenMP thread count explicitly.
+//
+// The KLOT passes take numpy arrays (pybind11 picks the overload whose dtype matches exactly).
+// The Sinkhorn half-steps, called hundreds of times per solve, take the data addresses of
+// contiguous CPU tensors instead, in the submodules `float32` and `float64`: turning a torch
+// tensor into a numpy array costs more than a whole half-step of a small problem. Their only
+// caller, sotalign/kernels/cpu.py, checks every shape, dtype and layout before the call.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -42,12 +48,15 @@ AffinitySource<T> dense_source(const Array<T>& K) {
 }
 
 // Packing y is O(m·d) work, done with the GIL released.
+// Packing y is O(m·d) work, done with the GIL released.
 template <class T>
 AffinitySource<T> feature_source(const Array<T>& x, const Array<T>& y) {
     auto [n, d] = matrix_shape(x, "x");
     check_shape(y, {y.ndim() == 2 ? y.shape(0) : -1, d}, "y (m×d, same d as x)");
     py::gil_scoped_release release;
-    return AffinitySource<T>::features(x.data(), y.data(), n, y.shape(0), d);
+    AffinitySource<T> source = AffinitySource<T>::features(x.data(), y.data(), n, y.shape(0), d);
+    source.pack();
+    return source;
 }
 
 template <class T>
@@ -64,28 +73,50 @@ Array<T> fast_exp2_array(const Array<T>& x, int num_threads) {
     return out;
 }
 
+// A tensor's data address (Tensor.data_ptr()) as a pointer; 0 is the null pointer.
 template <class T>
-Array<T> lse_rows_impl(const AffinitySource<T>& K, const Array<T>& bias, double eps, int num_threads) {
-    check_shape(bias, {K.m}, "bias (m,)");
-    Array<T> out(K.n);
-    T* o = out.mutable_data();
-    {
-        py::gil_scoped_release release;
-        lse_rows<T>(K, bias.data(), T(eps), o, num_threads);
-    }
-    return out;
+T* address(uintptr_t data_ptr) { return reinterpret_cast<T*>(data_ptr); }
+
+// One half-step over a batch of affinities: lse_rows or lse_cols with the epilogue given by
+// (log_w, coef); see sotalign/kernels/cpu.py for the arguments.
+template <class T>
+using HalfStep = void (*)(AffinitySource<T>&, const T*, T, Epilogue<T>, T*, int);
+
+template <class T, HalfStep<T> kernel>
+void bind_half_step(py::module_& m, const char* name, const char* doc) {
+    m.def(std::string(name).append("_dense").c_str(),
+          [](uintptr_t K, ptrdiff_t batch, ptrdiff_t n, ptrdiff_t cols, uintptr_t bias, double eps,
+             uintptr_t log_w, double coef, uintptr_t out, int num_threads) {
+              py::gil_scoped_release release;
+              AffinitySource<T> source = AffinitySource<T>::stored(address<const T>(K), n, cols, batch);
+              kernel(source, address<const T>(bias), T(eps), Epilogue<T>{address<const T>(log_w), T(coef)},
+                     address<T>(out), num_threads);
+          },
+          py::arg("K"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("bias"), py::arg("eps"),
+          py::arg("log_w"), py::arg("coef"), py::arg("out"), py::arg("num_threads"), doc);
+    m.def(std::string(name).append("_online").c_str(),
+          [](uintptr_t x, uintptr_t y, ptrdiff_t batch, ptrdiff_t n, ptrdiff_t cols, ptrdiff_t d, uintptr_t bias,
+             double eps, uintptr_t log_w, double coef, uintptr_t out, int num_threads) {
+              py::gil_scoped_release release;
+              AffinitySource<T> source =
+                  AffinitySource<T>::features(address<const T>(x), address<const T>(y), n, cols, d, batch);
+              kernel(source, address<const T>(bias), T(eps), Epilogue<T>{address<const T>(log_w), T(coef)},
+                     address<T>(out), num_threads);
+          },
+          py::arg("x"), py::arg("y"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("d"), py::arg("bias"),
+          py::arg("eps"), py::arg("log_w"), py::arg("coef"), py::arg("out"), py::arg("num_threads"), doc);
 }
 
 template <class T>
-Array<T> lse_cols_impl(const AffinitySource<T>& K, const Array<T>& bias, double eps, int num_threads) {
-    check_shape(bias, {K.n}, "bias (n,)");
-    Array<T> out(K.m);
-    T* o = out.mutable_data();
-    {
-        py::gil_scoped_release release;
-        lse_cols<T>(K, bias.data(), T(eps), o, num_threads);
-    }
-    return out;
+void bind_half_steps(py::module_& m) {
+    bind_half_step<T, lse_rows<T>>(
+        m, "lse_rows",
+        "out[p, i] = LSE_j (K[p, i, j] + bias[p, j]) / eps, or coef · (log_w[p, i] − that) when "
+        "log_w is not 0, for a batch of K (stored, or x yᵀ recomputed tile by tile).");
+    bind_half_step<T, lse_cols<T>>(
+        m, "lse_cols",
+        "out[p, j] = LSE_i (K[p, i, j] + bias[p, i]) / eps, or coef · (log_w[p, j] − that) when "
+        "log_w is not 0, for a batch of K (stored, or x yᵀ recomputed tile by tile).");
 }
 
 template <class T>
@@ -130,31 +161,6 @@ template <class T>
 void bind(py::module_& m) {
     m.def("fast_exp2", &fast_exp2_array<T>, py::arg("x"), py::arg("num_threads") = 1,
           "Elementwise 2^x with the vectorised exp2 of the kernels (for tests).");
-
-    m.def("lse_rows_dense",
-          [](const Array<T>& K, const Array<T>& bias, double eps, int nt) {
-              return lse_rows_impl<T>(dense_source(K), bias, eps, nt);
-          },
-          py::arg("K"), py::arg("bias"), py::arg("eps"), py::arg("num_threads"),
-          "out[i] = LSE_j (K[i,j] + bias[j]) / eps for a stored K (n×m).");
-    m.def("lse_cols_dense",
-          [](const Array<T>& K, const Array<T>& bias, double eps, int nt) {
-              return lse_cols_impl<T>(dense_source(K), bias, eps, nt);
-          },
-          py::arg("K"), py::arg("bias"), py::arg("eps"), py::arg("num_threads"),
-          "out[j] = LSE_i (K[i,j] + bias[i]) / eps for a stored K (n×m).");
-    m.def("lse_rows_online",
-          [](const Array<T>& x, const Array<T>& y, const Array<T>& bias, double eps, int nt) {
-              return lse_rows_impl<T>(feature_source(x, y), bias, eps, nt);
-          },
-          py::arg("x"), py::arg("y"), py::arg("bias"), py::arg("eps"), py::arg("num_threads"),
-          "out[i] = LSE_j ((x yᵀ)[i,j] + bias[j]) / eps, recomputing K tile by tile.");
-    m.def("lse_cols_online",
-          [](const Array<T>& x, const Array<T>& y, const Array<T>& bias, double eps, int nt) {
-              return lse_cols_impl<T>(feature_source(x, y), bias, eps, nt);
-          },
-          py::arg("x"), py::arg("y"), py::arg("bias"), py::arg("eps"), py::arg("num_threads"),
-          "out[j] = LSE_i ((x yᵀ)[i,j] + bias[i]) / eps, recomputing K tile by tile.");
 
     m.def("klot_value_dense",
           [](const Array<T>& K, const Array<T>& f, const Array<T>& g, double eps, const Array<T>& Kt,
@@ -226,4 +232,8 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "sotalign CPU kernels: streaming log-sum-exp and fused KLOT passes (pybind11 + OpenMP).";
     bind<float>(m);
     bind<double>(m);
+    py::module_ f32 = m.def_submodule("float32", "Sinkhorn half-steps on float32 data (addresses).");
+    py::module_ f64 = m.def_submodule("float64", "Sinkhorn half-steps on float64 data (addresses).");
+    bind_half_steps<float>(f32);
+    bind_half_steps<double>(f64);
 }

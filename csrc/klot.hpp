@@ -7,6 +7,7 @@
 // never needs an n×m buffer.
 #pragma once
 
+#include <limits>
 #include <vector>
 
 #include <omp.h>
@@ -19,7 +20,8 @@ namespace sotalign {
 constexpr int kGradTileRows = 96;
 
 // The value, accumulated in double: each term P*_ij (log P*_ij − log P_ij) is formed from
-// double log-plans (the two sums taken apart cancel catastrophically at small ε).
+// double log-plans (the two sums taken apart cancel catastrophically at small ε). Only the
+// first problem of K and K* is read (KLOT takes one problem).
 template <class T>
 double klot_value(const AffinitySource<T>& K, const T* f, const T* g, double eps,
                   const AffinitySource<T>& Kt, const T* ft, const T* gt, double eps_t, int num_threads) {
@@ -41,8 +43,8 @@ double klot_value(const AffinitySource<T>& K, const T* f, const T* g, double eps
             for (ptrdiff_t c0 = 0; c0 < m; c0 += tc) {
                 const ptrdiff_t cols = std::min(tc, m - c0);
                 ptrdiff_t ld, ld_t;
-                const T* k = K.tile(r0, rows, c0, cols, scratch.data(), ld);
-                const T* kt = Kt.tile(r0, rows, c0, cols, scratch_t.data(), ld_t);
+                const T* k = K.tile(0, r0, rows, c0, cols, scratch.data(), ld);
+                const T* kt = Kt.tile(0, r0, rows, c0, cols, scratch_t.data(), ld_t);
                 for (int r = 0; r < rows; ++r) {
                     const T* __restrict krow = k + r * ld;
                     const T* __restrict ktrow = kt + r * ld_t;
@@ -54,7 +56,9 @@ double klot_value(const AffinitySource<T>& K, const T* f, const T* g, double eps
                     for (ptrdiff_t j = 0; j < cols; ++j) {
                         const double log_p = double(krow[j]) * inv + (a + gsc[j]);
                         const double log_pt = double(ktrow[j]) * inv_t + (at + gtsc[j]);
-                        acc += fast_exp<double>(log_pt) * (log_pt - log_p);
+                        // P* = 0 (a zero weight) adds 0, not 0 · (−inf − log P) = NaN
+                        const double term = fast_exp<double>(log_pt) * (log_pt - log_p);
+                        acc += log_pt == -std::numeric_limits<double>::infinity() ? 0.0 : term;
                     }
                     total += acc;
                 }
@@ -106,7 +110,8 @@ void klot_grad_features(const T* x, const T* y, ptrdiff_t d, const T* f, const T
                         const AffinitySource<T>& Kt, const T* ft, const T* gt, T eps_t,
                         T* gy, T* gtx, int num_threads) {
     const ptrdiff_t n = Kt.n, m = Kt.m, dp = round_up(d, kW<T>);
-    const AffinitySource<T> K = AffinitySource<T>::features(x, y, n, m, d);
+    AffinitySource<T> K = AffinitySource<T>::features(x, y, n, m, d);
+    K.pack();
     const PlanDifference<T> diff(n, m, f, g, eps, ft, gt, eps_t);
     std::vector<T> xp(size_t(n * dp), T(0)), yp(size_t(m * dp), T(0));
     for (ptrdiff_t i = 0; i < n; ++i) std::copy(x + i * d, x + (i + 1) * d, xp.begin() + i * dp);
@@ -132,8 +137,8 @@ void klot_grad_features(const T* x, const T* y, ptrdiff_t d, const T* f, const T
             for (ptrdiff_t c0 = 0; c0 < m; c0 += tc) {
                 const ptrdiff_t cols = std::min(tc, m - c0);
                 ptrdiff_t ld, ld_t;
-                const T* k = K.tile(r0, rows, c0, cols, scratch.data(), ld);
-                const T* kt = Kt.tile(r0, rows, c0, cols, scratch_t.data(), ld_t);
+                const T* k = K.tile(0, r0, rows, c0, cols, scratch.data(), ld);
+                const T* kt = Kt.tile(0, r0, rows, c0, cols, scratch_t.data(), ld_t);
                 for (int r = 0; r < rows; ++r) diff.row(r0 + r, c0, cols, k + r * ld, kt + r * ld_t, G.data() + r * tc);
                 // G y: rows × dp += G[rows × cols] · y[c0 : c0+cols]
                 gemm_accumulate<T>(rows, dp, cols, G.data(), tc, 1, yp.data() + c0 * dp, dp, gy_rows.data(), dp);

@@ -8,11 +8,15 @@ Every primitive is one streaming pass over K, in the log domain and max-shifted:
   rescaled sum per output.
 * A feature affinity K = x yᵀ is recomputed tile by tile by a register-blocked GEMM and never
   stored (the backend is *online*); a stored K is read once per half-step.
+* A batch of problems is one call and one OpenMP region, parallel over (problem, block of rows).
+* ``row_update`` and ``column_update`` are fused: the kernel writes τ ε (log a − LSE) itself.
 * ``klot_value`` forms each term P*_ij (log P*_ij − log P_ij) and sums it in float64;
   ``klot_grad_features`` forms G = (P − P*)/ε one tile at a time and returns (G y, Gᵀ x).
 
-Tensors are passed to C++ without copies (``.numpy()`` of contiguous CPU tensors) and the
-thread count follows ``torch.get_num_threads()``.
+Tensors are passed to C++ without copies and the thread count follows
+``torch.get_num_threads()``. The half-steps, called hundreds of times per solve, pass the
+tensors' data addresses after checking them here: converting a tensor to a numpy array costs
+more than a whole half-step of a small problem.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ else:
     AVAILABLE = True
     IMPORT_ERROR = None
 
+#: The C++ half-steps for each dtype (submodules of the extension).
+_HALF_STEPS = {} if _C is None else {torch.float32: _C.float32, torch.float64: _C.float64}
+
 
 def _array(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     """A zero-copy numpy view of a CPU tensor (a copy only if it needs a cast or compaction)."""
@@ -49,27 +56,75 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _operand(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``t`` as a contiguous CPU tensor of ``dtype`` (cast or compacted only if needed), after
+    checking its shape: the C++ half-steps read it through its data address."""
+    if isinstance(t, Tensor) and t.is_cpu and t.shape == shape:  # the fast path of every call
+        if t.dtype != dtype:
+            t = t.to(dtype)
+        return t if t.is_contiguous() else t.contiguous()
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_cpu:
+        raise ValueError(f"the 'cpu' backend needs CPU tensors, got {name} on {t.device}")
+    raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _half_step(
+    K: Affinity, bias: Tensor, eps: float, rows: bool, log_w: Tensor | None, coef: float
+) -> Tensor:
+    """LSE over j (``rows``) or over i of (K + bias)/ε for every problem of K, or
+    coef · (log_w − LSE) when log weights are given: one C++ call for the whole batch."""
+    dtype, batch = K.dtype, K.batch
+    kernels = _HALF_STEPS.get(dtype)
+    if kernels is None:
+        raise ValueError(f"the 'cpu' backend computes in float32 or float64, got {dtype}")
+    n, m = K.shape
+    lead = () if batch is None else (batch,)
+    size, other = (n, m) if rows else (m, n)
+    bias = _operand("bias", bias, (*lead, other), dtype)
+    log_w = None if log_w is None else _operand("log weights", log_w, (*lead, size), dtype)
+    out = torch.empty((*lead, size), dtype=dtype)
+    tail = (
+        bias.data_ptr(),
+        float(eps),
+        0 if log_w is None else log_w.data_ptr(),
+        float(coef),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if K.is_dense:
+        dense = _operand("K", K.dense, (*lead, n, m), dtype)
+        step = kernels.lse_rows_dense if rows else kernels.lse_cols_dense
+        step(dense.data_ptr(), batch or 1, n, m, *tail)
+    else:
+        d = K.x.shape[-1]
+        x = _operand("x", K.x, (*lead, n, d), dtype)
+        y = _operand("y", K.y, (*lead, m, d), dtype)
+        step = kernels.lse_rows_online if rows else kernels.lse_cols_online
+        step(x.data_ptr(), y.data_ptr(), batch or 1, n, m, d, *tail)
+    return out
+
+
 class CpuBackend(Backend):
     name = "cpu"
     online = True
 
     def lse_rows(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
-        """out_i = LSE_j (K_ij + bias_j) / ε."""
-        b = _array(bias, K.dtype)
-        if K.is_dense:
-            out = _C.lse_rows_dense(_array(K.dense, K.dtype), b, float(eps), _threads())
-        else:
-            out = _C.lse_rows_online(*_features(K, K.dtype), b, float(eps), _threads())
-        return torch.from_numpy(out)
+        """out_i = LSE_j (K_ij + bias_j) / ε (per problem of a batch)."""
+        return _half_step(K, bias, eps, rows=True, log_w=None, coef=0.0)
 
     def lse_cols(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
-        """out_j = LSE_i (K_ij + bias_i) / ε."""
-        a = _array(bias, K.dtype)
-        if K.is_dense:
-            out = _C.lse_cols_dense(_array(K.dense, K.dtype), a, float(eps), _threads())
-        else:
-            out = _C.lse_cols_online(*_features(K, K.dtype), a, float(eps), _threads())
-        return torch.from_numpy(out)
+        """out_j = LSE_i (K_ij + bias_i) / ε (per problem of a batch)."""
+        return _half_step(K, bias, eps, rows=False, log_w=None, coef=0.0)
+
+    def row_update(self, K: Affinity, g: Tensor, eps: float, log_a: Tensor, scale: float = 1.0) -> Tensor:
+        """f = τ ε (log a − LSE_j[(K + g)/ε]), fused into the kernel."""
+        return _half_step(K, g, eps, rows=True, log_w=log_a, coef=scale * eps)
+
+    def column_update(self, K: Affinity, f: Tensor, eps: float, log_b: Tensor, scale: float = 1.0) -> Tensor:
+        """g = τ ε (log b − LSE_i[(K + f)/ε]), fused into the kernel."""
+        return _half_step(K, f, eps, rows=False, log_w=log_b, coef=scale * eps)
 
     def klot_value(self, K, f, g, eps, K_t, f_t, g_t, eps_t) -> Tensor:
         """Σ_ij P*_ij (log P*_ij − log P_ij), each term formed and summed in float64, with

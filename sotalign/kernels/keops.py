@@ -16,6 +16,11 @@ n×m formula, compiled once per formula, variable dimension and dtype, and never
   reductions of ``exp(S) V_j`` (one swapped formula serves both);
   ``plan_inner(K, f, g, ε, K2) = Σ_ij P_ij K2_ij`` for a feature K2 = x2 y2ᵀ.
 
+A batch of problems (features (B, n, d) and (B, m, d)) is one reduction too: KeOps takes the
+leading batch dimension of the variables as it is. A −inf potential or bias (a zero weight)
+enters the formulas as a finite floor whose exponential is 0, since KeOps' running maximum
+cannot start from −inf terms; an LSE over only such terms is set to −inf afterwards.
+
 A *stored* n×m K is not a per-row or per-column variable, which is all a KeOps formula can
 read, so for dense affinities this backend delegates to the chunked ``torch`` primitives
 (same maths, O(block) workspace) instead of failing. ε enters as a runtime parameter: a
@@ -115,23 +120,37 @@ def _lazy_tensor():
 
 
 def _i(t: Tensor):
-    """A per-row (i) KeOps variable from an (n,) or (n, d) tensor."""
-    return _lazy_tensor()((t[:, None] if t.dim() == 1 else t)[:, None, :].contiguous())
+    """A per-row (i) KeOps variable from an (…, n, d) tensor (… = a batch dimension or none)."""
+    return _lazy_tensor()(t[..., :, None, :].contiguous())
 
 
 def _j(t: Tensor):
-    """A per-column (j) KeOps variable from an (m,) or (m, d) tensor."""
-    return _lazy_tensor()((t[:, None] if t.dim() == 1 else t)[None, :, :].contiguous())
+    """A per-column (j) KeOps variable from an (…, m, d) tensor."""
+    return _lazy_tensor()(t[..., None, :, :].contiguous())
+
+
+def _entries(t: Tensor, eps: float) -> Tensor:
+    """Per-row or per-column scalars (…, n) as (…, n, 1), with −inf (zero weights) raised to a
+    finite floor: KeOps' running maximum starts at −inf, so a −inf term before any finite one
+    would make 2^(−inf + inf) = NaN. The floor is low enough that two of them over ε stay finite
+    and their exponential is exactly 0."""
+    floor = -torch.finfo(t.dtype).max * min(eps, 1.0) / 8
+    return t.clamp_min(floor)[..., None]
+
+
+def _reduction_dim(x: Tensor) -> int:
+    """The KeOps axis of j (a reduction over the columns) for features x of shape (…, n, d)."""
+    return x.dim() - 1
 
 
 def _log_plan(x: Tensor, y: Tensor, f: Tensor, g: Tensor, eps: float):
     """Symbolic S_ij = (x_i·y_j + f_i + g_j)/ε, i indexing the rows of x."""
-    return ((_i(x) | _j(y)) + _i(f) + _j(g)) * (1.0 / eps)
+    return ((_i(x) | _j(y)) + _i(_entries(f, eps)) + _j(_entries(g, eps))) * (1.0 / eps)
 
 
 def _plan_apply(x: Tensor, y: Tensor, f: Tensor, g: Tensor, eps: float, V: Tensor) -> Tensor:
-    """Σ_j exp(S_ij) V_j, an (n, k) tensor."""
-    return (_log_plan(x, y, f, g, eps).exp() * _j(V)).sum(dim=1)
+    """Σ_j exp(S_ij) V_j, an (…, n, k) tensor."""
+    return (_log_plan(x, y, f, g, eps).exp() * _j(V)).sum(dim=_reduction_dim(x))
 
 
 def _check_device(*tensors: Tensor) -> None:
@@ -148,10 +167,12 @@ class KeOpsBackend(Backend):
         self._dense = TorchChunkedBackend()
 
     def _lse(self, x: Tensor, y: Tensor, bias: Tensor, eps: float) -> Tensor:
-        """LSE_j [(x_i·y_j + bias_j)/ε] for every row i of x."""
+        """LSE_j [(x_i·y_j + bias_j)/ε] for every row i of x (of every problem of a batch); −inf
+        for a problem whose biases are all −inf."""
         _check_device(x, y, bias)
-        formula = ((_i(x) | _j(y)) + _j(bias)) * (1.0 / eps)
-        return formula.logsumexp(dim=1).squeeze(1)
+        formula = ((_i(x) | _j(y)) + _j(_entries(bias, eps))) * (1.0 / eps)
+        out = formula.logsumexp(dim=_reduction_dim(x)).squeeze(-1)
+        return out.masked_fill((bias == -torch.inf).all(dim=-1, keepdim=True), -torch.inf)
 
     def lse_rows(self, K, bias, eps):
         if K.is_dense:
@@ -171,7 +192,7 @@ class KeOpsBackend(Backend):
         x, y, f, g, x_t, y_t, f_t, g_t = wide
         student = _log_plan(x, y, f, g, eps)
         teacher = _log_plan(x_t, y_t, f_t, g_t, eps_t)
-        rows = (teacher.exp() * (teacher - student)).sum(dim=1)
+        rows = (teacher.exp() * (teacher - student)).sum(dim=_reduction_dim(x))
         return rows.sum().to(K.dtype)
 
     def klot_grad_features(self, K, f, g, eps, K_t, f_t, g_t, eps_t):
@@ -184,7 +205,7 @@ class KeOpsBackend(Backend):
         def pull(x, y, f, g, x_t, y_t, f_t, g_t):
             """Σ_j G_ij y_j with G_ij = (exp(S_ij) − exp(T_ij))/ε, i indexing x."""
             G = _log_plan(x, y, f, g, eps).exp() - _log_plan(x_t, y_t, f_t, g_t, eps_t).exp()
-            return (G * (1.0 / eps) * _j(y)).sum(dim=1)
+            return (G * (1.0 / eps) * _j(y)).sum(dim=_reduction_dim(x))
 
         grad_x = pull(K.x, K.y, f, g, K_t.x, K_t.y, f_t, g_t)
         grad_y = pull(K.y, K.x, g, f, K_t.y, K_t.x, g_t, f_t)
@@ -213,4 +234,4 @@ class KeOpsBackend(Backend):
             return self._dense.plan_inner(K, f, g, eps, K2)
         _check_device(K.x)
         terms = _log_plan(K.x, K.y, f, g, eps).exp() * (_i(K2.x) | _j(K2.y))
-        return terms.sum(dim=1).double().sum().to(K.dtype)
+        return terms.sum(dim=_reduction_dim(K.x)).double().sum(dim=(-2, -1)).to(K.dtype)

@@ -1,6 +1,8 @@
 """The ``keops`` backend end to end (Sinkhorn and KLOT through the public API, both paths)
-against the float64 reference, in float64 (1e-10) and float32 (2e-3), and its fallbacks; its
-primitives are checked one by one in ``test_conformance.py``.
+against the float64 reference, in float64 (1e-10) and float32 (2e-3), its fallbacks, and its
+batches and −inf potentials (the shared checks of ``batch_cases``, on features: a stored K
+goes to the chunked torch backend, tested on its own); its primitives are checked one by one
+in ``test_conformance.py``.
 
 KeOps compiles one kernel per formula, variable dimension and dtype (seconds each on CPU,
 cached afterwards), so every test uses the same dimensions: d = 7 (student), 4 (teacher),
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from batch_cases import BatchChecks
 from conftest import features, klot_problem, relative_error
 
 import sotalign
@@ -86,3 +89,8 @@ def test_keops_rejects_other_devices():
     x = torch.empty(3, D, device="meta")
     with pytest.raises(ValueError, match="'keops' backend runs on CPU or CUDA tensors"):
         keops.lse_rows(Affinity.from_features(x, x), torch.empty(3, device="meta"), 0.1)
+
+
+class TestBatches(BatchChecks):
+    backend = load_backend("keops")
+    paths = ("online",)

@@ -43,8 +43,7 @@ _HALF_STEPS = {} if _C is None else {torch.float32: _C.float32, torch.float64: _
 
 def _array(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     """A zero-copy numpy view of a CPU tensor (a copy only if it needs a cast or compaction)."""
-    if t.device.type != "cpu":
-        raise ValueError(f"the 'cpu' backend needs CPU tensors, got one on {t.device}")
+    CpuBackend().check_device(t.device)
     return t.detach().to(dtype).contiguous().numpy()
 
 
@@ -65,8 +64,7 @@ def _operand(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -
         return t if t.is_contiguous() else t.contiguous()
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_cpu:
-        raise ValueError(f"the 'cpu' backend needs CPU tensors, got {name} on {t.device}")
+    CpuBackend().check_device(t.device)
     raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
@@ -109,6 +107,7 @@ def _half_step(
 class CpuBackend(Backend):
     name = "cpu"
     online = True
+    device_types = ("cpu",)
 
     def lse_rows(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         """out_i = LSE_j (K_ij + bias_j) / ε (per problem of a batch)."""

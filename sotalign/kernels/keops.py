@@ -153,15 +153,10 @@ def _plan_apply(x: Tensor, y: Tensor, f: Tensor, g: Tensor, eps: float, V: Tenso
     return (_log_plan(x, y, f, g, eps).exp() * _j(V)).sum(dim=_reduction_dim(x))
 
 
-def _check_device(*tensors: Tensor) -> None:
-    for t in tensors:
-        if t.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"the 'keops' backend runs on CPU or CUDA tensors, got one on {t.device}")
-
-
 class KeOpsBackend(Backend):
     name = "keops"
     online = True
+    device_types = ("cpu", "cuda")
 
     def __init__(self):
         self._dense = TorchChunkedBackend()
@@ -169,7 +164,7 @@ class KeOpsBackend(Backend):
     def _lse(self, x: Tensor, y: Tensor, bias: Tensor, eps: float) -> Tensor:
         """LSE_j [(x_i·y_j + bias_j)/ε] for every row i of x (of every problem of a batch); −inf
         for a problem whose biases are all −inf."""
-        _check_device(x, y, bias)
+        self.check_device(x.device)
         formula = ((_i(x) | _j(y)) + _j(_entries(bias, eps))) * (1.0 / eps)
         out = formula.logsumexp(dim=_reduction_dim(x)).squeeze(-1)
         return out.masked_fill((bias == -torch.inf).all(dim=-1, keepdim=True), -torch.inf)
@@ -187,7 +182,7 @@ class KeOpsBackend(Backend):
     def klot_value(self, K, f, g, eps, K_t, f_t, g_t, eps_t):
         if K.is_dense or K_t.is_dense:
             return self._dense.klot_value(K, f, g, eps, K_t, f_t, g_t, eps_t)
-        _check_device(K.x, K_t.x)
+        self.check_device(K.x.device)
         wide = [t.double() for t in (K.x, K.y, f, g, K_t.x, K_t.y, f_t, g_t)]
         x, y, f, g, x_t, y_t, f_t, g_t = wide
         student = _log_plan(x, y, f, g, eps)
@@ -200,7 +195,7 @@ class KeOpsBackend(Backend):
             raise ValueError("klot_grad_features needs the student affinity as features (x, y)")
         if K_t.is_dense:
             return self._dense.klot_grad_features(K, f, g, eps, K_t, f_t, g_t, eps_t)
-        _check_device(K.x, K_t.x)
+        self.check_device(K.x.device)
 
         def pull(x, y, f, g, x_t, y_t, f_t, g_t):
             """Σ_j G_ij y_j with G_ij = (exp(S_ij) − exp(T_ij))/ε, i indexing x."""
@@ -218,20 +213,20 @@ class KeOpsBackend(Backend):
         if K.is_dense:
             return self._dense.plan_matmul(K, f, g, eps, V)
         check_plan_factor("V", V, K.shape[1], K)
-        _check_device(K.x)
+        self.check_device(K.x.device)
         return _plan_apply(K.x, K.y, f, g, eps, V)
 
     def plan_t_matmul(self, K, f, g, eps, U):
         if K.is_dense:
             return self._dense.plan_t_matmul(K, f, g, eps, U)
         check_plan_factor("U", U, K.shape[0], K)
-        _check_device(K.x)
+        self.check_device(K.x.device)
         return _plan_apply(K.y, K.x, g, f, eps, U)
 
     def plan_inner(self, K, f, g, eps, K2):
         check_plan_affinity(K, K2)
         if K.is_dense or K2.is_dense:
             return self._dense.plan_inner(K, f, g, eps, K2)
-        _check_device(K.x)
+        self.check_device(K.x.device)
         terms = _log_plan(K.x, K.y, f, g, eps).exp() * (_i(K2.x) | _j(K2.y))
         return terms.sum(dim=_reduction_dim(K.x)).double().sum(dim=(-2, -1)).to(K.dtype)

@@ -166,8 +166,9 @@ def solve(
 
     ε-scaling (``eps_scaling`` in (0, 1)) anneals: iteration k runs at ε_k = max(ε, ε₀·factor^k),
     from ``eps_start`` = ε₀ (by default ``spread``, an upper bound on max K − min K where the
-    plan is close to a·bᵀ, computed from K when not given) down to ε, then stays there. The potentials carry across levels;
-    every iteration counts in ``n_iters``; the tolerance is checked only at the target ε.
+    plan is close to a·bᵀ, computed from K when not given) down to ε, then stays there. The
+    potentials carry across levels; every iteration counts in ``n_iters``; the tolerance is
+    checked only at the target ε.
 
     With CUDA graphs (:func:`use_cuda_graph`) the iterations at the target ε run in chunks of
     ``check_every`` replayed from one captured graph, with the same result as the eager loop.

@@ -87,7 +87,7 @@ def test_dense_affinities_fall_back_to_chunked_torch():
 def test_keops_rejects_other_devices():
     keops = load_backend("keops")
     x = torch.empty(3, D, device="meta")
-    with pytest.raises(ValueError, match="'keops' backend runs on CPU or CUDA tensors"):
+    with pytest.raises(ValueError, match="the 'keops' backend needs CPU or CUDA tensors"):
         keops.lse_rows(Affinity.from_features(x, x), torch.empty(3, device="meta"), 0.1)
 
 

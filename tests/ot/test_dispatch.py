@@ -4,7 +4,6 @@ backend registry, precision flags and device checks."""
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,9 @@ import torch
 
 import sotalign
 import sotalign.kernels as kernels
-from sotalign.kernels import Affinity
+from sotalign.kernels import Affinity, Backend
 from sotalign.kernels import keops as keops_module
+from sotalign.kernels.cpu import CpuBackend
 from sotalign.ot import dispatch
 
 CUDA = torch.device("cuda")
@@ -33,13 +33,17 @@ def fake_cuda(monkeypatch):
         monkeypatch.setattr(
             dispatch, "backend_error", lambda name: None if name in available else "simulated: missing"
         )
-        monkeypatch.setattr(
-            dispatch,
-            "load_backend",
-            lambda name, precision="fp32": types.SimpleNamespace(name=name, precision=precision),
-        )
+        monkeypatch.setattr(dispatch, "load_backend", stand_in_backend)
 
     return configure
+
+
+def stand_in_backend(name: str, precision: str = "fp32") -> Backend:
+    """A backend that only names itself (and, for "cpu", checks its device like the real one)."""
+    backend = Backend()
+    backend.name, backend.precision = name, precision  # type: ignore[attr-defined]
+    backend.device_types = CpuBackend.device_types if name == "cpu" else None
+    return backend
 
 
 def route(

@@ -351,6 +351,11 @@ class TritonBackend(Backend):
         rate = LOG2E / eps
         return self._vector("f" + suffix, f, n, K) * rate, self._vector("g" + suffix, g, m, K) * rate
 
+    def _plan(self, K: Affinity, a: Tensor, b: Tensor, transpose: bool = False) -> tuple[Plan, Operand]:
+        """The plan of K with the scaled potentials a, b, or of Kᵀ (then b is its row vector)."""
+        op = self._operand(K, transpose)
+        return Plan(op.args, *((b, a) if transpose else (a, b))), op
+
     def _pair(self, K: Affinity, K_t: Affinity) -> None:
         """Checks of a (student, teacher) pair: one problem each, same shape, dtype and device."""
         self._check(K)
@@ -489,17 +494,14 @@ class TritonBackend(Backend):
         """P V with P_ij = exp((f_i + g_j + K_ij)/ε), never storing P."""
         self._check(K)
         check_plan_factor("V", V, K.shape[1], K)
-        a, b = self._potentials(K, f, g, eps)
-        op = self._operand(K)
-        return self._product(Plan(op.args, a, b), op, V, kernel_constants(eps))
+        return self._product(*self._plan(K, *self._potentials(K, f, g, eps)), V, kernel_constants(eps))
 
     def plan_t_matmul(self, K: Affinity, f: Tensor, g: Tensor, eps: float, U: Tensor) -> Tensor:
         """Pᵀ U: the product kernel on Kᵀ with the potentials' roles swapped."""
         self._check(K)
         check_plan_factor("U", U, K.shape[0], K)
-        a, b = self._potentials(K, f, g, eps)
-        op = self._operand(K, transpose=True)
-        return self._product(Plan(op.args, b, a), op, U, kernel_constants(eps))
+        plan = self._plan(K, *self._potentials(K, f, g, eps), transpose=True)
+        return self._product(*plan, U, kernel_constants(eps))
 
     def _plan_sum(
         self, A: Affinity, a: Tensor, b: Tensor, B: Affinity, r: Tensor, c: Tensor, consts: Constants
@@ -550,34 +552,30 @@ class TritonBackend(Backend):
         value = self._plan_sum(K_t, a_t, b_t, K, r, c, kernel_constants(eps_t, u=1.0 / eps_t, w=-1.0 / eps))
         return value.to(K.dtype)
 
-    def _klot_plans(self, K, f, g, eps, K_t, f_t, g_t, eps_t, transpose: bool = False):
-        """The student's and the teacher's (plan, operand) for G = (P − P*)/ε, on K or Kᵀ."""
-        self._pair(K, K_t)
-        plans = []
-        for affinity, potentials in (
-            (K, self._potentials(K, f, g, eps)),
-            (K_t, self._potentials(K, f_t, g_t, eps_t, "_t")),
-        ):
-            op = self._operand(affinity, transpose)
-            a, b = potentials[::-1] if transpose else potentials
-            plans.append((Plan(op.args, a, b), op))
-        return plans, kernel_constants(eps, eps_t)
-
     def klot_grad_features(self, K, f, g, eps, K_t, f_t, g_t, eps_t) -> tuple[Tensor, Tensor]:
         """(G y, Gᵀ x), G = (P − P*)/ε formed tile by tile from both affinities: the product
         kernel over row blocks, then over column blocks (transposed operands)."""
         self._pair(K, K_t)
         if K.is_dense:
             raise ValueError("klot_grad_features needs the student affinity as features (x, y)")
-        grads = []
-        for transpose, features in ((False, K.y), (True, K.x)):
-            ((student, op), teacher), consts = self._klot_plans(K, f, g, eps, K_t, f_t, g_t, eps_t, transpose)
-            grads.append(self._product(student, op, features, consts, teacher))
-        return grads[0], grads[1]
+        a, b = self._potentials(K, f, g, eps)
+        a_t, b_t = self._potentials(K, f_t, g_t, eps_t, "_t")
+        consts = kernel_constants(eps, eps_t)
+        grad_x, grad_y = (
+            self._product(
+                *self._plan(K, a, b, transpose), features, consts, self._plan(K_t, a_t, b_t, transpose)
+            )
+            for transpose, features in ((False, K.y), (True, K.x))
+        )
+        return grad_x, grad_y
 
     def klot_grad_dense(self, K, f, g, eps, K_t, f_t, g_t, eps_t) -> Tensor:
         """G = (P − P*)/ε written as an n×m tensor, one tile per program."""
-        ((student, op), (teacher, op_t)), consts = self._klot_plans(K, f, g, eps, K_t, f_t, g_t, eps_t)
+        self._pair(K, K_t)
+        (student, op), (teacher, op_t) = (
+            self._plan(K, *self._potentials(K, f, g, eps)),
+            self._plan(K_t, *self._potentials(K, f_t, g_t, eps_t, "_t")),
+        )
         n, m = K.shape
         G = torch.empty(n, m, dtype=K.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]))  # noqa: E731
@@ -585,7 +583,7 @@ class TritonBackend(Backend):
             plan_difference_kernel[grid](
                 student,
                 teacher,
-                constants(consts, K.dtype, K.device),
+                constants(kernel_constants(eps, eps_t), K.dtype, K.device),
                 G,
                 n,
                 m,

@@ -112,6 +112,17 @@ def lse_store(
 
 
 @triton.jit
+def split_part(
+    ptr, row_stride, index, index_mask, which, part, WIDTH: tl.constexpr, TRANSPOSED: tl.constexpr
+):
+    """Part ``which`` (0 or 1) of the rows ``index`` of an fp16x3 split, ``part`` features
+    wide, padded to WIDTH (:func:`.tiles.feature_block`)."""
+    return feature_block(
+        ptr, row_stride, index, index_mask, which * part, which * part + part, WIDTH, TRANSPOSED
+    )
+
+
+@triton.jit
 def resident_tile(
     x_lo,
     x_hi,
@@ -128,19 +139,8 @@ def resident_tile(
     or the lo and hi parts of an fp16x3 split; y's lo part is the other of its first two)."""
     if FP16X3:
         part = K.d // 3
-        y_hi = feature_block(
-            K.y, K.y_row_stride, cols, col_mask, X_LO_PART * part, X_LO_PART * part + part, RESIDENT, True
-        )
-        y_lo = feature_block(
-            K.y,
-            K.y_row_stride,
-            cols,
-            col_mask,
-            (1 - X_LO_PART) * part,
-            (1 - X_LO_PART) * part + part,
-            RESIDENT,
-            True,
-        )
+        y_hi = split_part(K.y, K.y_row_stride, cols, col_mask, X_LO_PART, part, RESIDENT, True)
+        y_lo = split_part(K.y, K.y_row_stride, cols, col_mask, 1 - X_LO_PART, part, RESIDENT, True)
         # the two small cross terms first, as in the split's column order
         tile = tl.dot(x_lo, y_hi, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         tile = tl.dot(x_hi, y_lo, tile, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
@@ -194,26 +194,8 @@ def lse_kernel(
         # The row block of x, loaded once.
         if FP16X3:
             part = K.d // 3
-            x_lo = feature_block(
-                K.x,
-                K.x_row_stride,
-                rows,
-                row_mask,
-                X_LO_PART * part,
-                X_LO_PART * part + part,
-                RESIDENT,
-                False,
-            )
-            x_hi = feature_block(
-                K.x,
-                K.x_row_stride,
-                rows,
-                row_mask,
-                (1 - X_LO_PART) * part,
-                (1 - X_LO_PART) * part + part,
-                RESIDENT,
-                False,
-            )
+            x_lo = split_part(K.x, K.x_row_stride, rows, row_mask, X_LO_PART, part, RESIDENT, False)
+            x_hi = split_part(K.x, K.x_row_stride, rows, row_mask, 1 - X_LO_PART, part, RESIDENT, False)
         else:
             x_lo = feature_block(K.x, K.x_row_stride, rows, row_mask, 0, K.d, RESIDENT, False)
             x_hi = x_lo

@@ -275,12 +275,17 @@ def markdown(rows: list[dict]) -> str:
     header = (
         "| kernel | variant | config | " + " | ".join(f"triton {v}: regs / stack B" for v in versions) + " |"
     )
+    configs = (
+        "every autotune config" if any(row["config"] > 0 for row in rows) else "the first autotune config"
+    )
+    wrapping = sum(1 for row in rows if row.get("i32_products"))
     lines = [
         "# sotalign's Triton kernels compiled for sm_90 (no GPU: bundled ptxas, cuobjdump)",
         "",
         "Registers per thread and stack-frame bytes (spills live in the stack frame: 0 = no "
-        "spills) of every kernel variant and autotune config, compiled for sm_90a by each "
-        "triton version; written by benchmarks/kernel_resources.py. `error` = did not compile.",
+        f"spills) of every kernel variant at {configs}, compiled for sm_90a by each "
+        "triton version; written by benchmarks/kernel_resources.py. `error` = did not compile. "
+        f"Compiles with 32-bit per-element offset products (rows × stride) in the IR: {wrapping}.",
         "",
         header,
         "|---|---|---|" + "---:|" * len(versions),

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRITON_36 = Path.home() / ".cache" / "sotalign" / "triton-3.6.0"
 
 #: (label, operand dtype, potentials dtype, DOT_PRECISION, PRODUCT_PRECISION): the
-#: precision flags as the kernels see them (fp16 and fp16x3 compile to the same kernels).
+#: precision flags as the kernels see them (fp16 and fp16x3 differ only in the half-step).
 FAMILIES = [
     ("fp32", "fp32", "fp32", "ieee", "ieee"),
     ("tf32x3", "fp32", "fp32", "tf32x3", "tf32x3"),
@@ -40,6 +40,22 @@ FAMILIES = [
     ("fp16/fp16x3", "fp16", "fp32", "tf32", "tf32x3"),
     ("fp64", "fp64", "fp64", "ieee", "ieee"),
 ]
+
+
+def half_steps(label: str, dot: str):
+    """(variant label, D_CEIL, RESIDENT, FP16X3) of the online half-step of a family, as
+    ``Operand.resident`` decides: resident rows where they fit, streamed beyond."""
+    if label == "fp16/fp16x3":
+        return [
+            ("fp16 d=256 resident", 256, 256, False),
+            ("fp16x3 d=128 resident", 384, 128, True),
+            ("fp16x3 d=256", 768, 0, False),
+        ]
+    resident = 128 if dot != "ieee" else 0
+    return [
+        (f"{label} d=128{' resident' if resident else ''}", 128, resident, False),
+        (f"{label} d=512", 512, 0, False),
+    ]
 
 
 #: The plan-sum kernels' flags on features and on stored matrices.
@@ -58,17 +74,9 @@ PLAN_SUMS = {
 def variants():
     """(kernel name, variant label, operand dtype, potentials dtype, constexprs, configs kind)."""
     for label, op, acc, dot, product in FAMILIES:
-        resident_d = 256 if op == "fp16" else 128
-        for d_ceil in (resident_d, 512):
-            resident = d_ceil == resident_d and dot != "ieee"  # as Operand.resident decides
-            yield (
-                "lse_kernel",
-                f"{label} d_ceil={d_ceil}{' resident' if resident else ''}",
-                op,
-                acc,
-                dict(D_CEIL=d_ceil, DOT_PRECISION=dot, RESIDENT=resident, EPILOGUE=True),
-                "online",
-            )
+        for variant, d_ceil, resident, fp16x3 in half_steps(label, dot):
+            flags = dict(D_CEIL=d_ceil, DOT_PRECISION=dot, RESIDENT=resident, FP16X3=fp16x3, X_LO_PART=0)
+            yield ("lse_kernel", variant, op, acc, dict(flags, EPILOGUE=True), "online")
         for name, flags in PLAN_SUMS["features"]:
             yield (name, f"{label} features", op, acc, dict(flags, DOT_PRECISION=dot), "online")
         yield (
@@ -112,9 +120,37 @@ def variants():
         yield ("update_kernel", acc, acc, acc, dict(BLOCK=1024), None)
 
 
-#: Pointer arguments that carry feature operands (fp16 for the fp16 flags).
-FEATURE_POINTERS = {"x_ptr", "y_ptr", "k_ptr", "xt_ptr", "yt_ptr", "kt_ptr", "xb_ptr", "yb_ptr", "kb_ptr"}
-FLOAT_SCALARS = {"k_scale", "k_scale_t", "k_scale_b"}
+#: The tuple arguments that carry a plan, and the flag that says whether its affinity is stored.
+PLAN_ARGUMENTS = {"S": "DENSE", "A": "DENSE", "T": "DENSE_T", "B": "DENSE_B"}
+#: Per-element products of 32-bit integers in the Triton IR: an offset computed as
+#: rows × stride in i32, which wraps silently past 2^31 elements.
+I32_TENSOR_PRODUCT = re.compile(r"arith\.muli .*: tensor<[0-9x]*xi32>")
+
+
+def signature(fn, name: str, op: str, acc: str, constexprs: dict) -> dict:
+    """The argument types of a kernel variant: the affinity and plan tuples field by field
+    (features in the operand dtype, a stored K and the vectors in the potentials' dtype)."""
+    from sotalign.kernels.triton.plan import Plan
+    from sotalign.kernels.triton.tiles import Features, Stored
+
+    def affinity(dense: bool):
+        if dense:
+            return Stored(f"*{acc}", "i32", "i32", "i32")
+        return Features(f"*{op}", f"*{op}", "i32", "i32", "i32", "i32", "i32", "fp32")
+
+    types = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            types[arg] = "constexpr"
+        elif arg == "K":
+            types[arg] = affinity(name == "lse_dense_kernel")
+        elif arg in PLAN_ARGUMENTS:
+            types[arg] = Plan(affinity(constexprs[PLAN_ARGUMENTS[arg]]), f"*{acc}", f"*{acc}")
+        elif arg.endswith("_ptr"):
+            types[arg] = f"*{acc}"
+        else:
+            types[arg] = "i32"
+    return types
 
 
 def child(first_only: bool) -> None:
@@ -139,16 +175,10 @@ def child(first_only: bool) -> None:
         while not isinstance(fn, JITFunction):
             fn = fn.fn
         for index, config in enumerate(configs[kind][:1] if first_only else configs[kind]):
-            constexprs = dict(config.kwargs, **flags)
-            signature = {}
-            for arg in fn.arg_names:
-                if arg in constexprs:
-                    signature[arg] = "constexpr"
-                elif arg.endswith("_ptr"):
-                    signature[arg] = f"*{op if arg in FEATURE_POINTERS else acc}"
-                else:
-                    signature[arg] = "fp32" if arg in FLOAT_SCALARS else "i32"
-            constexprs = {key: value for key, value in constexprs.items() if key in fn.arg_names}
+            constexprs = {
+                key: value for key, value in dict(config.kwargs, **flags).items() if key in fn.arg_names
+            }
+            types = signature(fn, name, op, acc, constexprs)
             row = dict(
                 triton=triton.__version__,
                 kernel=name,
@@ -160,7 +190,7 @@ def child(first_only: bool) -> None:
             )
             try:
                 compiled = triton.compile(
-                    ASTSource(fn, signature, constexprs),
+                    ASTSource(fn, types, constexprs),
                     target=GPUTarget("cuda", 90, 32),
                     options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
                 )
@@ -175,6 +205,7 @@ def child(first_only: bool) -> None:
                     ).stdout
                 row["registers"] = int(re.search(r"REG:(\d+)", usage).group(1))
                 row["stack"] = int(re.search(r"STACK:(\d+)", usage).group(1))
+                row["i32_products"] = len(I32_TENSOR_PRODUCT.findall(compiled.asm["ttir"]))
             except Exception as error:  # reported, and the test fails on it
                 row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
             print(json.dumps(row), flush=True)
@@ -219,12 +250,17 @@ def markdown(rows: list[dict]) -> str:
     header = (
         "| kernel | variant | config | " + " | ".join(f"triton {v}: regs / stack B" for v in versions) + " |"
     )
+    configs = (
+        "every autotune config" if any(row["config"] > 0 for row in rows) else "the first autotune config"
+    )
+    wrapping = sum(1 for row in rows if row.get("i32_products"))
     lines = [
         "# sotalign's Triton kernels compiled for sm_90 (no GPU: bundled ptxas, cuobjdump)",
         "",
         "Registers per thread and stack-frame bytes (spills live in the stack frame: 0 = no "
-        "spills) of every kernel variant and autotune config, compiled for sm_90a by each "
-        "triton version; written by benchmarks/kernel_resources.py. `error` = did not compile.",
+        f"spills) of every kernel variant at {configs}, compiled for sm_90a by each "
+        "triton version; written by benchmarks/kernel_resources.py. `error` = did not compile. "
+        f"Compiles with 32-bit per-element offset products (rows × stride) in the IR: {wrapping}.",
         "",
         header,
         "|---|---|---|" + "---:|" * len(versions),

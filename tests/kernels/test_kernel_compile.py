@@ -9,7 +9,10 @@ benchmarks/results/sm90-kernel-resources.md).
   under ``~/.cache/sotalign/triton-3.6.0`` with ``pip install --target``.
 
 The interpreter skips the real compiler's checks (tl.dot dtypes and precisions, fp64 math,
-layouts, shared memory), which is why this runs beside the interpreter tests.
+layouts, shared memory), which is why this runs beside the interpreter tests. The compiled IR
+also shows what no small test can: every per-element offset product (rows × stride) is
+64-bit, so offsets do not wrap past 2^31 elements (n·d ≥ 2^31, e.g. n = 700k at fp16x3,
+d = 1024, a size the interpreter cannot allocate).
 """
 
 from __future__ import annotations
@@ -63,3 +66,6 @@ def test_kernels_compile_for_hopper(version, capsys):
         print("\n" + kernel_resources.markdown(rows))
     failed = [f"{row['kernel']} [{row['variant']}]: {row['error']}" for row in rows if "error" in row]
     assert not failed, "\n".join(failed)
+    assert any(row["variant"] == "fp16x3 d=128 resident" for row in rows)
+    wrapping = [f"{row['kernel']} [{row['variant']}]" for row in rows if row["i32_products"]]
+    assert not wrapping, f"32-bit per-element products (offsets that wrap past 2^31): {wrapping}"

@@ -117,7 +117,7 @@ def test_split_reduction_on_gpu():
     K64 = Affinity.from_features(x, y)
     K = Affinity.from_features(x.float(), y.float())
     backend = TritonBackend()
-    assert backend._split_count(n, m, CUDA) > 1
+    assert backend._split_count(backend._operand(K), CUDA) > 1
     g = torch.zeros(m, device=CUDA, dtype=torch.float64)
     assert relative_error(backend.lse_rows(K, g.float(), 0.05), REFERENCE.lse_rows(K64, g, 0.05)) < 2e-3
     f = -0.05 * REFERENCE.lse_rows(K64, g, 0.05)
@@ -140,6 +140,23 @@ def test_precision_flags_are_finite_and_bounded(precision):
     out = TritonBackend(precision).lse_rows(Affinity.from_features(x.float(), y.float()), g.float(), 0.01)
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
     assert 0.01 * float((out.double() - expected).abs().max()) < LSE_BOUND[precision]
+
+
+def test_batched_fp16x3_half_step_on_gpu():
+    """A padded batch in one launch, at the default online precision with d = 128 (its rows
+    resident as the split's lo and hi parts): each problem as the fp64 reference alone."""
+    sizes, d = [(1000, 700), (600, 1000), (1000, 1000)], 128
+    x = torch.zeros(3, 1000, d, device=CUDA, dtype=torch.float64)
+    y = torch.zeros(3, 1000, d, device=CUDA, dtype=torch.float64)
+    g = torch.full((3, 1000), -torch.inf, device=CUDA, dtype=torch.float64)
+    for b, (n, m) in enumerate(sizes):
+        x[b, :n], y[b, :m] = clustered(n, m, d, seed=10 + b)
+        g[b, :m] = 0.0
+    backend = TritonBackend("fp16x3")
+    rows = backend.lse_rows(Affinity.from_features(x.float(), y.float()), g.float(), 0.01)
+    for b, (n, m) in enumerate(sizes):
+        expected = REFERENCE.lse_rows(Affinity.from_features(x[b, :n], y[b, :m]), g[b, :m], 0.01)
+        assert 0.01 * float((rows[b, :n].double() - expected).abs().max()) < LSE_BOUND["fp16x3"]
 
 
 def test_half_steps_do_not_synchronise():

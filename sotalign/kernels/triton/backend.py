@@ -2,10 +2,11 @@ r"""``TritonBackend``: the host side of the Triton kernels (checks, scaling, lau
 
 Launch grids (BLOCK_* come from the autotuned config):
 
-* half-steps, weighted sums: ``(cdiv(rows, BLOCK_M), splits)``, one program per block of
-  rows and column split;
-* plan products: ``(cdiv(rows, BLOCK_M), splits, cdiv(k, BLOCK_K))``;
-* the dense gradient G: ``(cdiv(n, BLOCK_M), cdiv(m, BLOCK_N))``, one program per tile.
+* half-steps, weighted sums: ``(B·cdiv(rows, BLOCK_M), splits)``, one program per problem,
+  block of rows and column split (B = 1 without a batch): a batch is one launch;
+* plan products: ``(B·cdiv(rows, BLOCK_M), splits, cdiv(k, BLOCK_K))``;
+* the dense gradient G (one problem): ``(cdiv(n, BLOCK_M), cdiv(m, BLOCK_N))``, one program
+  per tile.
 
 Column reductions run the row kernels on the transposed operand (features x ↔ y swapped, or
 the strides of a stored K swapped), and Gᵀ x is the G y kernel on the transposed problem.
@@ -15,7 +16,7 @@ when that is below the number of SMs (n small, m large) most of the GPU would id
 columns are shared out over ``splits`` programs per row block, each writing a partial
 result (an LSE, a partial sum, a partial product) that is combined afterwards (the update
 kernel, or a ``sum`` over the splits). With r = cdiv(n, BLOCK_M) row blocks at the smallest
-BLOCK_M of the kernel's configs (64 online, 16 for the dense half-step):
+BLOCK_M of the kernel's configs (64 online, 16 for the dense half-step), times B:
 
     splits = 1                                  if r ≥ #SMs,
              min(cdiv(2·#SMs, r), m // 512)     otherwise (≥ 1),
@@ -25,9 +26,14 @@ i.e. about two programs per SM, each still reducing at least 512 columns. The SM
 interpreter) the default is 1, and ``TritonBackend(splits=k)`` forces k (tests use it).
 
 **Launches**: a Sinkhorn half-step (``row_update`` / ``column_update``) is one launch whose
-epilogue writes the new potential ε (log w − LSE), or two with a split reduction (the
-partial LSEs, then :func:`.lse.update_kernel`); the bias is scaled inside the kernel and the
-kernel constants are cached device tensors, so nothing else runs on the device.
+epilogue writes the new potential τ ε (log w − LSE) (τ = ``scale``), or two with a split
+reduction (the partial LSEs, then :func:`.lse.update_kernel`, which applies τ too); the bias
+is scaled inside the kernel and the kernel constants are cached device tensors, so nothing
+else runs on the device.
+
+**Batches**: features x (B, n, d), y (B, m, d) or a stored K (B, n, m), with vectors
+(B, n) / (B, m) and plan factors (B, ·, k); every tensor is made contiguous (a no-op for
+``Affinity``'s own). The KLOT primitives take one problem.
 
 **Precision** (``precision=``, float32 inputs; float64 inputs always use fp64 dots): the
 flag sets how the affinity tiles x yᵀ are computed, the bulk of the work:
@@ -40,7 +46,8 @@ flag sets how the affinity tiles x yᵀ are computed, the bulk of the work:
   stay normal fp16 numbers), split as hi = fp16(x·2^s), lo = fp16(x·2^s − hi), and the
   plain fp16 kernel runs on 3·d columns, [x_lo, x_hi, x_hi]·[y_hi, y_lo, y_hi]ᵀ (the
   small cross terms first), with 2^{−s_x−s_y} folded into the tile (``k_scale``): fp32
-  accuracy for the same reason as tf32x3, at fp16 tensor-core speed;
+  accuracy for the same reason as tf32x3, at fp16 tensor-core speed. The half-step keeps
+  the rows' two distinct parts (lo, hi) resident for d ≤ 128;
 * ``"tf32"``: tensor-core tf32 dots (operands keep 10 mantissa bits);
 * ``"fp16"``: operands rounded to fp16 (scaled like fp16x3, hi part only) once per solve,
   products accumulated in fp32.
@@ -69,11 +76,20 @@ from torch import Tensor
 
 from ..base import Affinity, Backend, check_plan_affinity, check_plan_factor
 from .lse import lse_dense_kernel, lse_kernel, update_kernel
-from .plan import plan_difference_kernel, plan_product_kernel, plan_sum_kernel
-from .tiles import D_QUANTUM, INTERPRETING, RESIDENT_ROW_BYTES, dense_configs, online_configs
+from .plan import Plan, plan_difference_kernel, plan_product_kernel, plan_sum_kernel
+from .tiles import (
+    D_QUANTUM,
+    INTERPRETING,
+    RESIDENT_ROW_BYTES,
+    Constants,
+    Features,
+    Stored,
+    dense_configs,
+    kernel_constants,
+    online_configs,
+)
 
 LOG2E = 1.0 / math.log(2.0)
-LN2 = math.log(2.0)
 PRECISIONS = ("fp32", "tf32x3", "fp16x3", "tf32", "fp16")
 #: Flags whose operands are rounded to fp16 on the host.
 FP16_PRECISIONS = ("fp16", "fp16x3")
@@ -96,33 +112,48 @@ UPDATE_BLOCK = 1024
 
 @dataclass(frozen=True)
 class Operand:
-    """An affinity as a kernel reads it: ``args`` = (x, y, k, d, stride_x, stride_y,
-    stride_r, stride_c, k_scale), ``rows × cols``, and the compile-time d ``d_ceil``;
-    see :mod:`.tiles`."""
+    """An affinity as a kernel reads it: ``args`` (:class:`.tiles.Features` or
+    :class:`.tiles.Stored`), ``rows × cols`` per problem, ``batch`` problems (None: no batch
+    dimension), the compile-time d ``d_ceil``; ``fp16x3`` when the features are fp16x3
+    splits, x's lo part being its part ``x_lo_part`` (0: [lo, hi, hi], 1: [hi, lo, hi])."""
 
-    args: tuple
-    dense: bool
+    args: Features | Stored
     rows: int
     cols: int
-    d: int
-    d_ceil: int
+    batch: int | None
+    d_ceil: int = D_QUANTUM
+    fp16x3: bool = False
+    x_lo_part: int = 0
 
-    def resident(self, dot_precision: str) -> bool:
-        """Whether the half-step keeps the row block of x in registers (:mod:`.lse`): for
-        tensor-core dots only (the CUDA-core fp32 dot spills with it: benchmarks/results/
-        sm90-kernel-resources.md) and rows of at most ``RESIDENT_ROW_BYTES``."""
-        size = self.args[0].element_size()
-        return (
-            not self.dense
-            and dot_precision != "ieee"
-            and self.d_ceil & (self.d_ceil - 1) == 0
-            and self.d_ceil * size <= RESIDENT_ROW_BYTES
-        )
+    @property
+    def dense(self) -> bool:
+        return isinstance(self.args, Stored)
+
+    @property
+    def problems(self) -> int:
+        return self.batch or 1
+
+    @property
+    def vector_shape(self) -> tuple[int, ...]:
+        """The leading dimensions of a per-row output: (B,) for a batch, () for one problem."""
+        return () if self.batch is None else (self.batch,)
+
+    def resident(self, dot_precision: str) -> int:
+        """The width of the rows of x that the half-step keeps in registers (:mod:`.lse`),
+        or 0 to stream them: tensor-core dots only (the CUDA-core fp32 dot spills with it:
+        benchmarks/results/sm90-kernel-resources.md), rows padded to a power of two of at
+        most ``RESIDENT_ROW_BYTES`` (an fp16x3 row: its lo and hi parts)."""
+        if self.dense or dot_precision == "ieee":
+            return 0
+        assert isinstance(self.args, Features)
+        parts = 2 if self.fp16x3 else 1
+        width = max(16, triton.next_power_of_2(self.args.d // 3 if self.fp16x3 else self.args.d))
+        return width if parts * width * self.args.x.element_size() <= RESIDENT_ROW_BYTES else 0
 
 
 def fp16_split(t: Tensor, parts: int, role: str = "x") -> tuple[Tensor, float]:
     """(t·2^s split into fp16 parts, 2^−s): ``parts`` = 1 gives [hi]; 3 gives [lo, hi, hi]
-    for the ``role`` "x" operand and [hi, lo, hi] for "y", so that
+    for the ``role`` "x" operand and [hi, lo, hi] for "y" (along the last dimension), so that
 
         [x_lo, x_hi, x_hi]·[y_hi, y_lo, y_hi]ᵀ = x_lo y_hiᵀ + x_hi y_loᵀ + x_hi y_hiᵀ,
 
@@ -144,7 +175,7 @@ def fp16_split(t: Tensor, parts: int, role: str = "x") -> tuple[Tensor, float]:
             split = hi
         else:
             lo = (scaled - hi.float()).half()
-            split = torch.cat((lo, hi, hi) if role == "x" else (hi, lo, hi), dim=1)
+            split = torch.cat((lo, hi, hi) if role == "x" else (hi, lo, hi), dim=-1)
     return split.contiguous(), 2.0**-shift
 
 
@@ -175,31 +206,21 @@ def d_ceil(d: int) -> int:
 
 
 def operand(K: Affinity, transpose: bool = False, precision: str = "fp32") -> Operand:
-    """K (or Kᵀ) as kernel arguments; unused pointers are filled with a tensor of K's dtype."""
+    """K (or Kᵀ) as a kernel argument."""
+    rows, cols = K.shape
+    batch_stride = lambda t: t.stride(0) if K.batch is not None else 0  # noqa: E731
     if K.is_dense:
-        dense = K.dense
-        stride_r, stride_c = dense.stride()
-        rows, cols = dense.shape
+        stride_r, stride_c = K.dense.stride()[-2:]
         if transpose:
             stride_r, stride_c, rows, cols = stride_c, stride_r, cols, rows
-        return Operand(
-            (dense, dense, dense, 0, 0, 0, stride_r, stride_c, 1.0), True, rows, cols, 0, D_QUANTUM
-        )
-    (x, scale_x), (y, scale_y) = (
-        prepared(K.x.contiguous(), precision, "x"),
-        prepared(K.y.contiguous(), precision, "y"),
-    )
+        return Operand(Stored(K.dense, batch_stride(K.dense), stride_r, stride_c), rows, cols, K.batch)
+    (x, scale_x), (y, scale_y) = prepared(K.x, precision, "x"), prepared(K.y, precision, "y")
     if transpose:
-        x, y = y, x
-    d = x.shape[1]
-    return Operand(
-        (x, y, x, d, x.stride(0), y.stride(0), 0, 0, scale_x * scale_y),
-        False,
-        x.shape[0],
-        y.shape[0],
-        d,
-        d_ceil(d),
-    )
+        x, y, rows, cols = y, x, cols, rows
+    d = x.shape[-1]
+    args = Features(x, y, d, batch_stride(x), batch_stride(y), x.stride(-2), y.stride(-2), scale_x * scale_y)
+    fp16x3 = precision == "fp16x3" and K.dtype == torch.float32
+    return Operand(args, rows, cols, K.batch, d_ceil(d), fp16x3, int(transpose))
 
 
 def bucket(size: int) -> int:
@@ -219,8 +240,8 @@ def filled(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
 cached_constants = functools.lru_cache(maxsize=256)(filled)
 
 
-def constants(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Scalars for a kernel, in the input dtype (a Python float argument would be fp32);
+def constants(values: Constants, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The :class:`.tiles.Constants` of a kernel, in the input dtype;
     cached, since a Sinkhorn loop passes the same ε hundreds of times, and made without a
     host sync, since ε-scaling passes a new ε every iteration."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -275,16 +296,16 @@ class TritonBackend(Backend):
             return "ieee"
         return self.precision if self.precision in ("tf32", "tf32x3") else "tf32"
 
-    def _split_count(self, rows: int, cols: int, device: torch.device, dense: bool = False) -> int:
+    def _split_count(self, op: Operand, device: torch.device) -> int:
         if self.splits is not None:
             return self.splits
         if device.type != "cuda":
             return 1
         sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        row_blocks = triton.cdiv(rows, SPLIT_BLOCK_M[dense])
+        row_blocks = op.problems * triton.cdiv(op.rows, SPLIT_BLOCK_M[op.dense])
         if row_blocks >= sms:
             return 1
-        return max(1, min(triton.cdiv(2 * sms, row_blocks), cols // MIN_SPLIT_COLUMNS))
+        return max(1, min(triton.cdiv(2 * sms, row_blocks), op.cols // MIN_SPLIT_COLUMNS))
 
     @staticmethod
     def _check(K: Affinity) -> None:
@@ -297,26 +318,50 @@ class TritonBackend(Backend):
                 f"the 'triton' backend needs CUDA tensors, got tensors on {K.device} "
                 "(set TRITON_INTERPRET=1 before importing it to run on CPU)"
             )
-        if not K.is_dense and K.x.shape[1] != K.y.shape[1]:
+        tensors = [K.dense] if K.is_dense else [K.x, K.y]
+        if any(t.dim() not in (2, 3) for t in tensors):
             raise ValueError(
-                f"x and y must have the same feature dimension, got {K.x.shape[1]} and {K.y.shape[1]}"
+                "an affinity is 2-D per problem, with an optional leading batch dimension; got "
+                f"shapes {[tuple(t.shape) for t in tensors]}"
+            )
+        if not K.is_dense and (K.x.shape[-1] != K.y.shape[-1] or K.x.shape[:-2] != K.y.shape[:-2]):
+            raise ValueError(
+                "x and y must have the same feature dimension and batch size, got shapes "
+                f"{tuple(K.x.shape)} and {tuple(K.y.shape)}"
             )
 
     @staticmethod
     def _vector(name: str, v: Tensor, size: int, K: Affinity) -> Tensor:
-        if not isinstance(v, Tensor) or v.shape != (size,):
+        """A per-row or per-column vector of K: (size,), or (B, size) for a batch of B."""
+        expected = (size,) if K.batch is None else (K.batch, size)
+        if not isinstance(v, Tensor) or tuple(v.shape) != expected:
             raise ValueError(
-                f"{name} must be a tensor of shape ({size},), got "
+                f"{name} must be a tensor of shape {expected}, got "
                 f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
             )
         if v.dtype != K.dtype or v.device != K.device:
             raise ValueError(f"{name} must be {K.dtype} on {K.device}, got {v.dtype} on {v.device}")
         return v.contiguous()
 
+    def _potentials(
+        self, K: Affinity, f: Tensor, g: Tensor, eps: float, suffix: str = ""
+    ) -> tuple[Tensor, Tensor]:
+        """f and g checked and scaled by log2(e)/ε: the row and column vectors of a :class:`.plan.Plan`."""
+        n, m = K.shape
+        rate = LOG2E / eps
+        return self._vector("f" + suffix, f, n, K) * rate, self._vector("g" + suffix, g, m, K) * rate
+
+    def _plan(self, K: Affinity, a: Tensor, b: Tensor, transpose: bool = False) -> tuple[Plan, Operand]:
+        """The plan of K with the scaled potentials a, b, or of Kᵀ (then b is its row vector)."""
+        op = self._operand(K, transpose)
+        return Plan(op.args, *((b, a) if transpose else (a, b))), op
+
     def _pair(self, K: Affinity, K_t: Affinity) -> None:
-        """Checks of a (student, teacher) pair: same shape, dtype and device."""
+        """Checks of a (student, teacher) pair: one problem each, same shape, dtype and device."""
         self._check(K)
         self._check(K_t)
+        if K.batch is not None or K_t.batch is not None:
+            raise ValueError("the KLOT primitives take one problem (2-D tensors, no batch dimension)")
         if K.shape != K_t.shape or K.dtype != K_t.dtype or K.device != K_t.device:
             raise ValueError(
                 f"student and teacher affinities must match: shape {K.shape} vs "
@@ -326,70 +371,59 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ half-steps
 
     def _half_step(
-        self, K: Affinity, bias: Tensor, eps: float, transpose: bool, log_w: Tensor | None
+        self, K: Affinity, bias: Tensor, eps: float, transpose: bool, log_w: Tensor | None, scale: float = 1.0
     ) -> Tensor:
-        """LSE_j (K_ij + bias_j)/ε over the rows of K (or Kᵀ); with ``log_w`` the potential
-        ε (log w − LSE) instead."""
+        """LSE_j (K_ij + bias_j)/ε over the rows of K (or Kᵀ), for every problem of a batch;
+        with ``log_w`` the potential τ ε (log w − LSE) instead, τ = ``scale``."""
         self._check(K)
         op = self._operand(K, transpose)
         bias = self._vector("bias", bias, op.cols, K)
         if log_w is not None:
             log_w = self._vector("log_w", log_w, op.rows, K)
         dtype, device = K.dtype, K.device
-        splits = self._split_count(op.rows, op.cols, device, op.dense)
+        splits = self._split_count(op, device)
         epilogue = log_w is not None and splits == 1
-        consts = constants((LOG2E / eps, LN2, eps), dtype, device)
-        out = torch.empty((op.rows,) if epilogue else (splits, op.rows), dtype=dtype, device=device)
+        consts = constants(kernel_constants(eps, tau=scale), dtype, device)
+        out = torch.empty(
+            (*op.vector_shape, op.rows) if epilogue else (splits, *op.vector_shape, op.rows),
+            dtype=dtype,
+            device=device,
+        )
         log_w_arg = bias if log_w is None else log_w
-        grid = lambda meta: (triton.cdiv(op.rows, meta["BLOCK_M"]), splits)  # noqa: E731
+        grid = lambda meta: (op.problems * triton.cdiv(op.rows, meta["BLOCK_M"]), splits)  # noqa: E731
+        sizes = (op.rows, op.cols, bucket(op.problems * op.rows), bucket(op.cols))
         with on_device(device):
-            if op.dense:
-                k, stride_r, stride_c = op.args[2], op.args[6], op.args[7]
+            if isinstance(op.args, Stored):
+                row_major = int(op.args.col_stride == 1)
                 lse_dense_kernel[grid](
-                    k,
-                    stride_r,
-                    stride_c,
-                    bias,
-                    log_w_arg,
-                    consts,
-                    out,
-                    op.rows,
-                    op.cols,
-                    bucket(op.rows),
-                    bucket(op.cols),
-                    int(stride_c == 1),
-                    EPILOGUE=epilogue,
+                    op.args, bias, log_w_arg, consts, out, *sizes, row_major, EPILOGUE=epilogue
                 )
             else:
-                x, y, _, d, stride_x, stride_y, _, _, k_scale = op.args
                 dot_precision = self._dot_precision(dtype)
+                resident = op.resident(dot_precision)
                 lse_kernel[grid](
-                    x,
-                    y,
-                    d,
-                    stride_x,
-                    stride_y,
-                    k_scale,
+                    op.args,
                     bias,
                     log_w_arg,
                     consts,
                     out,
-                    op.rows,
-                    op.cols,
-                    bucket(op.rows),
-                    bucket(op.cols),
+                    *sizes,
                     D_CEIL=op.d_ceil,
                     DOT_PRECISION=dot_precision,
-                    RESIDENT=op.resident(dot_precision),
+                    RESIDENT=resident,
+                    # only the resident rows read the split's parts one by one
+                    FP16X3=op.fp16x3 and resident > 0,
+                    X_LO_PART=op.x_lo_part if op.fp16x3 and resident > 0 else 0,
                     EPILOGUE=epilogue,
                 )
             if epilogue:
                 return out
             if log_w is None:
                 return out[0] if splits == 1 else torch.logsumexp(out, dim=0)
-            potential = torch.empty(op.rows, dtype=dtype, device=device)
-            update_kernel[(triton.cdiv(op.rows, UPDATE_BLOCK),)](
-                out, splits, log_w, consts, potential, op.rows, BLOCK=UPDATE_BLOCK
+            potential = torch.empty((*op.vector_shape, op.rows), dtype=dtype, device=device)
+            entries = op.problems * op.rows
+            update_kernel[(triton.cdiv(entries, UPDATE_BLOCK),)](
+                out, splits, log_w, consts, potential, entries, BLOCK=UPDATE_BLOCK
             )
         return potential
 
@@ -401,53 +435,49 @@ class TritonBackend(Backend):
         """out_j = LSE_i (K_ij + bias_i)/ε: the row kernel on Kᵀ."""
         return self._half_step(K, bias, eps, True, None)
 
-    def row_update(self, K: Affinity, g: Tensor, eps: float, log_a: Tensor) -> Tensor:
-        """f = ε log a − ε LSE_j[(K + g)/ε], the LSE kernel with its epilogue."""
-        return self._half_step(K, g, eps, False, log_a)
+    def row_update(self, K: Affinity, g: Tensor, eps: float, log_a: Tensor, scale: float = 1.0) -> Tensor:
+        """f = τ ε (log a − LSE_j[(K + g)/ε]), the LSE kernel with its epilogue."""
+        return self._half_step(K, g, eps, False, log_a, scale)
 
-    def column_update(self, K: Affinity, f: Tensor, eps: float, log_b: Tensor) -> Tensor:
-        """g = ε log b − ε LSE_i[(K + f)/ε], the row kernel on Kᵀ with its epilogue."""
-        return self._half_step(K, f, eps, True, log_b)
+    def column_update(self, K: Affinity, f: Tensor, eps: float, log_b: Tensor, scale: float = 1.0) -> Tensor:
+        """g = τ ε (log b − LSE_i[(K + f)/ε]), the row kernel on Kᵀ with its epilogue."""
+        return self._half_step(K, f, eps, True, log_b, scale)
 
     # ------------------------------------------------------------------ plan products
 
     def _product(
-        self, op: Operand, a: Tensor, b: Tensor, scale: float, V: Tensor, teacher: tuple | None = None
+        self,
+        student: Plan,
+        op: Operand,
+        V: Tensor,
+        consts: Constants,
+        teacher: tuple[Plan, Operand] | None = None,
     ) -> Tensor:
-        """Σ_j W_ij V_j: with W = 2^{K·scale + a_i + b_j}, or with ``teacher`` =
-        (operand, a*, b*, scale*, 1/ε) W = (that − 2^{K*·scale* + a*_i + b*_j})/ε."""
+        """Σ_j W_ij V_j for every problem: W = P, the plan ``student`` (with ``op``'s shape),
+        or with ``teacher`` = (plan, operand) W = (P − P*)/ε; rates and 1/ε in ``consts``."""
         V = V.contiguous()
         dtype, device = V.dtype, V.device
-        if teacher is None:
-            op_t, a_t, b_t, consts = op, a, b, (scale, scale, 1.0)
-        else:
-            op_t, a_t, b_t, scale_t, inv_eps = teacher
-            consts = (scale, scale_t, inv_eps)
-        n_out = V.shape[1]
-        splits = self._split_count(op.rows, op.cols, device)
-        out = torch.empty(splits, op.rows, n_out, dtype=dtype, device=device)
+        teacher_plan, op_t = (student, op) if teacher is None else teacher
+        n_out = V.shape[-1]
+        splits = self._split_count(op, device)
+        out = torch.empty(splits, *op.vector_shape, op.rows, n_out, dtype=dtype, device=device)
         grid = lambda meta: (  # noqa: E731
-            triton.cdiv(op.rows, meta["BLOCK_M"]),
+            op.problems * triton.cdiv(op.rows, meta["BLOCK_M"]),
             splits,
             triton.cdiv(n_out, meta["BLOCK_K"]),
         )
         product_precision = "ieee" if dtype == torch.float64 else PRODUCT_PRECISION[self.precision]
         with on_device(device):
             plan_product_kernel[grid](
-                *op.args,
-                a,
-                b,
-                *op_t.args,
-                a_t,
-                b_t,
+                student,
+                teacher_plan,
                 V,
-                V.stride(0),
                 out,
                 constants(consts, dtype, device),
                 op.rows,
                 op.cols,
                 n_out,
-                bucket(op.rows),
+                bucket(op.problems * op.rows),
                 bucket(op.cols),
                 bucket(n_out),
                 DENSE=op.dense,
@@ -464,49 +494,34 @@ class TritonBackend(Backend):
         """P V with P_ij = exp((f_i + g_j + K_ij)/ε), never storing P."""
         self._check(K)
         check_plan_factor("V", V, K.shape[1], K)
-        f, g = self._vector("f", f, K.shape[0], K), self._vector("g", g, K.shape[1], K)
-        scale = LOG2E / eps
-        return self._product(self._operand(K), f * scale, g * scale, scale, V)
+        return self._product(*self._plan(K, *self._potentials(K, f, g, eps)), V, kernel_constants(eps))
 
     def plan_t_matmul(self, K: Affinity, f: Tensor, g: Tensor, eps: float, U: Tensor) -> Tensor:
         """Pᵀ U: the product kernel on Kᵀ with the potentials' roles swapped."""
         self._check(K)
         check_plan_factor("U", U, K.shape[0], K)
-        f, g = self._vector("f", f, K.shape[0], K), self._vector("g", g, K.shape[1], K)
-        scale = LOG2E / eps
-        return self._product(self._operand(K, transpose=True), g * scale, f * scale, scale, U)
+        plan = self._plan(K, *self._potentials(K, f, g, eps), transpose=True)
+        return self._product(*plan, U, kernel_constants(eps))
 
     def _plan_sum(
-        self,
-        A: Affinity,
-        a: Tensor,
-        b: Tensor,
-        scale: float,
-        B: Affinity,
-        r: Tensor,
-        c: Tensor,
-        u: float,
-        w: float,
+        self, A: Affinity, a: Tensor, b: Tensor, B: Affinity, r: Tensor, c: Tensor, consts: Constants
     ) -> Tensor:
-        """Σ_ij 2^{A_ij·scale + a_i + b_j} (u·A_ij + w·B_ij + r_i + c_j), summed in float64."""
+        """Σ_ij 2^{A_ij·rate + a_i + b_j} (u·A_ij + w·B_ij + r_i + c_j) per problem, summed in
+        float64 (rate, u and w in ``consts``)."""
         op, op_b = self._operand(A), self._operand(B)
-        splits = self._split_count(op.rows, op.cols, A.device)
+        splits = self._split_count(op, A.device)
         # One partial per row and split: its shape does not depend on the tuned BLOCK_M.
-        partials = torch.empty(splits, op.rows, dtype=A.dtype, device=A.device)
-        grid = lambda meta: (triton.cdiv(op.rows, meta["BLOCK_M"]), splits)  # noqa: E731
+        partials = torch.empty(splits, *op.vector_shape, op.rows, dtype=A.dtype, device=A.device)
+        grid = lambda meta: (op.problems * triton.cdiv(op.rows, meta["BLOCK_M"]), splits)  # noqa: E731
         with on_device(A.device):
             plan_sum_kernel[grid](
-                *op.args,
-                a,
-                b,
-                *op_b.args,
-                r,
-                c,
-                constants((scale, u, w), A.dtype, A.device),
+                Plan(op.args, a, b),
+                Plan(op_b.args, r, c),
+                constants(consts, A.dtype, A.device),
                 partials,
                 op.rows,
                 op.cols,
-                bucket(op.rows),
+                bucket(op.problems * op.rows),
                 bucket(op.cols),
                 DENSE=op.dense,
                 D_CEIL=op.d_ceil,
@@ -514,17 +529,16 @@ class TritonBackend(Backend):
                 D_CEIL_B=op_b.d_ceil,
                 DOT_PRECISION=self._dot_precision(A.dtype),
             )
-        return partials.sum(dtype=torch.float64)
+        return partials.sum(dim=(0, -1), dtype=torch.float64)
 
     def plan_inner(self, K: Affinity, f: Tensor, g: Tensor, eps: float, K2: Affinity) -> Tensor:
-        """Σ_ij P_ij K2_ij, per-row partials summed in float64; returned in K's dtype."""
+        """Σ_ij P_ij K2_ij per problem, per-row partials summed in float64; in K's dtype."""
         self._check(K)
         check_plan_affinity(K, K2)
         self._check(K2)
-        f, g = self._vector("f", f, K.shape[0], K), self._vector("g", g, K.shape[1], K)
-        scale = LOG2E / eps
-        zeros_r, zeros_c = f.new_zeros(K.shape[0]), g.new_zeros(K.shape[1])
-        return self._plan_sum(K, f * scale, g * scale, scale, K2, zeros_r, zeros_c, 0.0, 1.0).to(K.dtype)
+        a, b = self._potentials(K, f, g, eps)
+        zeros_r, zeros_c = torch.zeros_like(a), torch.zeros_like(b)
+        return self._plan_sum(K, a, b, K2, zeros_r, zeros_c, kernel_constants(eps, w=1.0)).to(K.dtype)
 
     # ------------------------------------------------------------------ KLOT
 
@@ -532,21 +546,10 @@ class TritonBackend(Backend):
         """Σ_ij P*_ij (log P*_ij − log P_ij): the weighted-sum kernel with P* as weights and
         the per-entry difference K*_ij/ε* − K_ij/ε + (f*_i/ε* − f_i/ε) + (g*_j/ε* − g_j/ε)."""
         self._pair(K, K_t)
-        n, m = K.shape
-        f, g = self._vector("f", f, n, K), self._vector("g", g, m, K)
-        f_t, g_t = self._vector("f_t", f_t, n, K), self._vector("g_t", g_t, m, K)
-        scale_t = LOG2E / eps_t
-        value = self._plan_sum(
-            K_t,
-            f_t * scale_t,
-            g_t * scale_t,
-            scale_t,
-            K,
-            f_t / eps_t - f / eps,
-            g_t / eps_t - g / eps,
-            1.0 / eps_t,
-            -1.0 / eps,
-        )
+        a_t, b_t = self._potentials(K, f_t, g_t, eps_t, "_t")
+        f, g = self._vector("f", f, K.shape[0], K), self._vector("g", g, K.shape[1], K)
+        r, c = f_t / eps_t - f / eps, g_t / eps_t - g / eps
+        value = self._plan_sum(K_t, a_t, b_t, K, r, c, kernel_constants(eps_t, u=1.0 / eps_t, w=-1.0 / eps))
         return value.to(K.dtype)
 
     def klot_grad_features(self, K, f, g, eps, K_t, f_t, g_t, eps_t) -> tuple[Tensor, Tensor]:
@@ -555,43 +558,32 @@ class TritonBackend(Backend):
         self._pair(K, K_t)
         if K.is_dense:
             raise ValueError("klot_grad_features needs the student affinity as features (x, y)")
-        n, m = K.shape
-        f, g = self._vector("f", f, n, K), self._vector("g", g, m, K)
-        f_t, g_t = self._vector("f_t", f_t, n, K), self._vector("g_t", g_t, m, K)
-        scale, scale_t = LOG2E / eps, LOG2E / eps_t
-        a, b, a_t, b_t = f * scale, g * scale, f_t * scale_t, g_t * scale_t
-        grad_x = self._product(
-            self._operand(K), a, b, scale, K.y, teacher=(self._operand(K_t), a_t, b_t, scale_t, 1.0 / eps)
-        )
-        grad_y = self._product(
-            self._operand(K, transpose=True),
-            b,
-            a,
-            scale,
-            K.x,
-            teacher=(self._operand(K_t, transpose=True), b_t, a_t, scale_t, 1.0 / eps),
+        a, b = self._potentials(K, f, g, eps)
+        a_t, b_t = self._potentials(K, f_t, g_t, eps_t, "_t")
+        consts = kernel_constants(eps, eps_t)
+        grad_x, grad_y = (
+            self._product(
+                *self._plan(K, a, b, transpose), features, consts, self._plan(K_t, a_t, b_t, transpose)
+            )
+            for transpose, features in ((False, K.y), (True, K.x))
         )
         return grad_x, grad_y
 
     def klot_grad_dense(self, K, f, g, eps, K_t, f_t, g_t, eps_t) -> Tensor:
         """G = (P − P*)/ε written as an n×m tensor, one tile per program."""
         self._pair(K, K_t)
+        (student, op), (teacher, op_t) = (
+            self._plan(K, *self._potentials(K, f, g, eps)),
+            self._plan(K_t, *self._potentials(K, f_t, g_t, eps_t, "_t")),
+        )
         n, m = K.shape
-        f, g = self._vector("f", f, n, K), self._vector("g", g, m, K)
-        f_t, g_t = self._vector("f_t", f_t, n, K), self._vector("g_t", g_t, m, K)
-        scale, scale_t = LOG2E / eps, LOG2E / eps_t
-        op, op_t = self._operand(K), self._operand(K_t)
         G = torch.empty(n, m, dtype=K.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]))  # noqa: E731
         with on_device(K.device):
             plan_difference_kernel[grid](
-                *op.args,
-                f * scale,
-                g * scale,
-                *op_t.args,
-                f_t * scale_t,
-                g_t * scale_t,
-                constants((scale, scale_t, 1.0 / eps), K.dtype, K.device),
+                student,
+                teacher,
+                constants(kernel_constants(eps, eps_t), K.dtype, K.device),
                 G,
                 n,
                 m,

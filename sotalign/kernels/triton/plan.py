@@ -5,6 +5,10 @@ an entry of the plan is one FMA and one exp2:
 
     P_ij = exp((f_i + g_j + K_ij)/ε) = 2^{K_ij·s + a_i + b_j}.
 
+A plan reaches a kernel as one :class:`Plan` argument: the affinity (:mod:`.tiles`) and its
+two pre-scaled potentials; a batch of problems is one launch like in :mod:`.lse`, and a
+potential of −inf gives its row or column exactly zero plan mass.
+
 Three kernels, each walking the columns of a block of rows like :mod:`.lse`:
 
 * ``plan_product_kernel``: out = W V with W = P, or W = G = (P − P*)/ε when a teacher is
@@ -20,70 +24,85 @@ Three kernels, each walking the columns of a block of rows like :mod:`.lse`:
   c_j = g*_j/ε* − g_j/ε, i.e. Σ P*_ij (log P*_ij − log P_ij) with the difference of logs
   formed per entry before it is weighted (the potentials' parts are subtracted once, on
   the host, instead of cancelling inside every term); ``plan_inner`` is A = K, B = K2,
-  u = r = c = 0, w = 1. Programs write per-row partial sums (fp32 for fp32 inputs); the
-  host adds them in float64.
+  u = r = c = 0, w = 1. Entries with P = 0 add nothing, even where their difference of logs
+  is not finite (zero weights). Programs write per-row partial sums (fp32 for fp32 inputs);
+  the host adds them in float64.
 * ``plan_difference_kernel``: G = (P − P*)/ε written out, for a stored student K.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import triton
 import triton.language as tl
 
-from .tiles import TILE_KEY, affinity_tile, online_configs, product_block_k, product_configs, split_columns
+from .tiles import (
+    INV_EPS,
+    RATE,
+    RATE_T,
+    TILE_KEY,
+    TileIndex,
+    U,
+    W,
+    affinity_tile,
+    for_problem,
+    online_configs,
+    partial_offsets,
+    product_block_k,
+    product_configs,
+    program_rows,
+    split_columns,
+)
+
+
+class Plan(NamedTuple):
+    """An affinity (:class:`.tiles.Features` or :class:`.tiles.Stored`) with a row vector a
+    and a column vector b: for a plan, the potentials scaled by log2(e)/ε."""
+
+    K: Any
+    a: Any
+    b: Any
+
+
+@triton.jit
+def plan_for_problem(S, problem, n_rows, n_cols, DENSE: tl.constexpr):
+    """The plan of one problem of a batch (its vectors are contiguous (B, len))."""
+    p = problem.to(tl.int64)
+    return Plan(for_problem(S.K, problem, DENSE), S.a + p * n_rows, S.b + p * n_cols)
 
 
 @triton.jit
 def plan_tile(
-    x_ptr,
-    y_ptr,
-    k_ptr,
-    d,
-    stride_x,
-    stride_y,
-    stride_r,
-    stride_c,
-    k_scale,
-    a_ptr,
-    b_ptr,
-    scale,
-    rows,
-    cols,
-    row_mask,
-    col_mask,
+    S, rate, at, DENSE: tl.constexpr, D_CEIL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """(P tile, K tile) at ``at`` with P_ij = 2^{K_ij·rate + a_i + b_j}, in the potentials' dtype."""
+    K = affinity_tile(S.K, at, S.a.dtype.element_ty, DENSE, D_CEIL, DOT_PRECISION, BLOCK_D)
+    a = tl.load(S.a + at.rows, mask=at.row_mask, other=0.0)
+    b = tl.load(S.b + at.cols, mask=at.col_mask, other=0.0)
+    return tl.exp2(K * rate + a[:, None] + b[None, :]), K
+
+
+@triton.jit
+def weight_tile(
+    S,
+    T,
+    consts_ptr,
+    at,
     DENSE: tl.constexpr,
     D_CEIL: tl.constexpr,
+    DENSE_T: tl.constexpr,
+    D_CEIL_T: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """(P tile, K tile) with P_ij = 2^{K_ij·scale + a_i + b_j}, in the potentials' dtype."""
-    K = affinity_tile(
-        x_ptr,
-        y_ptr,
-        k_ptr,
-        d,
-        stride_x,
-        stride_y,
-        stride_r,
-        stride_c,
-        k_scale,
-        rows,
-        cols,
-        row_mask,
-        col_mask,
-        a_ptr.dtype.element_ty,
-        DENSE,
-        D_CEIL,
-        DOT_PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-    )
-    a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
-    b = tl.load(b_ptr + cols, mask=col_mask, other=0.0)
-    return tl.exp2(K * scale + a[:, None] + b[None, :]), K
+    """The tile of P (student S), or with HAS_TEACHER of G = (P − P*)/ε (teacher T)."""
+    weights, _ = plan_tile(S, tl.load(consts_ptr + RATE), at, DENSE, D_CEIL, DOT_PRECISION, BLOCK_D)
+    if HAS_TEACHER:
+        teacher, _ = plan_tile(T, tl.load(consts_ptr + RATE_T), at, DENSE_T, D_CEIL_T, DOT_PRECISION, BLOCK_D)
+        weights = (weights - teacher) * tl.load(consts_ptr + INV_EPS)
+    return weights
 
 
 @triton.autotune(
@@ -94,30 +113,9 @@ def plan_tile(
 @triton.heuristics({"BLOCK_K": product_block_k})
 @triton.jit
 def plan_product_kernel(
-    x_ptr,
-    y_ptr,
-    k_ptr,
-    d,
-    stride_x,
-    stride_y,
-    stride_r,
-    stride_c,
-    k_scale,
-    a_ptr,
-    b_ptr,
-    xt_ptr,
-    yt_ptr,
-    kt_ptr,
-    d_t,
-    stride_xt,
-    stride_yt,
-    stride_rt,
-    stride_ct,
-    k_scale_t,
-    at_ptr,
-    bt_ptr,
+    S,
+    T,
     v_ptr,
-    stride_v,
     out_ptr,
     consts_ptr,
     n_rows,
@@ -138,109 +136,41 @@ def plan_product_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out[split, i, k] = Σ_{j ∈ split} W_ij V_jk, W = P or (P − P*)/ε.
-
-    ``consts_ptr`` holds [log2(e)/ε, log2(e)/ε*, 1/ε]; the teacher arguments are read only
-    when HAS_TEACHER.
-    """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < n_rows
+    """out[split, problem, i, k] = Σ_{j ∈ split} W_ij V_jk, W = P or (P − P*)/ε
+    (:func:`weight_tile`; T is read only when HAS_TEACHER), V contiguous (B, n_cols, n_out)."""
+    problem, rows, row_mask = program_rows(n_rows, BLOCK_M)
+    S = plan_for_problem(S, problem, n_rows, n_cols, DENSE)
+    T = plan_for_problem(T, problem, n_rows, n_cols, DENSE_T)
+    v_ptr += problem.to(tl.int64) * n_cols * n_out
     outs = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     out_mask = outs < n_out
     col_start, col_stop = split_columns(n_cols, BLOCK_N)
-    scale = tl.load(consts_ptr)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=a_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=S.a.dtype.element_ty)
     for col in range(col_start, col_stop, BLOCK_N):
         cols = col + tl.arange(0, BLOCK_N)
         col_mask = cols < col_stop
-        W, _ = plan_tile(
-            x_ptr,
-            y_ptr,
-            k_ptr,
-            d,
-            stride_x,
-            stride_y,
-            stride_r,
-            stride_c,
-            k_scale,
-            a_ptr,
-            b_ptr,
-            scale,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            DENSE,
-            D_CEIL,
-            DOT_PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
+        at = TileIndex(rows, cols, row_mask, col_mask)
+        weights = weight_tile(
+            S, T, consts_ptr, at, DENSE, D_CEIL, DENSE_T, D_CEIL_T, HAS_TEACHER, DOT_PRECISION, BLOCK_D
         )
-        if HAS_TEACHER:
-            W_t, _ = plan_tile(
-                xt_ptr,
-                yt_ptr,
-                kt_ptr,
-                d_t,
-                stride_xt,
-                stride_yt,
-                stride_rt,
-                stride_ct,
-                k_scale_t,
-                at_ptr,
-                bt_ptr,
-                tl.load(consts_ptr + 1),
-                rows,
-                cols,
-                row_mask,
-                col_mask,
-                DENSE_T,
-                D_CEIL_T,
-                DOT_PRECISION,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
-            )
-            W = (W - W_t) * tl.load(consts_ptr + 2)
-        W = tl.where(col_mask[None, :], W, 0.0)
+        weights = tl.where(col_mask[None, :], weights, 0.0)
         V = tl.load(
-            v_ptr + cols[:, None] * stride_v + outs[None, :],
+            v_ptr + cols.to(tl.int64)[:, None] * n_out + outs[None, :],
             mask=col_mask[:, None] & out_mask[None, :],
             other=0.0,
         )
-        acc = tl.dot(W, V, acc, input_precision=PRODUCT_PRECISION, out_dtype=acc.dtype)
+        acc = tl.dot(weights, V, acc, input_precision=PRODUCT_PRECISION, out_dtype=acc.dtype)
 
-    offsets = (tl.program_id(1).to(tl.int64) * n_rows + rows[:, None]) * n_out + outs[None, :]
+    offsets = partial_offsets(problem, rows, n_rows, BLOCK_M)[:, None] * n_out + outs[None, :]
     tl.store(out_ptr + offsets, acc, mask=row_mask[:, None] & out_mask[None, :])
 
 
 @triton.autotune(configs=online_configs(), key=TILE_KEY + ["DENSE_B", "D_CEIL_B"], cache_results=True)
 @triton.jit
 def plan_sum_kernel(
-    x_ptr,
-    y_ptr,
-    k_ptr,
-    d,
-    stride_x,
-    stride_y,
-    stride_r,
-    stride_c,
-    k_scale,
-    a_ptr,
-    b_ptr,
-    xb_ptr,
-    yb_ptr,
-    kb_ptr,
-    d_b,
-    stride_xb,
-    stride_yb,
-    stride_rb,
-    stride_cb,
-    k_scale_b,
-    r_ptr,
-    c_ptr,
+    A,
+    B,
     consts_ptr,
     out_ptr,
     n_rows,
@@ -257,100 +187,40 @@ def plan_sum_kernel(
     BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """out[split, i] = Σ_{j ∈ split} P_ij (u·A_ij + w·B_ij + r_i + c_j), P from A;
-    ``consts_ptr`` holds [log2(e)/ε_A, u, w]."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < n_rows
+    """out[split, problem, i] = Σ_{j ∈ split} P_ij (u·A_ij + w·B_ij + r_i + c_j), P the plan
+    A, with r and c the vectors of B."""
+    problem, rows, row_mask = program_rows(n_rows, BLOCK_M)
+    A = plan_for_problem(A, problem, n_rows, n_cols, DENSE)
+    B = plan_for_problem(B, problem, n_rows, n_cols, DENSE_B)
     col_start, col_stop = split_columns(n_cols, BLOCK_N)
-    scale = tl.load(consts_ptr)
-    u = tl.load(consts_ptr + 1)
-    w = tl.load(consts_ptr + 2)
-    r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
+    rate = tl.load(consts_ptr + RATE)
+    u = tl.load(consts_ptr + U)
+    w = tl.load(consts_ptr + W)
+    r = tl.load(B.a + rows, mask=row_mask, other=0.0)
 
     # Per-row sums: a (BLOCK_M × BLOCK_N) accumulator beside the P, A and B tiles about
     # doubles the registers that spill on sm_90 (ptxas -v on the compiled kernels).
-    acc = tl.zeros((BLOCK_M,), dtype=a_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_M,), dtype=A.a.dtype.element_ty)
     for col in range(col_start, col_stop, BLOCK_N):
         cols = col + tl.arange(0, BLOCK_N)
         col_mask = cols < col_stop
-        P, A = plan_tile(
-            x_ptr,
-            y_ptr,
-            k_ptr,
-            d,
-            stride_x,
-            stride_y,
-            stride_r,
-            stride_c,
-            k_scale,
-            a_ptr,
-            b_ptr,
-            scale,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            DENSE,
-            D_CEIL,
-            DOT_PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-        )
-        B = affinity_tile(
-            xb_ptr,
-            yb_ptr,
-            kb_ptr,
-            d_b,
-            stride_xb,
-            stride_yb,
-            stride_rb,
-            stride_cb,
-            k_scale_b,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            a_ptr.dtype.element_ty,
-            DENSE_B,
-            D_CEIL_B,
-            DOT_PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-        )
-        c = tl.load(c_ptr + cols, mask=col_mask, other=0.0)
-        term = P * ((u * A + w * B) + (r[:, None] + c[None, :]))
-        acc += tl.sum(tl.where(row_mask[:, None] & col_mask[None, :], term, 0.0), axis=1)
+        at = TileIndex(rows, cols, row_mask, col_mask)
+        P, K_a = plan_tile(A, rate, at, DENSE, D_CEIL, DOT_PRECISION, BLOCK_D)
+        K_b = affinity_tile(B.K, at, A.a.dtype.element_ty, DENSE_B, D_CEIL_B, DOT_PRECISION, BLOCK_D)
+        c = tl.load(B.b + cols, mask=col_mask, other=0.0)
+        term = P * ((u * K_a + w * K_b) + (r[:, None] + c[None, :]))
+        # zero plan mass adds nothing, even where the logs are infinite (zero weights)
+        keep = row_mask[:, None] & col_mask[None, :] & (P > 0.0)
+        acc += tl.sum(tl.where(keep, term, 0.0), axis=1)
 
-    tl.store(out_ptr + tl.program_id(1) * n_rows + rows, acc, mask=row_mask)
+    tl.store(out_ptr + partial_offsets(problem, rows, n_rows, BLOCK_M), acc, mask=row_mask)
 
 
 @triton.autotune(configs=online_configs(), key=TILE_KEY + ["DENSE_T", "D_CEIL_T"], cache_results=True)
 @triton.jit
 def plan_difference_kernel(
-    x_ptr,
-    y_ptr,
-    k_ptr,
-    d,
-    stride_x,
-    stride_y,
-    stride_r,
-    stride_c,
-    k_scale,
-    a_ptr,
-    b_ptr,
-    xt_ptr,
-    yt_ptr,
-    kt_ptr,
-    d_t,
-    stride_xt,
-    stride_yt,
-    stride_rt,
-    stride_ct,
-    k_scale_t,
-    at_ptr,
-    bt_ptr,
+    S,
+    T,
     consts_ptr,
     out_ptr,
     n_rows,
@@ -367,62 +237,13 @@ def plan_difference_kernel(
     BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """out[tile] = (P − P*)/ε on the (program 0, program 1) tile; consts as in the product.
+    """out[tile] = (P − P*)/ε on the (program 0, program 1) tile of one problem.
     ``out`` may be the student's stored K itself: each program reads its tiles before it
     writes the same offsets."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _, rows, row_mask = program_rows(n_rows, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
     col_mask = cols < n_cols
-    P, _ = plan_tile(
-        x_ptr,
-        y_ptr,
-        k_ptr,
-        d,
-        stride_x,
-        stride_y,
-        stride_r,
-        stride_c,
-        k_scale,
-        a_ptr,
-        b_ptr,
-        tl.load(consts_ptr),
-        rows,
-        cols,
-        row_mask,
-        col_mask,
-        DENSE,
-        D_CEIL,
-        DOT_PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-    )
-    P_t, _ = plan_tile(
-        xt_ptr,
-        yt_ptr,
-        kt_ptr,
-        d_t,
-        stride_xt,
-        stride_yt,
-        stride_rt,
-        stride_ct,
-        k_scale_t,
-        at_ptr,
-        bt_ptr,
-        tl.load(consts_ptr + 1),
-        rows,
-        cols,
-        row_mask,
-        col_mask,
-        DENSE_T,
-        D_CEIL_T,
-        DOT_PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-    )
+    at = TileIndex(rows, cols, row_mask, col_mask)
+    G = weight_tile(S, T, consts_ptr, at, DENSE, D_CEIL, DENSE_T, D_CEIL_T, True, DOT_PRECISION, BLOCK_D)
     offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    tl.store(
-        out_ptr + offsets, (P - P_t) * tl.load(consts_ptr + 2), mask=row_mask[:, None] & col_mask[None, :]
-    )
+    tl.store(out_ptr + offsets, G, mask=row_mask[:, None] & col_mask[None, :])

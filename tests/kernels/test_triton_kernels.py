@@ -43,7 +43,9 @@ from conftest import relative_error  # noqa: E402
 import sotalign  # noqa: E402
 from sotalign.kernels.base import Affinity  # noqa: E402
 from sotalign.kernels.reference import ReferenceBackend  # noqa: E402
-from sotalign.ot.sinkhorn import solve, uniform_log_weights  # noqa: E402
+from sotalign.ot.options import SolverOptions  # noqa: E402
+from sotalign.ot.problem import uniform_problem  # noqa: E402
+from sotalign.ot.sinkhorn import solve  # noqa: E402
 
 KERNEL_MODULES = [
     "sotalign.kernels.triton",
@@ -90,11 +92,13 @@ def problem(n, m, d, d_teacher, seed=0):
     x_t = torch.nn.functional.normalize(unit_rows(n, d_teacher, seed + 2) + 0.5 * x[:, :1], dim=1)
     y_t = torch.nn.functional.normalize(unit_rows(m, d_teacher, seed + 3) + 0.5 * y[:, :1], dim=1)
     K, K_t = Affinity.from_features(x, y), Affinity.from_features(x_t, y_t)
-    log_a = uniform_log_weights(n, torch.float64, torch.device("cpu"))
-    log_b = uniform_log_weights(m, torch.float64, torch.device("cpu"))
-    f, g, _ = solve(REFERENCE, K, EPS, 50, log_a, log_b)
-    f_t, g_t, _ = solve(REFERENCE, K_t, EPS_TEACHER, 50, log_a, log_b)
-    return dict(x=x, y=y, x_t=x_t, y_t=y_t, f=f, g=g, f_t=f_t, g_t=g_t)
+    student = solve(uniform_problem(REFERENCE, K), EPS, SolverOptions(n_iters=50))
+    teacher = solve(uniform_problem(REFERENCE, K_t), EPS_TEACHER, SolverOptions(n_iters=50))
+    return dict(x=x, y=y, x_t=x_t, y_t=y_t, f=student.f, g=student.g, f_t=teacher.f, g_t=teacher.g)
+
+
+def log_uniform(size: int, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.full((size,), -math.log(size), dtype=dtype, device=device)
 
 
 @pytest.fixture(scope="module", params=SHAPES, ids=SHAPE_IDS)
@@ -344,21 +348,14 @@ def test_empty_splits_are_identities():
 def test_sinkhorn_plan_matches_reference(dense, dtype):
     case = problem(37, 53, 20, 12, seed=11)
     K_reference = Affinity.from_features(case["x"], case["y"])
-    log_a = uniform_log_weights(37, torch.float64, torch.device("cpu"))
-    log_b = uniform_log_weights(53, torch.float64, torch.device("cpu"))
-    f_ref, g_ref, _ = solve(REFERENCE, K_reference, EPS, 12, log_a, log_b)
+    reference = solve(uniform_problem(REFERENCE, K_reference), EPS, SolverOptions(n_iters=12))
+    f_ref, g_ref = reference.f, reference.g
 
     t = cast(case, dtype)
     K, _ = affinities(t, dense, False)
-    f, g, done = solve(
-        TritonBackend(),
-        K,
-        EPS,
-        12,
-        log_a.to(dtype=dtype, device=DEVICE),
-        log_b.to(dtype=dtype, device=DEVICE),
-    )
-    assert done == 12
+    solution = solve(uniform_problem(TritonBackend(), K), EPS, SolverOptions(n_iters=12))
+    f, g = solution.f, solution.g
+    assert solution.done == 12
     plan = ((f[:, None] + g[None, :] + K.materialize().dense) / EPS).exp()
     plan_ref = ((f_ref[:, None] + g_ref[None, :] + K_reference.materialize().dense) / EPS).exp()
     check(plan, plan_ref, dtype)
@@ -444,8 +441,8 @@ def test_fp32_accurate_flags_through_every_kernel(precision, d):
     K64, K64_t = affinities(case, False, False)
     backend = TritonBackend(precision)
     assert (backend._operand(K).resident(backend._dot_precision(torch.float32)) > 0) == (d == 100)
-    log_a = uniform_log_weights(37, torch.float32, DEVICE)
-    log_b = uniform_log_weights(53, torch.float32, DEVICE)
+    log_a = log_uniform(37, torch.float32, DEVICE)
+    log_b = log_uniform(53, torch.float32, DEVICE)
     f = backend.row_update(K, t["g"], 0.01, log_a)
     g = backend.column_update(K, t["f"], 0.01, log_b)
     f_expected = REFERENCE.row_update(K64, case["g"], 0.01, log_a.double().cpu())

@@ -273,6 +273,9 @@ class TritonBackend(Backend):
 
     name = "triton"
     online = True
+    # CUDA, or any device while Triton's interpreter runs the kernels
+    device_types = None if INTERPRETING else ("cuda",)
+    device_hint = " (set TRITON_INTERPRET=1 before importing it to run on CPU)"
 
     def __init__(self, precision: str = "fp32", splits: int | None = None):
         if not isinstance(precision, str) or precision not in PRECISIONS:
@@ -307,17 +310,12 @@ class TritonBackend(Backend):
             return 1
         return max(1, min(triton.cdiv(2 * sms, row_blocks), op.cols // MIN_SPLIT_COLUMNS))
 
-    @staticmethod
-    def _check(K: Affinity) -> None:
+    def _check(self, K: Affinity) -> None:
         if not isinstance(K, Affinity):
             raise TypeError(f"expected an Affinity, got {type(K).__name__}")
         if K.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the 'triton' backend computes in float32 or float64, got {K.dtype}")
-        if not INTERPRETING and K.device.type != "cuda":
-            raise ValueError(
-                f"the 'triton' backend needs CUDA tensors, got tensors on {K.device} "
-                "(set TRITON_INTERPRET=1 before importing it to run on CPU)"
-            )
+        self.check_device(K.device)
         tensors = [K.dense] if K.is_dense else [K.x, K.y]
         if any(t.dim() not in (2, 3) for t in tensors):
             raise ValueError(

@@ -28,6 +28,7 @@ import tomllib
 
 from ..data.spec import ConfigError, DataSpec, check_fields, non_negative, positive
 from ..ot import BACKEND_NAMES
+from ..ot.options import DEFAULT_EPS, DEFAULT_EPS_TEACHER
 from .ddp import KLOT_SCOPES
 from .heads import HEAD_KINDS
 from .methods import get_method
@@ -70,8 +71,8 @@ class TrainConfig:
     paired_batch_size: int = 10_000
     unpaired_batch_size: int = 11_000
     alpha: float = 1.0
-    eps: float = 0.05
-    eps_teacher: float = 0.01
+    eps: float = DEFAULT_EPS
+    eps_teacher: float = DEFAULT_EPS_TEACHER
     n_iters: int = 100
     backend: str = "auto"
     seed: int = 0

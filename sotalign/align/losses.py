@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ot import klot, sinkhorn
+from ..ot.options import DEFAULT_EPS, DEFAULT_EPS_TEACHER
 from ..ot.validation import check_count, check_matrices, check_positive, check_real, unit_rows
 
 DIVERGENCES = ("none", "cka", "infonce", "klot")
@@ -217,7 +218,7 @@ def generalized_infonce_divergence(
     teacher_img: Tensor,
     teacher_txt: Tensor,
     *,
-    eps_teacher: float = 0.01,
+    eps_teacher: float = DEFAULT_EPS_TEACHER,
     temperature: float = 0.05,
     symmetric: bool = False,
 ) -> Tensor:
@@ -312,7 +313,7 @@ def s_clip_targets(
     unpaired: Tensor,
     paired: Tensor,
     *,
-    eps: float = 0.05,
+    eps: float = DEFAULT_EPS,
     n_iters: int = 100,
     hard: bool = False,
     backend: str = "auto",
@@ -339,7 +340,7 @@ def s_clip_loss(
     paired_img: Tensor,
     paired_txt: Tensor,
     *,
-    eps: float = 0.05,
+    eps: float = DEFAULT_EPS,
     scale: float = 1.0 / 0.07,
     n_iters: int = 100,
     hard: bool = False,

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.spec import role_fields
+from ..ot.options import DEFAULT_EPS, DEFAULT_EPS_TEACHER
 from .ddp import Ranks
 from .losses import DIVERGENCES, SigLIPLoss, divergence, s_clip_loss, structure_regularizer
 
@@ -121,7 +122,7 @@ class SClip(Method):
     (images), from the plan between them and the paired images (captions) in the joint space."""
 
     weight: float = 1.0
-    eps: float = 0.05
+    eps: float = DEFAULT_EPS
     temperature: float = 0.07
     needs = frozenset({"unpaired"})
 
@@ -197,8 +198,8 @@ def loss_terms(
     heads,
     losses: nn.ModuleDict,
     *,
-    eps: float = 0.05,
-    eps_teacher: float = 0.01,
+    eps: float = DEFAULT_EPS,
+    eps_teacher: float = DEFAULT_EPS_TEACHER,
     n_iters: int = 100,
     backend: str = "auto",
     ranks: Ranks | None = None,

@@ -16,11 +16,9 @@ What counts as *available* (``available_backends()``):
 
 from __future__ import annotations
 
-from .base import Affinity, Backend
+from .base import PRECISIONS, Affinity, Backend
 
 BACKEND_NAMES = ("reference", "torch", "cpu", "triton", "keops")
-#: Dot-product precisions; anything but fp32 is a Triton-only flag (see docs/design.md §3).
-PRECISIONS = ("fp32", "tf32x3", "fp16x3", "tf32", "fp16")
 
 
 def cpu_extension_error() -> str | None:

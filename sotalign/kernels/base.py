@@ -56,6 +56,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+#: Dot-product precisions; anything but fp32 is a Triton-only flag (docs/design.md §3).
+PRECISIONS = ("fp32", "tf32x3", "fp16x3", "tf32", "fp16")
 #: Size of one block of rows of K (or of P) that a blocked primitive holds at a time.
 BLOCK_BYTES = 32 * 2**20
 

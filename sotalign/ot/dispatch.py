@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels import PRECISIONS as BACKEND_PRECISIONS
 from ..kernels import (
     Affinity,
     Backend,
@@ -74,7 +75,7 @@ FREE_MEMORY_FRACTION = 0.5
 #: Smallest n·m for which ``auto`` takes KeOps over chunked torch on CUDA (estimate).
 KEOPS_MIN_ENTRIES = 4096 * 4096
 PATHS = ("auto", "dense", "online")
-PRECISIONS = ("auto", "fp32", "tf32x3", "fp16x3", "tf32", "fp16")
+PRECISIONS = ("auto", *BACKEND_PRECISIONS)
 
 _warned_missing_extension = False
 _recorded = threading.local()

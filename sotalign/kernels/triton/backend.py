@@ -54,7 +54,7 @@ flag sets how the affinity tiles x yᵀ are computed, the bulk of the work:
 
 The host-side fp16 operands are cached per input tensor (its identity and version), so a
 solve rounds x and y once, not once per tile or per half-step. Potentials, biases,
-exponents and accumulators are fp32 in every mode (never bf16: DESIGN.md §3). The products
+exponents and accumulators are fp32 in every mode (never bf16: docs/design.md §3). The products
 with the plan (P V, G y) run on the tensor cores in tf32x3 for the fp32-accurate flags and
 tf32 for tf32/fp16, never in fp16 (P's tiny entries would underflow).
 ``benchmarks/precision_error.py`` measures the error of each flag against float64
@@ -74,7 +74,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..base import Affinity, Backend, check_plan_affinity, check_plan_factor
+from ..base import PRECISIONS, Affinity, Backend, check_plan_affinity, check_plan_factor
 from .lse import lse_dense_kernel, lse_kernel, update_kernel
 from .plan import Plan, plan_difference_kernel, plan_product_kernel, plan_sum_kernel
 from .tiles import (
@@ -90,7 +90,6 @@ from .tiles import (
 )
 
 LOG2E = 1.0 / math.log(2.0)
-PRECISIONS = ("fp32", "tf32x3", "fp16x3", "tf32", "fp16")
 #: Flags whose operands are rounded to fp16 on the host.
 FP16_PRECISIONS = ("fp16", "fp16x3")
 #: Tensor-core precision of the plan products (P V, G y) for each flag.

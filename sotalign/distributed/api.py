@@ -108,6 +108,10 @@ def _validated(
 ) -> tuple[float, str, SolverOptions]:
     """The checks of the single-process front (the solver options by
     :class:`~sotalign.ot.options.SolverOptions`); returns ε, the cost and the loop's options."""
+    if "reg_m" in solver_options:
+        raise ValueError(
+            "reg_m (unbalanced marginals) is not supported by sotalign.distributed; use sotalign.sinkhorn"
+        )
     cost = _cost(cost, affinity)
     options = SolverOptions.resolve(options, **solver_options)
     device = validation.check_structure(**tensors)

@@ -253,6 +253,12 @@ def non_bool_symmetric_task(rank, world, x, y):
     return sd.sinkhorn(shard(x, ROWS, rank), shard(y, COLS, rank), 0.1, n_iters=5, symmetric="no")
 
 
+def unbalanced_task(rank, world, x, y):
+    import sotalign.distributed as sd
+
+    return sd.sinkhorn(shard(x, ROWS, rank), shard(y, COLS, rank), 0.1, reg_m=1.0)
+
+
 def test_disagreeing_options_and_bad_input_fail_on_every_rank_naming_the_rank(cluster, problem):
     x, y, _, _ = problem
     for ok, error in cluster.outcomes(bad_options_task, x, y):
@@ -265,5 +271,7 @@ def test_disagreeing_options_and_bad_input_fail_on_every_rank_naming_the_rank(cl
     for ok, error in cluster.outcomes(non_bool_symmetric_task, x, y):
         assert not ok and error[0] == "ValueError"
         assert "TypeError: symmetric must be a bool, got str" in error[1]
+    for ok, error in cluster.outcomes(unbalanced_task, x, y):
+        assert not ok and "reg_m (unbalanced marginals) is not supported by sotalign.distributed" in error[1]
     # the group still works afterwards
     assert len(cluster.run(sinkhorn_task, x, y, dict(eps=0.1, n_iters=2))) == WORLD

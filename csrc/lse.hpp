@@ -42,23 +42,36 @@ inline void fold_row(const T* __restrict row, ptrdiff_t cols, const T* __restric
 }
 
 // Folds R rows of a tile into per-column running (M, S): the block maximum is taken first so
-// that each column is rescaled once per R rows (R + 1 exponentials for R entries).
+// that each column is rescaled once per R rows (R + 1 exponentials for R entries). Columns go
+// in chunks, each step a flat loop over the chunk's columns: GCC does not vectorise an outer
+// loop over columns whose body loops over rows.
 template <class T, int R>
 inline void fold_cols(const T* __restrict tile, ptrdiff_t ld, ptrdiff_t cols, const T* __restrict bs,
                       T s, T* __restrict M, T* __restrict S) {
+    constexpr ptrdiff_t kChunk = 64;
+    T block_max[kChunk], shift[kChunk];
+    for (ptrdiff_t c0 = 0; c0 < cols; c0 += kChunk) {
+        const ptrdiff_t width = std::min(kChunk, cols - c0);
+        const T* __restrict t = tile + c0;
+        T* __restrict Mc = M + c0;
+        T* __restrict Sc = S + c0;
 #pragma omp simd
-    for (ptrdiff_t j = 0; j < cols; ++j) {
-        // t is recomputed rather than kept in an array: the loads hit L1 and the loop stays
-        // straight-line once the row loops are unrolled, so it vectorises over j.
-        T block_max = tile[j] * s + bs[0];
-#pragma GCC unroll 16
-        for (int r = 1; r < R; ++r) block_max = vmax(block_max, tile[r * ld + j] * s + bs[r]);
-        const T new_max = vmax(M[j], block_max), shift = safe_shift(new_max);
-        T sum = S[j] * fast_exp2<T>(M[j] - shift);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) sum += fast_exp2<T>(tile[r * ld + j] * s + bs[r] - shift);
-        S[j] = sum;
-        M[j] = new_max;
+        for (ptrdiff_t j = 0; j < width; ++j) block_max[j] = t[j] * s + bs[0];
+        for (int r = 1; r < R; ++r) {
+#pragma omp simd
+            for (ptrdiff_t j = 0; j < width; ++j) block_max[j] = vmax(block_max[j], t[r * ld + j] * s + bs[r]);
+        }
+#pragma omp simd
+        for (ptrdiff_t j = 0; j < width; ++j) {
+            const T new_max = vmax(Mc[j], block_max[j]);
+            shift[j] = safe_shift(new_max);
+            Sc[j] *= fast_exp2<T>(Mc[j] - shift[j]);
+            Mc[j] = new_max;
+        }
+        for (int r = 0; r < R; ++r) {
+#pragma omp simd
+            for (ptrdiff_t j = 0; j < width; ++j) Sc[j] += fast_exp2<T>(t[r * ld + j] * s + bs[r] - shift[j]);
+        }
     }
 }
 

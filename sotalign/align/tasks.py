@@ -82,20 +82,31 @@ def _wordnet_slice(rng: np.random.Generator) -> list[str]:
 
 
 def embed_all(
-    progress: bool = True, workers: int = 2, image_size: int = IMAGE_SIZE, text_encoder: str = TEXT_ENCODER
+    progress: bool = True,
+    workers: int = 2,
+    image_size: int = IMAGE_SIZE,
+    text_encoder: str = TEXT_ENCODER,
+    out_of_domain: bool = True,
 ) -> Embedded:
     """Embed (or read from the cache) the emoji, the OpenClipArt subset and the WordNet slice
-    (the benchmark's encoders unless `image_size` or `text_encoder` say otherwise)."""
+    (the benchmark's encoders unless `image_size` or `text_encoder` say otherwise).
+    `out_of_domain=False` skips OpenClipArt and WordNet (their fields are then empty): only
+    `emoji-out` uses them."""
     image_encoder = load_image_encoder(IMAGE_ENCODER, size=image_size)
     text_model = load_text_encoder(text_encoder)
     emoji = emoji_pairs()
+    options = dict(progress=progress)
+    images = _all(embed_images(image_encoder, emoji.images, workers=workers, **options))
+    texts = _all(embed_texts(text_model, list(emoji.captions), **options))
+    if not out_of_domain:
+        none_images, none_texts = images[:0], texts[:0]
+        return Embedded(images, texts, list(emoji.captions), none_images, none_texts, none_texts)
     rng = np.random.default_rng(0)
     clipart = openclipart(max_pixels=CLIPART_MAX_PIXELS)
     clipart = [clipart[i] for i in np.sort(rng.permutation(len(clipart))[:CLIPART_ROWS])]
-    options = dict(progress=progress)
     return Embedded(
-        emoji_images=_all(embed_images(image_encoder, emoji.images, workers=workers, **options)),
-        emoji_texts=_all(embed_texts(text_model, list(emoji.captions), **options)),
+        emoji_images=images,
+        emoji_texts=texts,
         emoji_names=list(emoji.captions),
         clipart_images=_all(
             embed_images(
@@ -145,6 +156,10 @@ def split(data: Embedded, task: str, n_pairs: int, seed: int, split_seed: int = 
         shuffle = np.random.default_rng([split_seed, seed, 2]).permutation
         u_img, u_txt = images[shuffle(rest)], texts[shuffle(rest)]
     else:
+        if len(data.clipart_images) == 0:
+            raise ValueError(
+                "emoji-out needs the OpenClipArt and WordNet pools: embed_all(out_of_domain=True)"
+            )
         u_img = data.clipart_images
         u_txt = torch.cat([data.clipart_texts, data.wordnet_texts])
     return TaskSplit(

@@ -75,6 +75,18 @@ def test_emoji_out_pools_are_the_clipart_and_wordnet_rows():
     assert torch.equal(parts.unpaired_texts, torch.cat([data.clipart_texts, data.wordnet_texts]))
 
 
+def test_emoji_out_without_its_pools_is_refused():
+    data = _embedded()
+    data.clipart_images, data.clipart_texts, data.wordnet_texts = (
+        t[:0] for t in (data.clipart_images, data.clipart_texts, data.wordnet_texts)
+    )
+    with pytest.raises(ValueError, match="emoji-out needs the OpenClipArt and WordNet pools"):
+        split(data, "emoji-out", 100, seed=0)
+    assert (
+        len(split(data, "emoji-hidden", 100, seed=0).unpaired_images) > 0
+    )  # the other tasks do not need them
+
+
 def test_unknown_task_and_too_many_pairs_are_refused():
     data = _embedded()
     with pytest.raises(ValueError, match="unknown task 'emoji'"):

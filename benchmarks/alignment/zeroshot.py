@@ -4,6 +4,7 @@ zero-shot accuracy on the Fashion-MNIST test set (`sotalign.align.tasks.run_zero
     python benchmarks/alignment/zeroshot.py GRID [--pairs 1000] [--seeds 0]   # settings, on validation
     python benchmarks/alignment/zeroshot.py final --machine <name>            # the table
     python benchmarks/alignment/zeroshot.py --report LOG.jsonl --machine <name>
+    python benchmarks/alignment/zeroshot.py --ceiling [--pairs 300,1000] [--seeds 0,1,2]
 
 GRID entries are (label, method, overrides) runs; every run appends one JSON line to `--log`
 (validation and test accuracy both recorded; settings are chosen on validation only: 2,000
@@ -11,6 +12,12 @@ labelled training images kept out of the pool). `final` runs the chosen settings
 at 300 and 1000 pairs over seeds 0–2, appends each run to
 `benchmarks/results/<machine>-fashion-zeroshot.jsonl` (so processes can share the work:
 `--methods`, `--pairs`, `--seeds`) and rebuilds `<machine>-fashion-zeroshot.md` from it.
+
+`--ceiling` trains nothing: KLOT teaches the teacher's entropic plans between unpaired images
+and texts, so it asks how well those plans classify. The CCA teacher's plan between the
+validation images and the whole unpaired text pool (WordNet glosses + prompts), summed over
+each class's prompts, gives each image a class; so does its plan between the images and the
+class weights (one balanced class per row). Both beside the teacher's plain zero-shot accuracy.
 """
 
 from __future__ import annotations
@@ -23,8 +30,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from sotalign.align.tasks import BASE, FASHION_TEMPLATES, FASHION_VAL, embed_fashion, run_zero_shot
+from sotalign import sinkhorn
+from sotalign.align.tasks import (
+    BASE,
+    FASHION_TEMPLATES,
+    FASHION_VAL,
+    FashionEmbedded,
+    embed_fashion,
+    fashion_split,
+    run_zero_shot,
+)
+from sotalign.align.teachers import CCATeacher
 from sotalign.demo import paired_gains
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -78,8 +96,8 @@ def markdown(results: list[dict], machine: str, note: str = "") -> str:
         f"Seeds {seeds} (emoji pairs redrawn and heads trained per seed); mean ± sample std. "
         f"Machine: {machine}. {note}",
         "",
-        "| method | " + " | ".join(f"{k} pairs: test | val" for k in pair_counts) + " | seconds a run |",
-        "|---|" + "---:|" * (len(pair_counts) + 1),
+        "| method | " + " | ".join(f"{k} pairs: test | {k}: val" for k in pair_counts) + " | seconds a run |",
+        "|---|" + "---:|" * (2 * len(pair_counts) + 1),
     ]
     for name in names:
         cells = []
@@ -103,6 +121,44 @@ def markdown(results: list[dict], machine: str, note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+CEILING_EPS = (0.01, 0.05)
+
+
+def ceiling(data: FashionEmbedded, pair_counts, seeds, log: Path) -> None:
+    """Validation zero-shot accuracy of the CCA teacher: by cosine to the class weights, and by
+    its plans (ε* of `CEILING_EPS`) over the unpaired texts and over the class weights."""
+    n_classes, n_templates = len(data.classes), len(FASHION_TEMPLATES)
+    for n_pairs in pair_counts:
+        for seed in seeds:
+            parts = fashion_split(data, n_pairs, seed)
+            teacher = CCATeacher().fit(parts.paired_images, parts.paired_texts)
+            images = F.normalize(teacher.transform_images(parts.val_images).double(), dim=1)
+            texts = F.normalize(teacher.transform_texts(parts.unpaired_texts).double(), dim=1)
+            prompts = texts[-n_classes * n_templates :].reshape(n_classes, n_templates, -1)
+            weights = F.normalize(prompts.mean(1), dim=1)
+
+            def accuracy(scores: torch.Tensor, labels=parts.val_labels) -> float:
+                return 100.0 * float((scores.argmax(1) == labels).double().mean())
+
+            result = {
+                "label": "plan ceiling",
+                "pairs": n_pairs,
+                "seed": seed,
+                "cosine": accuracy(images @ weights.T),
+            }
+            for eps in CEILING_EPS:
+                options = dict(eps=eps, n_iters=300, backend="reference")
+                plan = sinkhorn(images, texts, **options).plan()[:, -n_classes * n_templates :]
+                result[f"plan over texts eps*={eps:g}"] = accuracy(
+                    plan.reshape(len(images), n_classes, -1).sum(2)
+                )
+                result[f"plan over classes eps*={eps:g}"] = accuracy(
+                    sinkhorn(images, weights, **options).plan()
+                )
+            _log(log, result)
+            print(json.dumps(result), flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grid", nargs="?", help="comma-separated: final, " + ", ".join(GRIDS))
@@ -114,6 +170,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--report", type=Path, nargs="+", default=None, help="only rebuild the table from logs"
     )
+    parser.add_argument(
+        "--ceiling", action="store_true", help="the teacher's plans as classifiers, no training"
+    )
     args = parser.parse_args(argv)
     stem = RESULTS / f"{args.machine}-fashion-zeroshot"
     if args.report:
@@ -121,8 +180,8 @@ def main(argv=None) -> None:
         note = f"Settings: {BASE} with {dict(FINAL)}; no checkpoint selection."
         stem.with_suffix(".md").write_text(markdown(results, args.machine, note))
         return print(stem.with_suffix(".md").read_text())
-    if not args.grid:
-        parser.error("name a GRID (or final), or pass --report")
+    if not args.grid and not args.ceiling:
+        parser.error("name a GRID (or final), or pass --report or --ceiling")
     final = args.grid == "final"
     pair_counts = [int(p) for p in (args.pairs or ("300,1000" if final else "1000")).split(",")]
     seeds = [int(s) for s in (args.seeds or ("0,1,2" if final else "0")).split(",")]
@@ -139,6 +198,8 @@ def main(argv=None) -> None:
         f"features read in {embed_seconds:.0f}s; pool {len(data.train_images) - FASHION_VAL} images",
         flush=True,
     )
+    if args.ceiling:
+        return ceiling(data, pair_counts, seeds, args.log)
     log = stem.with_suffix(".jsonl") if final else args.log
     for n_pairs in pair_counts:
         for seed in seeds:

@@ -180,7 +180,7 @@ FASHION_TEMPLATES = (
 #: Labelled Fashion-MNIST training images held out (fixed) to choose settings on; never unpaired.
 FASHION_VAL = 2000
 #: Image size of the task (emoji pairs and Fashion-MNIST alike): the 28-px Fashion-MNIST images
-#: gain no detail at 128 px, and 64 px costs a quarter of the compute for 70,000 images.
+#: gain no detail at 128 px, and 64 px costs about an eighth of its CPU time for 70,000 images.
 FASHION_IMAGE_SIZE = 64
 
 

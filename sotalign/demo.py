@@ -119,6 +119,19 @@ def paired_gains(results: list[dict], method: str, baseline: str) -> dict:
     return out
 
 
+def gain_lines(results: list[dict]) -> list[str]:
+    """Per-seed test gains of SOTAlign over SAIL and over its teacher, one line each."""
+    lines = []
+    for baseline in ("sail", "teacher"):
+        gains = paired_gains(results, "sotalign", baseline)
+        if gains:
+            lines.append(
+                f"SOTAlign − {LABELS[baseline]}, per seed: "
+                + ", ".join(f"{task} {k}: {g[0]:+.1f} ± {g[1]:.1f}" for (task, k), g in gains.items())
+            )
+    return lines
+
+
 def markdown(results: list[dict], machine: str, minutes: float) -> str:
     from .align import tasks as T
 
@@ -141,13 +154,7 @@ def markdown(results: list[dict], machine: str, minutes: float) -> str:
             cells = [f"{by[k][0]:.1f} ± {by[k][1]:.1f}" if k in by else "" for k in pair_counts]
             lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
         lines.append("")
-    for baseline in ("sail", "teacher"):
-        gains = paired_gains(results, "sotalign", baseline)
-        if gains:
-            lines.append(
-                f"SOTAlign − {LABELS[baseline]}, per seed: "
-                + ", ".join(f"{task} {k}: {g[0]:+.1f} ± {g[1]:.1f}" for (task, k), g in gains.items())
-            )
+    lines += gain_lines(results)
     if any(r["pairs"] <= 300 for r in results):
         lines += ["", PLAN_CEILING]
     return "\n".join(lines) + "\n"

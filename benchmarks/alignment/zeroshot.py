@@ -43,7 +43,7 @@ from sotalign.align.tasks import (
     run_zero_shot,
 )
 from sotalign.align.teachers import CCATeacher
-from sotalign.demo import paired_gains
+from sotalign.demo import LABELS, gain_lines
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 T = dict(head_init="teacher")
@@ -67,12 +67,6 @@ FINAL = {
     "sail": ("sail", LONG),
     "nnclr": ("nnclr", LONG),
     "sotalign": ("sotalign", {**T, **LONG, "alpha": 1.0, "unpaired_batch_size": 512}),
-}
-LABELS = {
-    "teacher": "CCA teacher alone",
-    "sail": "SAIL (pairs only)",
-    "nnclr": "NNCLR",
-    "sotalign": "SOTAlign",
 }
 
 
@@ -110,15 +104,7 @@ def markdown(results: list[dict], machine: str, note: str = "") -> str:
             [r["seconds"] + r.get("score_seconds", 0.0) for k in pair_counts for r in by[name, k]]
         )
         lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {seconds:.0f} |")
-    lines.append("")
-    for baseline in ("sail", "teacher"):
-        gains = paired_gains(results, "sotalign", baseline)
-        if gains:
-            lines.append(
-                f"SOTAlign − {LABELS[baseline]}, test, per seed: "
-                + ", ".join(f"{k} pairs {g[0]:+.1f} ± {g[1]:.1f}" for (_, k), g in gains.items())
-            )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *gain_lines(results)]) + "\n"
 
 
 CEILING_EPS = (0.01, 0.05)
@@ -188,7 +174,7 @@ def main(argv=None) -> None:
     runs = (
         [(name, *FINAL[name]) for name in args.methods.split(",")]
         if final
-        else [entry for grid in args.grid.split(",") for entry in GRIDS[grid]]
+        else [entry for grid in (args.grid or "").split(",") if grid for entry in GRIDS[grid]]
     )
     torch.set_num_threads(1)  # small matrices on a shared 2-core machine
     started = time.perf_counter()

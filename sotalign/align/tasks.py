@@ -293,6 +293,19 @@ def _fit(stores: dict[str, torch.Tensor], method: str, seed: int, settings: dict
     return model, json.loads((scratch / "run" / "metrics.json").read_text())
 
 
+def _record(task: str, n_pairs: int, seed: int, method: str, split_seed: int, overrides: dict, **measured):
+    """One run's line of the benchmark logs: what ran, then what it measured."""
+    return {
+        "task": task,
+        "pairs": n_pairs,
+        "seed": seed,
+        "method": method,
+        "split_seed": split_seed,
+        "overrides": overrides,
+        **measured,
+    }
+
+
 def run(
     data: Embedded, task: str, n_pairs: int, seed: int, method: str, split_seed: int = 0, **overrides
 ) -> dict:
@@ -305,18 +318,13 @@ def run(
     with tempfile.TemporaryDirectory() as scratch:
         stores = {field.name: getattr(parts, field.name) for field in dataclasses.fields(parts)}
         _, metrics = _fit(stores, method, seed, settings, Path(scratch))
-    return {
-        "task": task,
-        "pairs": n_pairs,
-        "seed": seed,
-        "method": method,
-        "split_seed": split_seed,
-        "overrides": overrides,
-        "best_step": metrics["best_step"],
-        "val": metrics["val"]["mean_R@1"],
-        "test": metrics["test"]["mean_R@1"],
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    measured = dict(
+        best_step=metrics["best_step"],
+        val=metrics["val"]["mean_R@1"],
+        test=metrics["test"]["mean_R@1"],
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    return _record(task, n_pairs, seed, method, split_seed, overrides, **measured)
 
 
 FASHION_TASK = "fashion-zeroshot"
@@ -349,19 +357,14 @@ def run_zero_shot(
     def accuracy(images, labels) -> float:
         return zero_shot_accuracy(model.embed_images(images), labels, weights, ks=(1,))["top1"]
 
-    return {
-        "task": FASHION_TASK,
-        "pairs": n_pairs,
-        "seed": seed,
-        "method": method,
-        "split_seed": split_seed,
-        "overrides": overrides,
-        "best_step": metrics["best_step"],
-        "val": accuracy(parts.val_images, parts.val_labels),
-        "test": accuracy(parts.test_images, parts.test_labels),
-        "seconds": round(trained - started, 1),
-        "score_seconds": round(time.perf_counter() - trained, 1),
-    }
+    measured = dict(
+        best_step=metrics["best_step"],
+        val=accuracy(parts.val_images, parts.val_labels),
+        test=accuracy(parts.test_images, parts.test_labels),
+        seconds=round(trained - started, 1),
+        score_seconds=round(time.perf_counter() - trained, 1),
+    )
+    return _record(FASHION_TASK, n_pairs, seed, method, split_seed, overrides, **measured)
 
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -389,15 +392,10 @@ def ridge(data: Embedded, task: str, n_pairs: int, seed: int, split_seed: int = 
         return retrieval_metrics((images.double() - mu_a) @ W + mu_b, texts.double())["mean_R@1"]
 
     best = max(grid, key=lambda lam: score(lam, parts.val_images, parts.val_texts))
-    return {
-        "task": task,
-        "pairs": n_pairs,
-        "seed": seed,
-        "method": "ridge",
-        "split_seed": split_seed,
-        "overrides": {"lambda": best},
-        "best_step": None,
-        "val": score(best, parts.val_images, parts.val_texts),
-        "test": score(best, parts.test_images, parts.test_texts),
-        "seconds": 0.0,
-    }
+    measured = dict(
+        best_step=None,
+        val=score(best, parts.val_images, parts.val_texts),
+        test=score(best, parts.test_images, parts.test_texts),
+        seconds=0.0,
+    )
+    return _record(task, n_pairs, seed, "ridge", split_seed, {"lambda": best}, **measured)

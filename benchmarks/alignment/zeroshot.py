@@ -55,6 +55,14 @@ GRIDS = {
         (f"sotalign a={a:g} batch=512", "sotalign", {**T, **LONG, "alpha": a, "unpaired_batch_size": 512})
         for a in (1.0, 10.0)
     ],
+    # The paper's random init: SAIL plus KLOT, rather than the teacher plus SigLIP.
+    "init": [
+        (
+            "sotalign random-init a=1 batch=512",
+            "sotalign",
+            {**LONG, "head_init": "random", "alpha": 1.0, "unpaired_batch_size": 512},
+        )
+    ],
     "batch": [
         ("sotalign a=1 batch=2048", "sotalign", {**T, **LONG, "alpha": 1.0, "unpaired_batch_size": 2048})
     ],
@@ -133,8 +141,10 @@ def ceiling(data: FashionEmbedded, pair_counts, seeds, log: Path) -> None:
                 "cosine": accuracy(images @ weights.T),
             }
             for eps in CEILING_EPS:
-                options = dict(eps=eps, n_iters=300, backend="reference")
-                plan = sinkhorn(images, texts, **options).plan()[:, -n_classes * n_templates :]
+                options = dict(eps=eps, n_iters=300, backend="cpu")
+                plan = sinkhorn(images.float(), texts.float(), **options).plan()[
+                    :, -n_classes * n_templates :
+                ]
                 result[f"plan over texts eps*={eps:g}"] = accuracy(
                     plan.reshape(len(images), n_classes, -1).sum(2)
                 )

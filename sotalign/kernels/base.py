@@ -169,43 +169,17 @@ class Backend:
         """The column half-step g = τ ε (log b − LSE_i[(K + f)/ε])."""
         return (scale * eps) * (log_b - self.lse_cols(K, f, eps))
 
-    def klot_value(
-        self,
-        K: Affinity,
-        f: Tensor,
-        g: Tensor,
-        eps: float,
-        K_t: Affinity,
-        f_t: Tensor,
-        g_t: Tensor,
-        eps_t: float,
-    ) -> Tensor:
+    # The KLOT primitives take the student (K, f, g, ε) and the teacher (K_t, f_t, g_t, ε_t).
+
+    def klot_value(self, K: Affinity, f, g, eps: float, K_t: Affinity, f_t, g_t, eps_t: float) -> Tensor:
         raise NotImplementedError
 
     def klot_grad_features(
-        self,
-        K: Affinity,
-        f: Tensor,
-        g: Tensor,
-        eps: float,
-        K_t: Affinity,
-        f_t: Tensor,
-        g_t: Tensor,
-        eps_t: float,
+        self, K: Affinity, f, g, eps, K_t: Affinity, f_t, g_t, eps_t
     ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def klot_grad_dense(
-        self,
-        K: Affinity,
-        f: Tensor,
-        g: Tensor,
-        eps: float,
-        K_t: Affinity,
-        f_t: Tensor,
-        g_t: Tensor,
-        eps_t: float,
-    ) -> Tensor:
+    def klot_grad_dense(self, K: Affinity, f, g, eps: float, K_t: Affinity, f_t, g_t, eps_t: float) -> Tensor:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ plan products

@@ -77,21 +77,12 @@ def paper_klot(
 
 
 def paper_klot_features(
-    x: Tensor,
-    y: Tensor,
-    x_teacher: Tensor,
-    y_teacher: Tensor,
-    eps: float = 0.05,
-    eps_teacher: float = 0.01,
-    n_iters: int = 100,
-    *,
-    compiled: bool = False,
+    x: Tensor, y: Tensor, x_teacher: Tensor, y_teacher: Tensor, *args, **kwargs
 ) -> Tensor:
-    """The paper's step on features: K = cos(x, y), K* = cos(x*, y*), then :func:`paper_klot`."""
+    """The paper's step on features: K = cos(x, y), K* = cos(x*, y*), then :func:`paper_klot`
+    (the other arguments are its)."""
 
     def cosine(a: Tensor, b: Tensor) -> Tensor:
         return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
 
-    return paper_klot(
-        cosine(x, y), cosine(x_teacher, y_teacher), eps, eps_teacher, n_iters, compiled=compiled
-    )
+    return paper_klot(cosine(x, y), cosine(x_teacher, y_teacher), *args, **kwargs)

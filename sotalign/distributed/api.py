@@ -66,13 +66,12 @@ class DistributedSinkhornResult:
 
 @dataclass(frozen=True)
 class _Setup:
-    """What the ranks agreed on: the group, shard sizes, the backend and path of this rank."""
+    """What the ranks agreed on: the layout (the group and every rank's shard sizes, with this
+    rank's cost features), the backend and the path of this rank."""
 
-    comm: Comm
+    layout: Shards
     backend: Backend
     dense: bool
-    row_sizes: tuple[int, ...]
-    col_sizes: tuple[int, ...]
 
 
 def ddp_scale(group=None) -> int:
@@ -227,10 +226,8 @@ def _marginals(
 
 def _problem(setup: _Setup, cost: str, x: Tensor, y: Tensor, a, b):
     work = ot_problem.work_affinity(cost, x, y)
-    op = shard_operator(
-        setup.backend, Shards(setup.comm, work.x, work.y, setup.row_sizes, setup.col_sizes), setup.dense
-    )
-    return op, op.problem(*_marginals(setup.comm, op, cost, x, y, a, b))
+    op = shard_operator(setup.backend, dataclasses.replace(setup.layout, x=work.x, y=work.y), setup.dense)
+    return op, op.problem(*_marginals(setup.layout.comm, op, cost, x, y, a, b))
 
 
 def sinkhorn(
@@ -265,7 +262,7 @@ def sinkhorn(
     eps, cost, options = _validated(*checks, x=x, y=y)
     dtype = validation.compute_dtype(x, y)
     x, y = ot_problem.cost_features(cost, x.detach().to(dtype), y.detach().to(dtype))
-    setup = _setup(comm, options, x, row_sizes, col_sizes, x.shape[1], dtype, 1)
+    setup = _setup(comm, options, x, y, row_sizes, col_sizes, x.shape[1], dtype, 1)
     with torch.no_grad():
         op, problem = _problem(setup, cost, x.contiguous(), y.contiguous(), a, b)
         state = solve(problem, eps, options, spread=op.spread())
@@ -295,7 +292,7 @@ def _shared(eps: float, cost: str, options: SolverOptions) -> dict:
 
 
 def _setup(
-    comm: Comm, options: SolverOptions, x: Tensor, row_sizes, col_sizes, d, dtype, n_matrices
+    comm: Comm, options: SolverOptions, x: Tensor, y: Tensor, row_sizes, col_sizes, d, dtype, n_matrices
 ) -> _Setup:
     backend, dense = _route(
         comm,
@@ -310,7 +307,7 @@ def _setup(
         options.memory_budget,
         options.precision,
     )
-    return _Setup(comm, backend, dense, row_sizes, col_sizes)
+    return _Setup(Shards(comm, x, y, row_sizes, col_sizes), backend, dense)
 
 
 class _GlobalKLOT(torch.autograd.Function):
@@ -341,9 +338,10 @@ class _GlobalKLOT(torch.autograd.Function):
         x_grad, y_grad = gradient_features(ctx.cost, x, y)
         teacher = ot_problem.work_affinity(ctx.cost, x_t, y_t)
         rows = None
-        carry = Carry(setup.comm, list(setup.col_sizes))
+        layout = setup.layout
+        carry = Carry(layout.comm, list(layout.col_sizes))
         for _, (y_s, y_t_s, g_s, g_t_s) in circulate(
-            setup.comm, (y_grad, teacher.y, g, g_t), setup.col_sizes
+            layout.comm, (y_grad, teacher.y, g, g_t), layout.col_sizes
         ):
             gx, gy = setup.backend.klot_grad_features(
                 Affinity.from_features(x_grad, y_s),
@@ -402,6 +400,6 @@ def klot(
         t.contiguous()
         for t in ot_problem.cost_features(cost, x_teacher.detach().to(dtype), y_teacher.detach().to(dtype))
     )
-    setup = _setup(comm, options, x, row_sizes, col_sizes, min(x.shape[1], x_teacher.shape[1]), dtype, 2)
+    setup = _setup(comm, options, x, y, row_sizes, col_sizes, min(x.shape[1], x_teacher.shape[1]), dtype, 2)
     eps_pair = (eps, agreed["eps_teacher"])
     return _GlobalKLOT.apply(x, y, x_teacher, y_teacher, a, b, setup, cost, eps_pair, options)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from batch_cases import BatchChecks
+from conftest import features
 
 cpu = pytest.importorskip("sotalign.kernels.cpu")
 if not cpu.AVAILABLE:
@@ -34,15 +35,6 @@ REF = ReferenceBackend()
 SHAPES = [(1, 50, 3), (300, 7, 33), (50, 600, 70)]
 EPSILONS = [0.5, 0.05, 0.005]
 KINDS = ["dense", "features"]
-
-
-def features(n, m, d, seed, normalised=True):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    y = torch.randn(m, d, generator=gen, dtype=torch.float64)
-    if normalised:
-        x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
-    return x, y
 
 
 def affinity(x, y, kind, dtype):
@@ -87,7 +79,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 @pytest.mark.parametrize("eps", EPSILONS)
 @pytest.mark.parametrize("n,m,d", SHAPES)
 def test_lse_rows_and_cols(n, m, d, eps, normalised, dtype):
-    x, y = features(n, m, d, seed=n * 1000 + m + d, normalised=normalised)
+    x, y = features(n, m, d, seed=n * 1000 + m + d, unit=normalised)
     K = affinity(x, y, "features", dtype)
     gen = torch.Generator().manual_seed(7)
     bias_cols = (torch.randn(m, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
@@ -102,8 +94,8 @@ def test_lse_rows_and_cols(n, m, d, eps, normalised, dtype):
 
 def klot_inputs(n, m, d, kind, teacher_kind, eps, dtype, normalised=True):
     """Student and teacher affinities (teacher with its own d) and their Sinkhorn potentials."""
-    x, y = features(n, m, d, seed=n + 3 * m + 7 * d, normalised=normalised)
-    xt, yt = features(n, m, d + 4, seed=n + 5 * m + 11 * d, normalised=normalised)
+    x, y = features(n, m, d, seed=n + 3 * m + 7 * d, unit=normalised)
+    xt, yt = features(n, m, d + 4, seed=n + 5 * m + 11 * d, unit=normalised)
     K, K_t = affinity(x, y, kind, dtype), affinity(xt, yt, teacher_kind, dtype)
     eps_t = eps / 2
     f, g = sinkhorn_potentials(as_float64(K).materialize(), eps)
@@ -260,7 +252,7 @@ class TestBatches(BatchChecks):
 def test_batched_results_do_not_depend_on_thread_count(kind):
     """8 problems of 150 × 180: enough entries (≥ 2^16 per thread) for three threads."""
     B, n, m = 8, 150, 180
-    x, y = features(B * n, B * m, 20, seed=5)
+    x, y = features(B * n, B * m, 20, seed=5, unit=True)
     K = affinity(x.reshape(B, n, 20), y.reshape(B, m, 20), kind, torch.float64)
     gen = torch.Generator().manual_seed(6)
     bias_cols = torch.randn(B, m, generator=gen, dtype=torch.float64)

@@ -257,7 +257,17 @@ def _run_graphed(problem: Problem, state: LoopState, eps: float, options: Solver
     graph = None
     for _ in range(chunks):
         if graph is None:
-            graph = _capture(chunk)
+            try:
+                graph = _capture(chunk)
+            except RuntimeError as error:  # e.g. a backend that synchronises: capture is illegal
+                warnings.warn(
+                    f"sinkhorn: capturing the loop into a CUDA graph failed ({str(error)[:200]}); "
+                    "running it eagerly (pass cuda_graph=False to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                _run(problem, state, eps, options, n_iters)  # state is still the chunk's start
+                return
         else:
             graph.replay()
         # no check before the very first iteration: there is no f yet

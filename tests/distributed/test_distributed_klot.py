@@ -14,6 +14,7 @@ from conftest import klot_problem, relative_error
 from distributed_cluster import Cluster
 
 import sotalign
+from sotalign.kernels import BACKEND_NAMES
 
 ROWS, COLS = (5, 9, 3), (7, 4, 8)
 N, M = sum(ROWS), sum(COLS)
@@ -34,11 +35,7 @@ def routes(keops: bool = True) -> list:
     """(backend, path) of every backend that runs here; KeOps (compiles per process, ~1 min;
     only for KLOT, whose solves, value and gradient use every primitive) and Triton's online
     kernels (interpreted) are slow."""
-    names = [
-        b
-        for b in ("reference", "torch", "cpu", "keops", "triton")
-        if b in sotalign.available_backends() and (keops or b != "keops")
-    ]
+    names = [b for b in BACKEND_NAMES if b in sotalign.available_backends() and (keops or b != "keops")]
     slow = {("keops", "online"), ("triton", "online")}
     return [
         pytest.param(b, p, marks=[pytest.mark.slow] if (b, p) in slow else [])

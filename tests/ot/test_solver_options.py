@@ -239,6 +239,27 @@ def test_graphed_loop_equals_the_eager_loop(monkeypatch, n_iters, check_every, t
         assert eager.done < n_iters  # it stopped on the tolerance, at a chunk start
 
 
+def test_a_failed_capture_falls_back_to_the_eager_loop(monkeypatch):
+    from sotalign.kernels import load_backend
+    from sotalign.ot.problem import uniform_problem
+
+    sinkhorn_module = importlib.import_module("sotalign.ot.sinkhorn")
+
+    def refuse(body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(sinkhorn_module, "_capture", refuse)
+    x, y = features(25, 18, 4)
+    problem = uniform_problem(load_backend("torch"), sotalign.kernels.Affinity.from_features(x / 2, y / 2))
+    options = SolverOptions(n_iters=47, tol=1e-9, check_every=10)
+    eager = sinkhorn_module.solve(problem, 0.05, options)
+    with pytest.warns(RuntimeWarning, match="capturing the loop into a CUDA graph failed"):
+        fallback = sinkhorn_module.solve(problem, 0.05, dataclasses.replace(options, cuda_graph=True))
+    assert fallback.done == eager.done
+    torch.testing.assert_close(fallback.f, eager.f, rtol=0, atol=0)
+    torch.testing.assert_close(fallback.g, eager.g, rtol=0, atol=0)
+
+
 def test_cuda_graph_needs_cuda_tensors():
     x, y = features(5, 6, 3)
     with pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors, got tensors on cpu"):

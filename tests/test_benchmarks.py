@@ -72,7 +72,8 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_fails_when_its_tests_fail(tmp_path):
     """A tests section that does not pass makes the check exit 1 and says so in the report."""
-    run = gpu_check(tmp_path, "--sections", "tests", "--tests", "tests/no_such_test_file.py")
+    missing = "tests/" + "absent_on_purpose.py"  # a path that must not exist
+    run = gpu_check(tmp_path, "--sections", "tests", "--tests", missing)
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
     (report_path,) = (tmp_path / "benchmarks" / "results").glob("*.json")
     assert json.loads(report_path.read_text())["tests"]["status"].startswith("failed")

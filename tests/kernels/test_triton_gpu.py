@@ -20,7 +20,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip(
-        "compiled kernels only; the interpreter runs tests/test_triton_kernels.py", allow_module_level=True
+        "compiled kernels only; the interpreter runs tests/kernels/test_triton_kernels.py",
+        allow_module_level=True,
     )
 # Correctness, not speed: the first config of each kernel, so that no test autotunes (tuning
 # each new shape bucket took most of the 170 s of an earlier run). Effective only when the

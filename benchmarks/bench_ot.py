@@ -221,8 +221,9 @@ def test_divergence_memory(benchmark):
 def test_peers_solve_the_same_problem():
     """Not timed, on a small fp64 instance: POT's wrappers (single and batched) after 100
     iterations agree with sotalign's 100 iterations without its final averaged half-step
-    (``symmetric=False``) to 1e-4 in OT_ε (where neither has converged yet); GeomLoss (which anneals ε) is within 1e-2 of the converged OT_ε*,
-    and the one OT_ε formula gives sotalign's own ``result.value``."""
+    (``symmetric=False``) to 1e-4 in OT_ε (where neither has converged yet); GeomLoss (which
+    anneals ε) is within 1e-2 of the converged OT_ε*; the one OT_ε formula gives sotalign's own
+    ``result.value``."""
     shape = (64, 8)
     x, y = (t.double() for t in clouds(*shape))
     exact = exact_value(*shape)

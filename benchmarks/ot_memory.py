@@ -44,7 +44,7 @@ def measure(n: int, d: int, eps: float, n_iters: int) -> dict:
         "peak_extra_bytes": peak.bytes,
         "input_bytes": 2 * x.numel() * x.element_size(),
         "seconds": seconds,
-        "finite": bool(torch.isfinite(value) and torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()),
+        "finite": all(bool(torch.isfinite(t).all()) for t in (value, x.grad, y.grad)),
     }
 
 

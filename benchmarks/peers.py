@@ -242,9 +242,15 @@ PEERS = {
             _geomloss,
             note="anneals ε (ε-scaling from diameter² to ε): not the same fixed-ε problem",
         ),
-        Peer("pot-sinkhorn_log-numpy-sqeuclidean", ("ot",), _pot("numpy", "sqeuclidean"), "sqeuclidean", ("cpu",)),
+        Peer(
+            "pot-sinkhorn_log-numpy-sqeuclidean",
+            ("ot",),
+            _pot("numpy", "sqeuclidean"),
+            "sqeuclidean",
+            ("cpu",),
+        ),
         Peer("pot-sinkhorn_log-sqeuclidean", ("ot",), _pot("torch", "sqeuclidean"), "sqeuclidean"),
-        Peer("pot-solve_batch-sqeuclidean", ("ot",), _pot_batch, "sqeuclidean", note="batched (B, n, d) inputs"),
+        Peer("pot-solve_batch-sqeuclidean", ("ot",), _pot_batch, "sqeuclidean", note="batched inputs"),
         Peer(
             "geomloss-keops-sqeuclidean",
             ("geomloss", "pykeops"),

@@ -1,8 +1,8 @@
 """sotalign against the OT libraries on their own problem: squared-Euclidean Sinkhorn.
 
 The problem: point clouds x, y (n×d, seeded features of :mod:`benchmarks.problems` scaled by
-1/√d), cost C = ‖x − y‖² (POT's convention), uniform weights, ε = 0.1, and what each group
-measures:
+1/√d), cost C = ‖x − y‖² (POT's convention), uniform weights, ε = 0.25 (a fp64 solve
+converges in a few hundred iterations), and what each group measures:
 
 * ``ot fixed n=… d=…``: 100 fixed iterations for sotalign (``auto``) and POT
   (``sinkhorn_log``, ``stopThr=0``, numpy and torch); GeomLoss (no fixed-iteration mode: it
@@ -36,7 +36,7 @@ from benchmarks.ot_memory import measure_in_subprocess
 from benchmarks.peers import PEERS
 from benchmarks.problems import make_problem
 
-EPS = 0.1
+EPS = 0.25
 N_ITERS = 100
 CPU = torch.device("cpu")
 #: (n = m, d) of the fixed-iteration comparison and of the error-against-time sweep.
@@ -45,10 +45,10 @@ FIXED_SHAPE, ERROR_SHAPE = ((128, 8), (64, 8)) if SMOKE else ((4096, 64), (2048,
 BATCH_SHAPES = [(8, 8, 4), (2, 32, 4)] if SMOKE else [(1024, 32, 16), (64, 256, 16)]
 #: n = m of the divergence memory probe (its goal is stated at 100k; see the report).
 MEMORY_N = 1000 if SMOKE else int(os.environ.get("SOTALIGN_BENCH_OT_MEMORY_N", "100000"))
-SOTALIGN_ITERS = [10, 20, 50, 100, 200]
-POT_ITERS = [10, 20, 50, 100, 200]
+SOTALIGN_ITERS = [5, 10, 20, 50, 100]
+POT_ITERS = [5, 10, 20, 50, 100]
 GEOMLOSS_STEPS = [5, 10, 20, 40]
-GEOMLOSS_FIXED_STEPS = [10, 20, 40]
+GEOMLOSS_FIXED_STEPS = [5, 10, 20]
 SINGLE_PEERS = ["pot-sinkhorn_log-numpy-sqeuclidean", "pot-sinkhorn_log-sqeuclidean"]
 GEOMLOSS = ["geomloss-tensorized-sqeuclidean", "geomloss-keops-sqeuclidean"]
 BATCH_PEER = "pot-solve_batch-sqeuclidean"
@@ -75,11 +75,11 @@ def ot_value(f: torch.Tensor, g: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
 
 @functools.lru_cache(maxsize=8)
 def converged(*shape: int) -> sotalign.SinkhornResult:
-    """The fp64 sotalign solve of :func:`clouds` to a marginal error of 1e-10."""
+    """The fp64 sotalign solve of :func:`clouds` to a marginal error of 1e-9."""
     x, y = clouds(*shape)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # it must converge
-        return sotalign.sinkhorn(x.double(), y.double(), EPS, cost="sqeuclidean", n_iters=20000, tol=1e-10)
+        return sotalign.sinkhorn(x.double(), y.double(), EPS, cost="sqeuclidean", n_iters=5000, tol=1e-9)
 
 
 def exact_value(*shape: int) -> torch.Tensor:
@@ -175,7 +175,7 @@ def test_error_pot(benchmark, name, n_iters):
 @pytest.mark.parametrize("steps", GEOMLOSS_STEPS)
 @pytest.mark.parametrize("name", GEOMLOSS)
 def test_error_geomloss(benchmark, name, steps):
-    time_row(benchmark, error_group(), ERROR_SHAPE, name, peer_solver(name, steps), steps, rounds=2)
+    time_row(benchmark, error_group(), ERROR_SHAPE, name, peer_solver(name, steps), steps, rounds=1)
 
 
 # --------------------------------------------------------------------------- batches
@@ -207,10 +207,10 @@ def test_batch(benchmark, provider, shape):
 def test_divergence_memory(benchmark):
     """Peak extra memory of the divergence, forward + backward, online path, 2 iterations."""
     d, n_iters = 64, 2
+    benchmark.group = "ot memory"
     row = benchmark.pedantic(
         lambda: measure_in_subprocess(MEMORY_N, d, EPS, n_iters, timeout=3600), rounds=1, iterations=1
     )
-    benchmark.group = "ot memory"
     benchmark.extra_info.update(suite="ot", provider="sotalign-divergence-online", **row)
     assert row["finite"] and row["peak_extra_bytes"] >= 0
 

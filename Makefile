@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.sotalign-installed
 
-.PHONY: test test-fast lint format data demo demo-full demo-fashion bench bench-gpu bench-distributed gpu-check gpu-wheels kernel-resources align-report install clean
+.PHONY: test test-fast lint format data demo demo-full demo-fashion bench bench-ot bench-gpu bench-distributed gpu-check gpu-wheels kernel-resources align-report install clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,7 +62,7 @@ demo-full: $(STAMP) data
 	$(PY) -m sotalign.demo --full
 
 demo-fashion: $(STAMP) data
-	$(PY) benchmarks/alignment/zeroshot.py final --machine $$($(PY) benchmarks/report.py --machine)
+	$(PY) benchmarks/alignment/zeroshot.py final --machine $$($(PY) -m benchmarks.machine)
 
 # The full CPU benchmark run (~15 min on 2 cores) whose results are committed under
 # benchmarks/results/<machine>-<suite>.{json,md,png}. Run it on an otherwise idle machine.
@@ -75,6 +75,14 @@ bench: $(STAMP)
 	done && \
 	$(PY) -m benchmarks.report benchmarks/results/$$machine-crossover.json \
 	  benchmarks/results/$$machine-klot.json benchmarks/results/$$machine-sinkhorn.json
+
+# sotalign against POT (single and batch solver) and GeomLoss on the squared-Euclidean
+# problem (~10 min on 2 cores): benchmarks/results/<machine>-ot.{json,md,png}.
+bench-ot: $(STAMP)
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[test,bench]"
+	machine=$$($(PY) -m benchmarks.machine) && \
+	nice $(PY) -m pytest -q benchmarks/bench_ot.py --benchmark-json=benchmarks/results/$$machine-ot.json && \
+	$(PY) -m benchmarks.report benchmarks/results/$$machine-ot.json
 
 # The GPU sweep (every shape and peer: the paper's algorithm eager and compiled, POT,
 # GeomLoss/KeOps, FlashSinkhorn, each sotalign backend and precision) on a CUDA machine, in

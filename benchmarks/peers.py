@@ -80,28 +80,79 @@ def _paper(compiled: bool) -> Callable[[float, int], Solver]:
     return make
 
 
-def _pot(array: str) -> Callable[[float, int], Solver]:
+def _pot(array: str, cost: str = "cosine") -> Callable[[float, int], Solver]:
     """POT's ``ot.bregman.sinkhorn_log`` on numpy arrays or torch tensors, ``stopThr=0`` so
     that it runs every iteration (it also forms the dense plan every 10 iterations to check
-    the marginals: its algorithm as shipped)."""
+    the marginals: its algorithm as shipped). ``cost="sqeuclidean"``: POT's own ``ot.dist``
+    (C = ‖x − y‖²) inside the timed call."""
 
     def make(eps: float, n_iters: int) -> Solver:
         import ot
 
         def solve(x, y):
-            M = -cosine(x, y)
+            M = ot.dist(x, y) if cost == "sqeuclidean" else -cosine(x, y)
             if array == "numpy":
                 M = M.cpu().numpy()
             n, m = M.shape
-            a = torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device)
-            b = torch.full((m,), 1.0 / m, dtype=x.dtype, device=x.device)
-            if array == "numpy":
-                a, b = a.cpu().numpy(), b.cpu().numpy()
+            a, b = ot.unif(n, type_as=M), ot.unif(m, type_as=M)
             _, log = ot.bregman.sinkhorn_log(
                 a, b, M, eps, numItermax=n_iters, stopThr=0, warn=False, log=True
             )
-            f, g = (torch.as_tensor(log[key], device=x.device) for key in ("log_u", "log_v"))
+            f, g = (torch.as_tensor(log[key]) for key in ("log_u", "log_v"))
             return eps * f, eps * g
+
+        return solve
+
+    return make
+
+
+def _pot_batch(eps: float, n_iters: int) -> Solver:
+    """POT's batch solver ``ot.batch.solve_batch(method="log_sinkhorn", tol=0)`` on torch
+    tensors x (B, n, d), y (B, m, d), costs from ``ot.batch.dist_batch`` (‖x − y‖²) inside the
+    timed call; it checks the marginals every 10 iterations but never stops early at tol=0."""
+    import ot.batch
+
+    def solve(x, y):
+        M = ot.batch.dist_batch(x, y, metric="sqeuclidean")
+        result = ot.batch.solve_batch(M, eps, max_iter=n_iters, tol=0, method="log_sinkhorn", grad="detach")
+        u, v = result.potentials
+        return eps * u, eps * v
+
+    return solve
+
+
+def _geomloss_sqeuclidean(backend: str) -> Callable[[float, int], Solver]:
+    """GeomLoss ``SamplesLoss("sinkhorn", p=2, backend=...)`` on the squared-Euclidean problem.
+
+    GeomLoss' cost is ½‖x − y‖² and its ε is blur², so ε here is 2·blur² and its potentials
+    are halved ones: f = 2F + ε log a. It has no fixed-ε, fixed-iteration mode: it always
+    anneals ε from the squared diameter down to blur²; ``n_iters`` sets ``scaling`` so that
+    schedule is about ``n_iters`` steps long (the benchmark compares it at equal accuracy).
+    """
+
+    def make(eps: float, n_iters: int) -> Solver:
+        import geomloss
+
+        blur = math.sqrt(eps / 2)
+
+        def solve(x, y):
+            both = torch.cat([x, y])
+            diameter = float((both.max(0).values - both.min(0).values).norm())
+            loss = geomloss.SamplesLoss(
+                "sinkhorn",
+                p=2,
+                blur=blur,
+                diameter=diameter,
+                scaling=(blur / diameter) ** (1.0 / n_iters),
+                debias=False,
+                potentials=True,
+                backend=backend,
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                F, G = loss(x, y)
+            n, m = x.shape[0], y.shape[0]
+            return 2 * F.reshape(n) - eps * math.log(n), 2 * G.reshape(m) - eps * math.log(m)
 
         return solve
 
@@ -177,6 +228,7 @@ def _flash(tf32: bool) -> Callable[[float, int], Solver]:
 
 
 _COMPILE_ON_CPU = "torch.compile is timed on CUDA only (on CPU it compiles C++ for minutes)"
+_ANNEALS = "anneals ε; n_iters sets the length of its ε-scaling schedule (compare at equal accuracy)"
 PEERS = {
     peer.name: peer
     for peer in (
@@ -189,6 +241,29 @@ PEERS = {
             ("geomloss", "pykeops"),
             _geomloss,
             note="anneals ε (ε-scaling from diameter² to ε): not the same fixed-ε problem",
+        ),
+        Peer(
+            "pot-sinkhorn_log-numpy-sqeuclidean",
+            ("ot",),
+            _pot("numpy", "sqeuclidean"),
+            "sqeuclidean",
+            ("cpu",),
+        ),
+        Peer("pot-sinkhorn_log-sqeuclidean", ("ot",), _pot("torch", "sqeuclidean"), "sqeuclidean"),
+        Peer("pot-solve_batch-sqeuclidean", ("ot",), _pot_batch, "sqeuclidean", note="batched inputs"),
+        Peer(
+            "geomloss-keops-sqeuclidean",
+            ("geomloss", "pykeops"),
+            _geomloss_sqeuclidean("online"),
+            "sqeuclidean",
+            note=_ANNEALS,
+        ),
+        Peer(
+            "geomloss-tensorized-sqeuclidean",
+            ("geomloss",),
+            _geomloss_sqeuclidean("tensorized"),
+            "sqeuclidean",
+            note=_ANNEALS,
         ),
         Peer("flashsinkhorn-fp32", ("flash_sinkhorn",), _flash(tf32=False), devices=("cuda",)),
         Peer("flashsinkhorn-tf32", ("flash_sinkhorn",), _flash(tf32=True), devices=("cuda",)),

@@ -41,7 +41,7 @@ GPU_FORMAT = "sotalign benchmarks.gpu report"
 TARGETS = json.loads((Path(__file__).resolve().parent / "targets.json").read_text())
 BASELINES = {"paper-dense": "paper", "pot-sinkhorn_log": "POT"}
 #: The CPU suites this report handles.
-SUITES = ("sinkhorn", "klot", "crossover", "iterations")
+SUITES = ("sinkhorn", "klot", "crossover", "iterations", "ot")
 HEADLINE = {"sinkhorn": (4096, 64), "klot": (2048, 256)}
 
 
@@ -66,6 +66,7 @@ def load(path: Path) -> tuple[dict, dict[str, list[dict]]]:
                 "min": stats["min"],
                 "rounds": stats["rounds"],
                 "name": bench["name"],
+                "group": bench.get("group"),
             }
         )
     return machine, suites
@@ -236,6 +237,149 @@ def iterations_markdown(machine: dict, rows: list[dict], source: str) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- the OT suite
+
+
+#: The provider of bench_ot.py's divergence memory row.
+MEMORY_PROVIDER = "sotalign-divergence-online"
+
+
+def ot_groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """The timed rows of bench_ot.py by group, in the order the suite runs them."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        memory = row["provider"] == MEMORY_PROVIDER
+        groups.setdefault("ot memory" if memory else row["group"], []).append(row)
+    return groups
+
+
+def ot_table(rows: list[dict]) -> list[str]:
+    """One row per provider and setting, fastest first."""
+    lines = [
+        "| provider | iterations / GeomLoss steps | median | rounds | OT_ε rel. error |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: r["median"]):
+        lines.append(
+            f"| {r['provider']} | {r['setting']} | {fmt_time(r['median'])} | {r['rounds']} | "
+            f"{r['value_error']:.1e} |"
+        )
+    return lines + [""]
+
+
+def _fastest(rows: list[dict], provider: str, max_error: float = math.inf) -> dict | None:
+    eligible = [r for r in rows if r["provider"] == provider and r["value_error"] <= max_error]
+    return min(eligible, key=lambda r: r["median"], default=None)
+
+
+def ot_goals(groups: dict[str, list[dict]]) -> list[tuple[str, str, bool | None]]:
+    """(goal, measured, met or None when not measured) of the OT comparison."""
+    goals = []
+    fixed = next((rows for name, rows in groups.items() if name.startswith("ot fixed")), [])
+    auto = _fastest(fixed, "sotalign-auto")
+    where = fixed[0]["group"].removeprefix("ot fixed ") if fixed else "?"
+    for pot in ("pot-sinkhorn_log-numpy-sqeuclidean", "pot-sinkhorn_log-sqeuclidean"):
+        peer = _fastest(fixed, pot)
+        ratio = peer["median"] / auto["median"] if peer and auto else None
+        goals.append(
+            (
+                f"CPU Sinkhorn {where}, 100 iterations: sotalign-auto ≥ 5× {pot}",
+                "–" if ratio is None else f"{ratio:.2f}×",
+                None if ratio is None else ratio >= 5,
+            )
+        )
+    for geomloss in ("geomloss-keops-sqeuclidean", "geomloss-tensorized-sqeuclidean"):
+        label = f"CPU Sinkhorn {where}: sotalign-auto faster than {geomloss} at equal accuracy"
+        peer = _fastest(fixed, geomloss, auto["value_error"]) if auto else None
+        tried = [r for r in fixed if r["provider"] == geomloss]
+        if peer and auto:
+            ratio = peer["median"] / auto["median"]
+            goals.append((label, f"{ratio:.2f}× ({peer['setting']} steps)", ratio > 1))
+        elif tried and auto:
+            best = min(r["value_error"] for r in tried)
+            # no ratio at equal accuracy exists: not a verdict either way
+            measured = f"GeomLoss never reached {auto['value_error']:.1e} (best {best:.1e}): not comparable"
+            goals.append((label, measured, None))
+        else:
+            goals.append((label, "–", None))
+    for name, rows in groups.items():
+        if not name.startswith("ot batch"):
+            continue
+        batched, loop, pot = (
+            _fastest(rows, p) for p in ("sotalign-batched", "sotalign-loop", "pot-solve_batch-sqeuclidean")
+        )
+        where = name.removeprefix("ot batch ")
+        small = rows[0]["shape"][1] <= 64
+        minimum = 20 if small else 1
+        for peer, label, needed in ((loop, "a loop of single solves", minimum), (pot, "POT solve_batch", 1)):
+            ratio = peer["median"] / batched["median"] if peer and batched else None
+            relation = f"≥ {needed}×" if needed > 1 else ("no slower than" if peer is loop else "faster than")
+            goals.append(
+                (
+                    f"batched {where}: one batched solve {relation} {label}",
+                    "–" if ratio is None else f"{ratio:.2f}×",
+                    None if ratio is None else (ratio >= needed if peer is loop else ratio > 1),
+                )
+            )
+    for r in groups.get("ot memory", []):
+        mib = r["peak_extra_bytes"] / 2**20
+        goals.append(
+            (
+                f"divergence n = m = {r['n']}, d = {r['d']}, online, forward + backward: < 1 GiB extra",
+                f"{mib:.0f} MiB ({r['n_iters']} iterations, {r['seconds']:.0f} s)",
+                mib < 1024,
+            )
+        )
+    goals.append(("GPU: FlashSinkhorn ≥ 1.5× at fp32 accuracy", "no GPU on this machine", None))
+    return goals
+
+
+def ot_markdown(machine: dict, rows: list[dict], source: str, plot_name: str) -> str:
+    """The report of bench_ot.py: the goals, then one table per group."""
+    groups = ot_groups(rows)
+    loads = [r["load_avg_1min"] for r in rows if "load_avg_1min" in r]
+    verdict = {None: "not measured", True: "**met**", False: "**missed**"}
+    lines = [
+        f"# sotalign against the OT libraries — {machine.get('cpu_model', '?')}, "
+        f"{machine.get('cores', '?')} cores, torch {machine.get('torch', '?')}",
+        "",
+        f"Source: `{source}` ({machine.get('datetime', '')}); 1-minute load average during the "
+        f"run {min(loads, default=0):.1f}–{max(loads, default=0):.1f}. Squared-Euclidean cost "
+        "(POT's C = ‖x − y‖²), ε = 0.25, uniform weights (bench_ot.py). Times are medians over "
+        "the timed rounds after one warm-up call; *OT_ε rel. error* is against a converged fp64 "
+        "solve. Ratios are peer median / sotalign median (> 1: sotalign is faster), from one run.",
+        "",
+        "## Goals",
+        "",
+        "| goal | measured | |",
+        "|---|---|---|",
+        *(f"| {goal} | {measured} | {verdict[met]} |" for goal, measured, met in ot_goals(groups)),
+        "",
+        f"![OT_ε error against time]({plot_name})",
+        "",
+    ]
+    for name, group in groups.items():
+        if name == "ot memory":
+            continue
+        lines += [f"## {name.removeprefix('ot ')}", "", *ot_table(group)]
+    return "\n".join(lines)
+
+
+def plot_error_time(rows: list[dict], path: Path) -> None:
+    """OT_ε error against median time, one line per provider, on the error-time problem."""
+    plt = pyplot()
+    group = [r for r in rows if (r["group"] or "").startswith("ot error-time")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for provider, points in sorted(curves(group, "provider", "median", lambda r: r["value_error"]).items()):
+        times, errors = zip(*sorted(points), strict=True)
+        ax.plot(times, errors, marker="o", label=provider, linestyle="-" if "sotalign" in provider else "--")
+    ax.set(xscale="log", yscale="log", xlabel="median time (s)", ylabel="relative error of OT_ε")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    title = group[0]["group"].removeprefix("ot ") if group else "no error-time rows"
+    save_figure(plt, fig, f"OT_ε error against time, {title}, ε = 0.25", path)
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -332,6 +476,12 @@ def report(json_path: Path, out: Path) -> list[Path]:
             md = out / f"{slug}-{suite}.md"
             md.write_text(iterations_markdown(machine, rows, json_path.name))
             written.append(md)
+            continue
+        if suite == "ot":
+            md, png = out / f"{slug}-ot.md", out / f"{slug}-ot.png"
+            md.write_text(ot_markdown(machine, rows, json_path.name, png.name))
+            plot_error_time(rows, png)
+            written += [md, png]
             continue
         threads = rows[0].get("threads")
         title = (

@@ -259,9 +259,9 @@ def _run_graphed(problem: Problem, state: LoopState, eps: float, options: Solver
         if graph is None:
             try:
                 graph = _capture(chunk)
-            except RuntimeError as error:  # e.g. a backend that synchronises: capture is illegal
+            except RuntimeError as failure:  # e.g. a backend that synchronises: capture is illegal
                 warnings.warn(
-                    f"sinkhorn: capturing the loop into a CUDA graph failed ({str(error)[:200]}); "
+                    f"sinkhorn: capturing the loop into a CUDA graph failed ({str(failure)[:200]}); "
                     "running it eagerly (pass cuda_graph=False to skip the attempt)",
                     RuntimeWarning,
                     stacklevel=4,

@@ -131,32 +131,39 @@ def _geomloss_sqeuclidean(backend: str) -> Callable[[float, int], Solver]:
     """
 
     def make(eps: float, n_iters: int) -> Solver:
-        import geomloss
 
         blur = math.sqrt(eps / 2)
 
         def solve(x, y):
             both = torch.cat([x, y])
             diameter = float((both.max(0).values - both.min(0).values).norm())
-            loss = geomloss.SamplesLoss(
-                "sinkhorn",
-                p=2,
-                blur=blur,
-                diameter=diameter,
-                scaling=(blur / diameter) ** (1.0 / n_iters),
-                debias=False,
-                potentials=True,
-                backend=backend,
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                F, G = loss(x, y)
+            F, G = _geomloss_potentials(blur, diameter, n_iters, backend, x, y)
             n, m = x.shape[0], y.shape[0]
             return 2 * F.reshape(n) - eps * math.log(n), 2 * G.reshape(m) - eps * math.log(m)
 
         return solve
 
     return make
+
+
+def _geomloss_potentials(blur: float, diameter: float, n_iters: int, backend: str, x, y):
+    """GeomLoss' potentials (F, G) of ``SamplesLoss("sinkhorn", p=2)`` at ε = blur², annealed
+    from the diameter in about ``n_iters`` steps (its only mode: it has no fixed-ε solve)."""
+    import geomloss
+
+    loss = geomloss.SamplesLoss(
+        "sinkhorn",
+        p=2,
+        blur=blur,
+        diameter=diameter,
+        scaling=(blur / diameter) ** (1.0 / n_iters),
+        debias=False,
+        potentials=True,
+        backend=backend,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return loss(x, y)
 
 
 def _half_squared_euclidean(F: torch.Tensor, G: torch.Tensor, eps: float) -> Potentials:
@@ -176,24 +183,9 @@ def _geomloss(eps: float, n_iters: int) -> Solver:
     blur²; ``scaling`` makes that schedule about ``n_iters`` steps long, so it does about as
     many log-sum-exp passes but only its last steps are at ε.
     """
-    import geomloss
-
-    blur, diameter = math.sqrt(eps), 2.0
-    loss = geomloss.SamplesLoss(
-        "sinkhorn",
-        p=2,
-        blur=blur,
-        diameter=diameter,
-        scaling=(blur / diameter) ** (1.0 / n_iters),
-        debias=False,
-        potentials=True,
-        backend="online",
-    )
 
     def solve(x, y):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            F, G = loss(unit_rows(x), unit_rows(y))
+        F, G = _geomloss_potentials(math.sqrt(eps), 2.0, n_iters, "online", unit_rows(x), unit_rows(y))
         return _half_squared_euclidean(F, G, eps)
 
     return solve

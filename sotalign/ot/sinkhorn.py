@@ -359,19 +359,20 @@ def convergence_warning(
 
 
 def _warm_start(warm_start, shape: tuple[int, ...], dtype, device) -> tuple[Tensor | None, float | None]:
-    """The g of a previous result or of an (f, g) pair (f is recomputed from it first), and
-    the ε of that result when known (ε-scaling starts no higher than it)."""
+    """The g of a previous result or of an (f, g) pair (f is recomputed from it first), in the
+    units of the affinity (as results report it), and the ε of that result when known
+    (ε-scaling starts no higher than it). −inf marks columns of weight zero."""
     if warm_start is None:
         return None, None
     result = isinstance(warm_start, SinkhornResult)
-    g = warm_start.kernel_g if result else warm_start[1]
+    g = warm_start.g if result else warm_start[1]
     if not isinstance(g, Tensor) or tuple(g.shape) != shape:
         raise ValueError(
             f"warm_start must be a SinkhornResult or an (f, g) pair with g of shape {shape}, "
             f"got {tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}"
         )
-    if not bool(torch.isfinite(g).all()):
-        raise ValueError("warm_start potentials contain NaN or Inf")
+    if bool(torch.isnan(g).any()) or bool((g == torch.inf).any()):
+        raise ValueError("warm_start potentials contain NaN or +Inf")
     return g.to(dtype=dtype, device=device), (warm_start.eps if result else None)
 
 
@@ -387,7 +388,10 @@ def _solve_problem(
     problem_type: type[Problem] = Problem,
 ) -> SinkhornResult:
     """One solve on a chosen route, with its value, its error and its warning."""
-    g_init, warm_eps = _warm_start(warm_start, tuple(cols.weights.shape), K.dtype, K.device)
+    g_warm, warm_eps = _warm_start(warm_start, tuple(cols.weights.shape), K.dtype, K.device)
+    half = affinity_constant / 2
+    # the loop's potentials are the kernels': the cost's column bias is folded out of them
+    g_init = None if g_warm is None else g_warm - (cols.offset - half)
     with torch.no_grad():
         route, (K_read,) = route.prepare(K)
         problem = problem_type(route.backend, K_read, rows, cols)
@@ -404,7 +408,6 @@ def _solve_problem(
     message = convergence_warning("sinkhorn", error, float(plan_mass.max()), eps, K, options)
     if message is not None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-    half = affinity_constant / 2
     return SinkhornResult(
         f=f + (rows.offset - half),
         g=g + (cols.offset - half),

@@ -294,3 +294,18 @@ def test_bad_input_is_named(call, error, message):
     x, y = clouds()
     with pytest.raises(error, match=message):
         call(x, y)
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
+def test_a_warm_start_continues_the_solve_in_every_cost(cost):
+    """30 iterations then 30 from that result (or its (f, g) pair) = 60 from scratch, padded
+    columns (−inf potentials) included: the warm start is read in the units results report."""
+    x, y = clouds(batch=(2,), seed=19)
+    b = torch.ones(2, 7, dtype=torch.float64)
+    b[1, 5:] = 0
+    options = dict(cost=cost, b=b, symmetric=False, backend="reference")
+    straight = sotalign.sinkhorn(x, y, 0.5, n_iters=60, **options)
+    first = sotalign.sinkhorn(x, y, 0.5, n_iters=30, **options)
+    for warm_start in (first, (first.f, first.g)):
+        resumed = sotalign.sinkhorn(x, y, 0.5, n_iters=30, warm_start=warm_start, **options)
+        torch.testing.assert_close(resumed.plan(), straight.plan(), rtol=1e-12, atol=1e-14)

@@ -22,7 +22,7 @@ class OptionalBuildExt(build_ext):
             self.warn(f"sotalign: C++ extension not built ({error}); the 'cpu' backend is unavailable")
 
     def build_extension(self, ext):
-        flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"]
+        flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
         if os.environ.get("SOTALIGN_NO_NATIVE") != "1" and self.compiler.compiler_type == "unix":
             flags.append("-march=native")
         ext.extra_compile_args = flags

@@ -18,6 +18,7 @@
 #include "fast_exp.hpp"
 #include "klot.hpp"
 #include "lse.hpp"
+#include "scaled.hpp"
 
 namespace py = pybind11;
 using namespace sotalign;
@@ -107,8 +108,41 @@ void bind_half_step(py::module_& m, const char* name, const char* doc) {
           py::arg("eps"), py::arg("log_w"), py::arg("coef"), py::arg("out"), py::arg("num_threads"), doc);
 }
 
+// A scaled half-step (scaled.hpp) over E, n×m per problem; returns false when it must be
+// redone in the log domain.
+template <class T>
+using ScaledHalfStep = bool (*)(const T*, const T*, ptrdiff_t, ptrdiff_t, ptrdiff_t, const T*, T, Epilogue<T>, T*,
+                                int);
+
+template <class T, ScaledHalfStep<T> kernel>
+void bind_scaled_half_step(py::module_& m, const char* name, const char* doc) {
+    m.def(name,
+          [](uintptr_t E, uintptr_t shift, ptrdiff_t batch, ptrdiff_t n, ptrdiff_t cols, uintptr_t bias, double eps,
+             uintptr_t log_w, double coef, uintptr_t out, int num_threads) {
+              py::gil_scoped_release release;
+              return kernel(address<const T>(E), address<const T>(shift), batch, n, cols, address<const T>(bias),
+                            T(eps), Epilogue<T>{address<const T>(log_w), T(coef)}, address<T>(out), num_threads);
+          },
+          py::arg("E"), py::arg("shift"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("bias"),
+          py::arg("eps"), py::arg("log_w"), py::arg("coef"), py::arg("out"), py::arg("num_threads"), doc);
+}
+
 template <class T>
 void bind_half_steps(py::module_& m) {
+    m.def("exponentiate",
+          [](uintptr_t K, ptrdiff_t batch, ptrdiff_t n, ptrdiff_t cols, double eps, uintptr_t E, uintptr_t shift,
+             int num_threads) {
+              py::gil_scoped_release release;
+              exponentiate(address<const T>(K), batch, n, cols, T(eps), address<T>(E), address<T>(shift),
+                           num_threads);
+          },
+          py::arg("K"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("eps"), py::arg("E"),
+          py::arg("shift"), py::arg("num_threads"),
+          "E[p] = 2^(K[p]·s − shift[p]) with s = log2(e)/eps and shift[p] = max K[p] · s.");
+    bind_scaled_half_step<T, scaled_rows<T>>(
+        m, "scaled_rows", "lse_rows_dense from E = exponentiate(K) (false: redo it in the log domain).");
+    bind_scaled_half_step<T, scaled_cols<T>>(
+        m, "scaled_cols", "lse_cols_dense from E = exponentiate(K) (false: redo it in the log domain).");
     bind_half_step<T, lse_rows<T>>(
         m, "lse_rows",
         "out[p, i] = LSE_j (K[p, i, j] + bias[p, j]) / eps, or coef · (log_w[p, i] − that) when "

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # the benchmarks package lives at the repository 
 
 from benchmarks import roofline  # noqa: E402
 from benchmarks.machine import machine_slug  # noqa: E402
-from benchmarks.report import crossover_dim, targets  # noqa: E402
+from benchmarks.report import crossover_dim, ot_goals, targets  # noqa: E402
 
 GPU_TESTS = "tests/kernels/test_triton_gpu.py"
 
@@ -164,3 +164,36 @@ def test_targets_of_a_gpu_report():
     }
     assert found["KLOT online paths: peak ≤ 1024 MiB beyond the inputs"] == ("300 MiB (sotalign-auto)", True)
     assert all(value == ("–", None) for key, value in found.items() if "d = 1024" in key)
+
+
+def test_ot_goals_of_hand_made_rows():
+    """The OT goals on hand-made rows: POT is compared with sotalign's largest iteration count
+    (10 s / 1 s = 10×, not with the faster 5-iteration row), and each GeomLoss row with the
+    fastest sotalign row at least as accurate (4 s over the 50-iteration row's 0.5 s = 8×; no
+    sotalign row reaches 1e-12)."""
+    group = "ot fixed n=8 d=2"
+
+    def row(provider, setting, median, error):
+        return {
+            "provider": provider,
+            "setting": setting,
+            "median": median,
+            "value_error": error,
+            "group": group,
+        }
+
+    fixed = [
+        row("sotalign-auto", 5, 0.05, 1e-3),
+        row("sotalign-auto", 50, 0.5, 1e-8),
+        row("sotalign-auto", 100, 1.0, 1e-11),
+        row("pot-sinkhorn_log-sqeuclidean", 100, 10.0, 1e-11),
+        row("geomloss-tensorized-sqeuclidean", 20, 4.0, 1e-6),
+        row("geomloss-keops-sqeuclidean", 40, 9.0, 1e-12),
+    ]
+    found = {goal: (measured, met) for goal, measured, met in ot_goals({group: fixed})}
+    pot = found["CPU Sinkhorn n=8 d=2, 100 iterations: sotalign-auto ≥ 5× pot-sinkhorn_log-sqeuclidean"]
+    assert pot == ("10.00×", True)
+    tensorized = next(value for goal, value in found.items() if "geomloss-tensorized" in goal)
+    assert tensorized == ("20 steps (1e-06): 8.0×", True)
+    keops = next(value for goal, value in found.items() if "geomloss-keops" in goal)
+    assert keops == ("40 steps (1e-12): no sotalign row as accurate", False)

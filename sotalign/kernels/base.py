@@ -51,6 +51,7 @@ Inputs are float32 or float64 and contiguous; outputs have the input dtype.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +154,11 @@ class Backend:
             raise ValueError(
                 f"the {self.name!r} backend needs {kinds} tensors, got tensors on {device}{self.device_hint}"
             )
+
+    def solving(self, K: Affinity) -> contextlib.AbstractContextManager:
+        """The context of one Sinkhorn solve on K, in which a backend may keep state across
+        its half-steps (the cpu backend: exp K of a stored K). None by default."""
+        return contextlib.nullcontext()
 
     def lse_rows(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         raise NotImplementedError

@@ -8,6 +8,12 @@ Every primitive is one streaming pass over K, in the log domain and max-shifted:
   rescaled sum per output.
 * A feature affinity K = x yᵀ is recomputed tile by tile by a register-blocked GEMM and never
   stored (the backend is *online*); a stored K is read once per half-step.
+* Within a solve on a stored K (:meth:`CpuBackend.solving`), the half-steps run in the scaling
+  domain: E = 2^(K·s − max K·s) is formed once per ε (one n×m buffer more for the solve), and
+  each half-step is a matrix-vector product with w = 2^(b·s − max b·s), one multiply-add per
+  entry instead of an exp2 (csrc/scaled.hpp). It is exact up to rounding while every sum is
+  far above the underflow threshold; when one is not, the kernel says so and that half-step,
+  and the rest of the solve at that ε, run in the log domain.
 * A batch of problems is one call and one OpenMP region, parallel over (problem, block of rows).
 * ``row_update`` and ``column_update`` are fused: the kernel writes τ ε (log a − LSE) itself.
 * ``klot_value`` forms each term P*_ij (log P*_ij − log P_ij) and sums it in float64;
@@ -20,6 +26,9 @@ more than a whole half-step of a small problem.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -68,11 +77,48 @@ def _operand(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -
     raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
+class _Exponentiated:
+    """E = 2^(K·s − shift) of one stored K (s = log2(e)/ε, shift = max K·s per problem) at the
+    latest ε of a solve, and whether the scaled half-steps can still be trusted at that ε."""
+
+    def __init__(self, K: Affinity):
+        self.K = K
+        self.eps: float | None = None
+        self.trusted = False
+        self.E = torch.empty_like(K.dense)
+        self.shift = K.dense.new_empty(K.batch or 1)
+
+    def at(self, eps: float) -> bool:
+        """Form E at ``eps`` (unless it is the latest ε); True when it may be used."""
+        if eps != self.eps:
+            n, m = self.K.shape
+            kernels = _HALF_STEPS[self.K.dtype]
+            kernels.exponentiate(
+                self.K.dense.data_ptr(),
+                self.K.batch or 1,
+                n,
+                m,
+                float(eps),
+                self.E.data_ptr(),
+                self.shift.data_ptr(),
+                torch.get_num_threads(),
+            )
+            self.eps, self.trusted = eps, True
+        return self.trusted
+
+
 def _half_step(
-    K: Affinity, bias: Tensor, eps: float, rows: bool, log_w: Tensor | None, coef: float
+    K: Affinity,
+    bias: Tensor,
+    eps: float,
+    rows: bool,
+    log_w: Tensor | None,
+    coef: float,
+    scaled: _Exponentiated | None = None,
 ) -> Tensor:
     """LSE over j (``rows``) or over i of (K + bias)/ε for every problem of K, or
-    coef · (log_w − LSE) when log weights are given: one C++ call for the whole batch."""
+    coef · (log_w − LSE) when log weights are given: one C++ call for the whole batch, from
+    ``scaled`` (E of this K) while it can be trusted, else in the log domain."""
     dtype, batch = K.dtype, K.batch
     kernels = _HALF_STEPS.get(dtype)
     if kernels is None:
@@ -91,6 +137,11 @@ def _half_step(
         out.data_ptr(),
         torch.get_num_threads(),
     )
+    if scaled is not None and scaled.at(eps):
+        step = kernels.scaled_rows if rows else kernels.scaled_cols
+        if step(scaled.E.data_ptr(), scaled.shift.data_ptr(), batch or 1, n, m, *tail):
+            return out
+        scaled.trusted = False  # a sum fell near the underflow threshold: the log domain decides
     if K.is_dense:
         dense = _operand("K", K.dense, (*lead, n, m), dtype)
         step = kernels.lse_rows_dense if rows else kernels.lse_cols_dense
@@ -109,21 +160,45 @@ class CpuBackend(Backend):
     online = True
     device_types = ("cpu",)
 
+    def __init__(self) -> None:
+        #: E of the stored K of each solve in progress, by id(K).
+        self._exponentiated: dict[int, _Exponentiated] = {}
+
+    @contextlib.contextmanager
+    def solving(self, K: Affinity) -> Iterator[None]:
+        """Half-steps on a stored float K run in the scaling domain during the solve (see the
+        module docstring); E is freed when it ends."""
+        usable = K.is_dense and K.dtype in _HALF_STEPS and K.dense.is_cpu and K.dense.is_contiguous()
+        if not usable or id(K) in self._exponentiated:
+            yield
+            return
+        self._exponentiated[id(K)] = _Exponentiated(K)
+        try:
+            yield
+        finally:
+            del self._exponentiated[id(K)]
+
+    def _step(
+        self, K: Affinity, bias: Tensor, eps: float, rows: bool, log_w: Tensor | None, coef: float
+    ) -> Tensor:
+        # the entry holds K, so no other object can have its id during the solve
+        return _half_step(K, bias, eps, rows, log_w, coef, self._exponentiated.get(id(K)))
+
     def lse_rows(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         """out_i = LSE_j (K_ij + bias_j) / ε (per problem of a batch)."""
-        return _half_step(K, bias, eps, rows=True, log_w=None, coef=0.0)
+        return self._step(K, bias, eps, rows=True, log_w=None, coef=0.0)
 
     def lse_cols(self, K: Affinity, bias: Tensor, eps: float) -> Tensor:
         """out_j = LSE_i (K_ij + bias_i) / ε (per problem of a batch)."""
-        return _half_step(K, bias, eps, rows=False, log_w=None, coef=0.0)
+        return self._step(K, bias, eps, rows=False, log_w=None, coef=0.0)
 
     def row_update(self, K: Affinity, g: Tensor, eps: float, log_a: Tensor, scale: float = 1.0) -> Tensor:
         """f = τ ε (log a − LSE_j[(K + g)/ε]), fused into the kernel."""
-        return _half_step(K, g, eps, rows=True, log_w=log_a, coef=scale * eps)
+        return self._step(K, g, eps, rows=True, log_w=log_a, coef=scale * eps)
 
     def column_update(self, K: Affinity, f: Tensor, eps: float, log_b: Tensor, scale: float = 1.0) -> Tensor:
         """g = τ ε (log b − LSE_i[(K + f)/ε]), fused into the kernel."""
-        return _half_step(K, f, eps, rows=False, log_w=log_b, coef=scale * eps)
+        return self._step(K, f, eps, rows=False, log_w=log_b, coef=scale * eps)
 
     def klot_value(self, K, f, g, eps, K_t, f_t, g_t, eps_t) -> Tensor:
         """Σ_ij P*_ij (log P*_ij − log P_ij), each term formed and summed in float64, with

@@ -9,7 +9,8 @@ without running anything, and every choice carries a one-line ``reason``:
   device's crossover ``DENSE_MIN_DIM``, the d from which reading a stored K is faster than
   recomputing it. Otherwise *online* (K recomputed tile by tile, O((n+m)·d) memory). A K
   given densely is always read densely. A Sinkhorn solve stores one matrix, a KLOT step three
-  (K and K*, and G = (P − P*)/ε in the backward).
+  (K and K*, and G = (P − P*)/ε in the backward); on CPU a solve adds one (the cpu backend's
+  exp K, ``SOLVE_EXTRA_MATRICES``).
 * **budget**: ``memory_budget`` when given; otherwise on CUDA ``FREE_MEMORY_FRACTION`` of
   what the device can still hand out (``torch.cuda.mem_get_info``'s free memory plus what
   torch has cached but not allocated), on CPU ``DEFAULT_MEMORY_BUDGET``. If the dense
@@ -65,6 +66,9 @@ TUNING_FILE = Path(__file__).with_name("dispatch.json")
 TUNING: dict = json.loads(TUNING_FILE.read_text())
 #: Memory budget of the dense path on CPU, and wherever no free memory can be read (bytes).
 DEFAULT_MEMORY_BUDGET = 2**30
+#: Stored n×m matrices a solve adds to those of the call, per device kind: on CPU the cpu
+#: backend keeps exp K beside K while it solves (its scaling-domain half-steps).
+SOLVE_EXTRA_MATRICES = {"cpu": 1, "cuda": 0}
 #: Smallest feature dimension for which the dense path is faster, per device kind.
 DENSE_MIN_DIM = {kind: int(entry["value"]) for kind, entry in TUNING["dense_min_dim"].items()}
 #: The fp32-accurate tensor-core flag of ``precision="auto"`` on the online CUDA path.
@@ -217,11 +221,15 @@ def _choose_path(path, device, n, m, feature_dim, dtype, n_matrices, memory_budg
     if path != "auto":
         return path == "dense", f"path={path!r} was asked for"
     kind = "cuda" if device.type == "cuda" else "cpu"
-    need = n * m * dtype.itemsize * n_matrices
+    extra = SOLVE_EXTRA_MATRICES[kind]
+    need = n * m * dtype.itemsize * (n_matrices + extra)
     budget, source = dense_budget(device, memory_budget)
     crossover = DENSE_MIN_DIM[kind]
     provenance = TUNING["dense_min_dim"][kind]["provenance"]
-    stored = f"{n_matrices} stored {n}×{m} {'matrix' if n_matrices == 1 else 'matrices'} ({_gib(need)})"
+    stored = (
+        f"{n_matrices} stored {n}×{m} {'matrix' if n_matrices == 1 else 'matrices'}"
+        f"{' and the exp K of a cpu solve' if extra else ''} ({_gib(need)})"
+    )
     if need > budget:
         return False, f"{stored} exceed the dense budget ({_gib(budget)}, {source})"
     if feature_dim < crossover:

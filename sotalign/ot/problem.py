@@ -40,6 +40,7 @@ optimum.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,8 +128,9 @@ class Marginal:
     #: u (rows) or v (columns): the cost potential is the kernel potential plus this.
     offset: Tensor
 
-    @property
+    @functools.cached_property
     def log_weights(self) -> Tensor:
+        """log w, computed once: every half-step reads it."""
         return log_weights(self.weights)
 
     def scale(self, eps: float) -> float:

@@ -177,6 +177,18 @@ def solve(
     from g and g' the column update from f. Since g was itself just computed from f, g' = g,
     so only f moves: f ← (f + f') / 2.
     """
+    with problem.backend.solving(problem.K):
+        return _solve(problem, eps, options, g_init, eps_start, spread)
+
+
+def _solve(
+    problem: Problem,
+    eps: float,
+    options: SolverOptions,
+    g_init: Tensor | None,
+    eps_start: float | None,
+    spread: float | None,
+) -> Solution:
     if g_init is None:  # zero, and −inf where a column has no weight (padding)
         g_init = torch.where(problem.cols.weights > 0, 0.0, -torch.inf).to(problem.cols.weights.dtype)
     state = LoopState(f=None, g=g_init)

@@ -295,3 +295,73 @@ def test_half_step_input_errors():
     bias = torch.randn(6, 2).T
     expected = REF.lse_rows(K, bias.double(), 0.1)
     assert_close_scaled(CPU.lse_rows(K, bias, 0.1), expected, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [None, 3])
+@pytest.mark.parametrize("eps", EPSILONS)
+def test_scaled_half_steps_inside_a_solve(eps, batch, dtype):
+    """Inside ``solving(K)`` the half-steps of a stored K run from E = exp K (scaling domain)
+    while their sums stay far from underflow and fall back to the log domain otherwise: either
+    way they match the reference, including −inf biases (padding) and a problem whose biases
+    are all −inf. At ε = 0.5 the scaled path must be the one used; at ε = 0.005 in float32
+    (K spans ~2900 in log2 units) it must have fallen back."""
+    lead = () if batch is None else (batch,)
+    gen = torch.Generator().manual_seed(11)
+    n, m = 40, 70
+    K = Affinity.from_dense((torch.randn(*lead, n, m, generator=gen, dtype=torch.float64) * 3).to(dtype))
+    bias_cols = (torch.randn(*lead, m, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+    bias_rows = (torch.randn(*lead, n, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+    bias_cols[..., :5] = -math.inf
+    if batch is not None:
+        bias_rows[1] = -math.inf
+    log_w = torch.randn(*lead, n, generator=gen, dtype=torch.float64).to(dtype)
+    K64 = as_float64(K)
+    with CPU.solving(K):
+        rows, cols = CPU.lse_rows(K, bias_cols, eps), CPU.lse_cols(K, bias_rows, eps)
+        update = CPU.row_update(K, bias_cols, eps, log_w, 0.8)
+        scaled = CPU._exponentiated[id(K)]
+        used = scaled.trusted
+    assert id(K) not in CPU._exponentiated  # E is freed with the solve
+    if eps == 0.5:
+        assert used
+    if eps == 0.005 and dtype == torch.float32:
+        assert not used
+    expected_cols = REF.lse_cols(K64, bias_rows.double(), eps)
+    if batch is not None:
+        assert (cols[1] == -math.inf).all() and (expected_cols[1] == -math.inf).all()
+        cols, expected_cols = cols[[0, 2]], expected_cols[[0, 2]]
+    assert_close_scaled(rows, REF.lse_rows(K64, bias_cols.double(), eps), TOL[dtype])
+    assert_close_scaled(cols, expected_cols, TOL[dtype])
+    expected_update = 0.8 * eps * (log_w.double() - REF.lse_rows(K64, bias_cols.double(), eps))
+    assert_close_scaled(update, expected_update, TOL[dtype])
+
+
+def test_solves_on_a_stored_affinity_use_the_scaled_half_steps(monkeypatch):
+    """A cpu solve on a stored K runs its iterations from E (counted here), and its result
+    matches the reference backend's solve."""
+    import sotalign
+
+    calls = {"scaled": 0}
+    kernels = cpu._HALF_STEPS[torch.float64]
+
+    class Counting:
+        def __getattr__(self, name):
+            attribute = getattr(kernels, name)
+            if not name.startswith("scaled_"):
+                return attribute
+
+            def counted(*args):
+                calls["scaled"] += 1
+                return attribute(*args)
+
+            return counted
+
+    monkeypatch.setitem(cpu._HALF_STEPS, torch.float64, Counting())
+    x, y = features(60, 50, 8, seed=3, unit=True)
+    K = (x @ y.T).double()
+    ours = sotalign.sinkhorn_dense(K, 0.05, backend="cpu", n_iters=200, tol=None)
+    reference = sotalign.sinkhorn_dense(K, 0.05, backend="reference", n_iters=200, tol=None)
+    assert calls["scaled"] >= 400
+    assert_close_scaled(ours.f, reference.f, 1e-10)
+    assert_close_scaled(ours.g, reference.g, 1e-10)

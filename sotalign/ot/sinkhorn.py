@@ -177,38 +177,27 @@ def solve(
     from g and g' the column update from f. Since g was itself just computed from f, g' = g,
     so only f moves: f ← (f + f') / 2.
     """
-    with problem.backend.solving(problem.K):
-        return _solve(problem, eps, options, g_init, eps_start, spread)
-
-
-def _solve(
-    problem: Problem,
-    eps: float,
-    options: SolverOptions,
-    g_init: Tensor | None,
-    eps_start: float | None,
-    spread: float | None,
-) -> Solution:
-    if g_init is None:  # zero, and −inf where a column has no weight (padding)
-        g_init = torch.where(problem.cols.weights > 0, 0.0, -torch.inf).to(problem.cols.weights.dtype)
-    state = LoopState(f=None, g=g_init)
-    if options.eps_scaling is not None and eps_start is None:
-        eps_start = affinity_spread(problem.K) if spread is None else spread
-    schedule = eps_schedule(eps, options.n_iters, options.eps_scaling, eps_start)
-    annealed = next((k for k, level in enumerate(schedule) if level == eps), options.n_iters)
-    for level in schedule[:annealed]:
-        _iterate(problem, state, level)
-    if use_cuda_graph(options, state.g.device):
-        _run_graphed(problem, state, eps, options)
-    else:
-        _run(problem, state, eps, options, options.n_iters)
-    assert state.f is not None  # n_iters ≥ 1, and the loop stops only after an update
-    f = state.f
-    f_next = state.f_next if state.f_next is not None else problem.row_update(state.g, eps)
-    row_error = problem.row_error(f, f_next, eps)
-    if options.symmetric:
-        f = 0.5 * (f + f_next)
-    return Solution(f, state.g, state.done, row_error)
+    with problem.backend.solving(problem.K):  # a backend's state for this solve (cpu: exp K)
+        if g_init is None:  # zero, and −inf where a column has no weight (padding)
+            g_init = torch.where(problem.cols.weights > 0, 0.0, -torch.inf).to(problem.cols.weights.dtype)
+        state = LoopState(f=None, g=g_init)
+        if options.eps_scaling is not None and eps_start is None:
+            eps_start = affinity_spread(problem.K) if spread is None else spread
+        schedule = eps_schedule(eps, options.n_iters, options.eps_scaling, eps_start)
+        annealed = next((k for k, level in enumerate(schedule) if level == eps), options.n_iters)
+        for level in schedule[:annealed]:
+            _iterate(problem, state, level)
+        if use_cuda_graph(options, state.g.device):
+            _run_graphed(problem, state, eps, options)
+        else:
+            _run(problem, state, eps, options, options.n_iters)
+        assert state.f is not None  # n_iters ≥ 1, and the loop stops only after an update
+        f = state.f
+        f_next = state.f_next if state.f_next is not None else problem.row_update(state.g, eps)
+        row_error = problem.row_error(f, f_next, eps)
+        if options.symmetric:
+            f = 0.5 * (f + f_next)
+        return Solution(f, state.g, state.done, row_error)
 
 
 def _iterate(problem: Problem, state: LoopState, eps: float, f_next: Tensor | None = None) -> None:
